@@ -1,0 +1,5 @@
+"""``python -m backhaul -c config.toml``."""
+
+from backhaul.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""Logging set-up: logrus level names from the config, one line per event.
+
+Under systemd (JOURNAL_STREAM set) the journal adds its own timestamp, so we leave ours out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+_LEVELS = {
+    "panic": logging.CRITICAL, "fatal": logging.CRITICAL, "error": logging.ERROR,
+    "warn": logging.WARNING, "warning": logging.WARNING, "info": logging.INFO,
+    "debug": logging.DEBUG, "trace": logging.DEBUG,
+}
+
+
+def level_of(name: str) -> int:
+    return _LEVELS[name.lower()]
+
+
+def setup(level: str = "info") -> None:
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt, "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger("backhaul")
+    root.handlers[:] = [handler]
+    root.setLevel(level_of(level))
+    root.propagate = False
+
+
+class Throttle:
+    """Lets one log line through per ``interval`` seconds and counts the ones it held back,
+    so a flood (a port scan, a queue overflow) costs one line a second, not one per event."""
+
+    __slots__ = ("interval", "_next", "held")
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self.held = 0
+
+    def allow(self) -> int | None:
+        """None to hold the line back, else how many were held back before it."""
+        now = time.monotonic()
+        if now < self._next:
+            self.held += 1
+            return None
+        self._next = now + self.interval
+        held, self.held = self.held, 0
+        return held

@@ -1,0 +1,315 @@
+"""The relay: moves bytes between two connected sockets until both directions end.
+
+Short work runs on the reactor thread (a couple of rounds); a direction that keeps having data
+goes to the worker pool until its source would block, then back to the reactor. On Linux bytes
+go through a pipe with ``os.splice`` (never into Python); elsewhere through ``recv_into`` on a
+per-thread buffer. Idle connections own no buffer and no pipe.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import threading
+from typing import Callable
+
+from backhaul.reactor import READ, WRITE, Reactor
+
+log = logging.getLogger("backhaul.relay")
+
+CHUNK = 256 * 1024
+INLINE_ROUNDS = 2
+WORKER_ROUNDS = 64
+HAS_SPLICE = hasattr(os, "splice")
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+         errno.ENETUNREACH, errno.ECONNABORTED)
+
+# Outcomes of one pumping run.
+WANT_READ, WANT_WRITE, MORE, EOF, FAILED = range(5)
+
+
+def choose_mode() -> str:
+    """``splice`` where the OS has it, unless BACKHAUL_RELAY=copy asks for the portable path."""
+    wanted = os.environ.get("BACKHAUL_RELAY", "")
+    if wanted == "copy" or not HAS_SPLICE:
+        return "copy"
+    return "splice"
+
+
+class PipePool:
+    """Pipes shared by all connections: a direction holds one only while bytes sit in it."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self._free: list[tuple[int, int]] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def get(self) -> tuple[int, int]:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, CHUNK)
+        except OSError:
+            pass  # the default 64 KiB pipe still works, just with more rounds
+        return r, w
+
+    def put(self, pipe: tuple[int, int]) -> None:
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(pipe)
+                return
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+    def discard(self, pipe: tuple[int, int]) -> None:
+        """A pipe that may still hold bytes of a dead connection is never reused."""
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+    def close(self) -> None:
+        with self._lock:
+            free, self._free = self._free, []
+        for pipe in free:
+            self.discard(pipe)
+
+
+_PIPES = PipePool()
+_buffers = threading.local()
+
+
+def _thread_buffer() -> memoryview:
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = memoryview(bytearray(CHUNK))
+    return buf
+
+
+class Direction:
+    """One way of a relay: bytes from ``src`` to ``dst``, and what is stuck between them."""
+
+    __slots__ = ("src", "dst", "splice", "pipe", "queued", "stuck", "state", "moved")
+
+    def __init__(self, src: socket.socket, dst: socket.socket, splice: bool) -> None:
+        self.src = src
+        self.dst = dst
+        self.splice = splice
+        self.pipe: tuple[int, int] | None = None
+        self.queued = 0          # bytes in the pipe (splice mode)
+        self.stuck = b""         # bytes not yet written (copy mode)
+        self.state = WANT_READ
+        self.moved = 0
+
+    def pump(self, rounds: int) -> int:
+        """Move bytes for at most ``rounds`` reads; returns why it stopped."""
+        try:
+            if self.splice:
+                return self._pump_splice(rounds)
+            return self._pump_copy(rounds)
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                log.debug("relay error: %s", exc)
+            return FAILED
+
+    def _pump_splice(self, rounds: int) -> int:
+        src, dst = self.src.fileno(), self.dst.fileno()
+        if self.pipe is None:
+            self.pipe = _PIPES.get()
+        pipe_r, pipe_w = self.pipe
+        try:
+            for _ in range(rounds):
+                if self.queued:
+                    try:
+                        while self.queued:
+                            sent = os.splice(pipe_r, dst, self.queued, flags=_SPLICE_FLAGS)
+                            self.queued -= sent
+                            self.moved += sent
+                    except BlockingIOError:
+                        return WANT_WRITE
+                try:
+                    got = os.splice(src, pipe_w, CHUNK, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    return WANT_READ
+                if got == 0:
+                    return EOF
+                self.queued = got
+            if self.queued:
+                try:
+                    while self.queued:
+                        sent = os.splice(pipe_r, dst, self.queued, flags=_SPLICE_FLAGS)
+                        self.queued -= sent
+                        self.moved += sent
+                except BlockingIOError:
+                    return WANT_WRITE
+            return MORE
+        finally:
+            if not self.queued and self.pipe is not None:
+                _PIPES.put(self.pipe)
+                self.pipe = None
+
+    def _pump_copy(self, rounds: int) -> int:
+        src, dst = self.src, self.dst
+        buf = _thread_buffer()
+        pending: memoryview | bytes = self.stuck
+        self.stuck = b""
+        try:
+            for _ in range(rounds):
+                while pending:
+                    sent = dst.send(pending)
+                    pending = pending[sent:]
+                    self.moved += sent
+                got = src.recv_into(buf)
+                if got == 0:
+                    return EOF
+                pending = buf[:got]
+            while pending:
+                sent = dst.send(pending)
+                pending = pending[sent:]
+                self.moved += sent
+            return MORE
+        except BlockingIOError:
+            if pending:
+                self.stuck = bytes(pending)  # the buffer belongs to this thread, not to us
+                return WANT_WRITE
+            return WANT_READ
+
+    def release(self) -> None:
+        if self.pipe is not None:
+            _PIPES.discard(self.pipe)
+            self.pipe = None
+        self.stuck = b""
+        self.queued = 0
+
+
+class Relay:
+    """Both directions between two sockets, driven by the reactor and the worker pool.
+
+    A peer's FIN becomes ``shutdown(SHUT_WR)`` on the other socket, so half-close crosses the
+    tunnel; an error in either direction closes both sockets. ``on_close`` runs once, on the
+    reactor thread, after both sockets are closed.
+    """
+
+    __slots__ = ("reactor", "a", "b", "ab", "ba", "_masks", "_closed", "_failed", "on_close")
+
+    def __init__(self, reactor: Reactor, a: socket.socket, b: socket.socket,
+                 on_close: Callable[[Relay], None] | None = None, mode: str = "") -> None:
+        splice = (mode or choose_mode()) == "splice"
+        self.reactor = reactor
+        self.a = a
+        self.b = b
+        self.ab = Direction(a, b, splice)
+        self.ba = Direction(b, a, splice)
+        self._masks = [0, 0]
+        self._closed = False
+        self._failed = False
+        self.on_close = on_close
+
+    def start(self) -> None:
+        """Arm both sockets; reactor thread only."""
+        self.a.setblocking(False)
+        self.b.setblocking(False)
+        self._update()
+
+    # --- reactor side -------------------------------------------------------------------------
+    def _on_a(self, mask: int) -> None:
+        self._events(mask, self.ab, self.ba)
+
+    def _on_b(self, mask: int) -> None:
+        self._events(mask, self.ba, self.ab)
+
+    def _events(self, mask: int, reading: Direction, writing: Direction) -> None:
+        if mask & READ and reading.state == WANT_READ:
+            self._run_inline(reading)
+        if mask & WRITE and writing.state == WANT_WRITE and not self._closed:
+            self._run_inline(writing)
+        if not self._closed:
+            self._update()
+
+    def _run_inline(self, direction: Direction) -> None:
+        outcome = direction.pump(INLINE_ROUNDS)
+        if outcome == MORE:
+            direction.state = MORE
+            self.reactor.submit(self._run_in_worker, direction)
+        else:
+            self._settle(direction, outcome)
+
+    def _run_in_worker(self, direction: Direction) -> None:
+        outcome = direction.pump(WORKER_ROUNDS) if not self._failed else FAILED
+        self.reactor.call_soon(self._back_from_worker, direction, outcome)
+
+    def _back_from_worker(self, direction: Direction, outcome: int) -> None:
+        if self._failed:
+            outcome = FAILED
+        if outcome == MORE:
+            self.reactor.submit(self._run_in_worker, direction)  # to the back of the queue: fair
+            return
+        self._settle(direction, outcome)
+        if not self._closed:
+            self._update()
+
+    def _settle(self, direction: Direction, outcome: int) -> None:
+        direction.state = outcome
+        if outcome == EOF:
+            try:
+                direction.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        elif outcome == FAILED:
+            self._fail()
+        self._maybe_close()
+
+    def _fail(self) -> None:
+        """Make a worker busy on this relay stop soon, then close once it is back."""
+        self._failed = True
+        for sock in (self.a, self.b):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for direction in (self.ab, self.ba):
+            if direction.state in (WANT_READ, WANT_WRITE):
+                direction.state = FAILED
+
+    def _maybe_close(self) -> None:
+        states = (self.ab.state, self.ba.state)
+        if MORE in states:
+            return  # a worker still uses the sockets
+        done = all(s in (EOF, FAILED) for s in states)
+        if done or self._failed:
+            self.close()
+
+    def close(self) -> None:
+        """Close both sockets now; reactor thread only, never while a worker pumps."""
+        if self._closed:
+            return
+        self._closed = True
+        for sock in (self.a, self.b):
+            self.reactor.forget(sock)
+            sock.close()
+        self.ab.release()
+        self.ba.release()
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def abort(self) -> None:
+        """Tear the relay down from outside (shutdown of the program); reactor thread only."""
+        if self._closed:
+            return
+        self._fail()
+        self._maybe_close()
+
+    def _update(self) -> None:
+        for index, sock, reading, writing, callback in (
+            (0, self.a, self.ab, self.ba, self._on_a),
+            (1, self.b, self.ba, self.ab, self._on_b),
+        ):
+            mask = (READ if reading.state == WANT_READ else 0) | (WRITE if writing.state == WANT_WRITE else 0)
+            if mask != self._masks[index]:
+                self.reactor.watch(sock, mask, callback)
+                self._masks[index] = mask

@@ -1,0 +1,190 @@
+"""The tunnel under test: a server and a client process of `python -m backhaul`.
+
+Each TunnelPair gets fresh ports, its own pair of config files and its own
+log files (stdout and stderr of both processes), so every measurement starts
+from a clean tunnel.
+"""
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import HOST, REPO_ROOT, free_port, stop_process, track
+
+TOKEN = "bench-token"
+READY_TIMEOUT = 10.0
+PROBE = b"ping"
+
+SERVER_TOML = """\
+[server]
+bind_addr = "{host}:{tunnel_port}"
+transport = "tcp"
+token = "{token}"
+nodelay = true
+connection_pool = 64
+channel_size = 4096
+log_level = "warn"
+ports = [{ports}]
+"""
+
+CLIENT_TOML = """\
+[client]
+remote_addr = "{host}:{tunnel_port}"
+transport = "tcp"
+token = "{token}"
+nodelay = true
+connection_pool = 64
+retry_interval = 1
+log_level = "warn"
+"""
+
+
+class TunnelError(RuntimeError):
+    """The tunnel could not be started or did not become ready."""
+
+
+def tunnel_argv(config: Path) -> list[str]:
+    """Command line of one tunnel process."""
+    return [sys.executable, "-m", "backhaul", "-c", str(config)]
+
+
+def check_available() -> tuple[bool, str]:
+    """Whether `python -m backhaul` runs here; the version line, or why not."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "backhaul", "--version"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+        )
+    except subprocess.TimeoutExpired:
+        return False, "`python -m backhaul --version` did not finish within 10 s"
+    text = (done.stdout + done.stderr).strip()
+    last = text.splitlines()[-1] if text else f"exit code {done.returncode}"
+    return done.returncode == 0, last
+
+
+class TunnelPair:
+    """Server and client processes forwarding public ports to targets on the client's side.
+
+    `probe_port` is an echo service: an extra mapping to it proves the pair is
+    connected end to end even when the measured target (e.g. a sink) never answers.
+    """
+
+    def __init__(self, workdir: Path, label: str, target_port: int, probe_port: int) -> None:
+        self.dir = workdir / label.replace(" ", "-").replace("=", "")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.label = label
+        self.tunnel_port = free_port()
+        self.public_port = free_port()
+        self.probe_public_port = free_port()
+        self.target_port = target_port
+        self.probe_port = probe_port
+        self.server: subprocess.Popen[bytes] | None = None
+        self.client: subprocess.Popen[bytes] | None = None
+        self.notes: list[str] = []
+
+    @property
+    def pids(self) -> dict[str, int]:
+        assert self.server is not None and self.client is not None
+        return {"server": self.server.pid, "client": self.client.pid}
+
+    def write_configs(self) -> tuple[Path, Path]:
+        ports = ", ".join(
+            f'"{HOST}:{public}={target}"'
+            for public, target in ((self.public_port, self.target_port),
+                                   (self.probe_public_port, self.probe_port))
+        )
+        server = self.dir / "server.toml"
+        client = self.dir / "client.toml"
+        common = {"host": HOST, "tunnel_port": self.tunnel_port, "token": TOKEN}
+        server.write_text(SERVER_TOML.format(ports=ports, **common))
+        client.write_text(CLIENT_TOML.format(**common))
+        return server, client
+
+    def start(self) -> None:
+        server_cfg, client_cfg = self.write_configs()
+        self.server = self._spawn(server_cfg, "server")
+        self.client = self._spawn(client_cfg, "client")
+        self._wait_ready()
+
+    def _spawn(self, config: Path, role: str) -> subprocess.Popen[bytes]:
+        with open(self.dir / f"{role}.log", "wb") as log:
+            proc = subprocess.Popen(
+                tunnel_argv(config), cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        track(proc)
+        return proc
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if probe(self.probe_public_port, timeout=min(1.0, max(0.1, deadline - time.monotonic()))):
+                return
+            time.sleep(0.05)
+        raise TunnelError(f"not ready within {READY_TIMEOUT:.0f} s (no echo through the tunnel)"
+                          + self._log_hint())
+
+    def check_alive(self) -> None:
+        """Raise if either process has exited."""
+        for role, proc in (("server", self.server), ("client", self.client)):
+            if proc is not None and proc.poll() is not None:
+                raise TunnelError(f"tunnel {role} exited with code {proc.returncode}" + self._log_hint())
+
+    def _log_hint(self) -> str:
+        tail = [f"{role}: {line}" for role, lines in self.logs().items() for line in lines[-3:]]
+        return ("; last log lines: " + " | ".join(tail)) if tail else ""
+
+    def logs(self) -> dict[str, list[str]]:
+        """Output lines of both processes so far."""
+        out: dict[str, list[str]] = {}
+        for role in ("server", "client"):
+            path = self.dir / f"{role}.log"
+            text = path.read_text(errors="replace") if path.exists() else ""
+            out[role] = [line for line in text.splitlines() if line.strip()]
+        return out
+
+    def stop(self) -> None:
+        """SIGTERM both (client first, as an operator would), SIGKILL if they linger."""
+        for role, proc in (("client", self.client), ("server", self.server)):
+            if proc is None:
+                continue
+            if proc.poll() is not None:
+                self.notes.append(f"{role} had already exited with code {proc.returncode}")
+                stop_process(proc)
+                continue
+            t0 = time.monotonic()
+            if not stop_process(proc, grace=2.0):
+                self.notes.append(f"{role} did not exit within 2 s of SIGTERM; killed")
+            elif proc.returncode not in (0, -15):
+                self.notes.append(f"{role} exited with code {proc.returncode} after SIGTERM "
+                                  f"({time.monotonic() - t0:.1f} s)")
+
+    def __enter__(self) -> "TunnelPair":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def probe(port: int, timeout: float) -> bool:
+    """One echo round trip through `port`."""
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as sock:
+            sock.sendall(PROBE)
+            got = b""
+            while len(got) < len(PROBE):
+                chunk = sock.recv(64)
+                if not chunk:
+                    return False
+                got += chunk
+            return got == PROBE
+    except OSError:
+        return False
