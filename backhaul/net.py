@@ -10,7 +10,7 @@ import errno
 import ipaddress
 import logging
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 from backhaul.errors import TransportError
 from backhaul.reactor import WRITE, Reactor, Timer

@@ -14,8 +14,11 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
+
+from backhaul.pipes import PipePool
 
 log = logging.getLogger("backhaul.reactor")
 
@@ -40,7 +43,8 @@ class Timer:
 
 
 class Reactor:
-    """Selector loop plus the bounded worker pool that does the bulk work it hands out.
+    """Selector loop plus the bounded worker pool that does the bulk work it hands out, and
+    the pipes the relays splice through.
 
     The pool's queue stays bounded because every submitter holds at most one task in flight
     per connection direction or pending handshake, and those are capped by configuration.
@@ -60,6 +64,7 @@ class Reactor:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backhaul-worker")
+        self.pipes = PipePool()
         self._selector.register(self._wake_r, READ, self._drain_wake)
 
     # --- called from any thread -------------------------------------------------------------
@@ -128,6 +133,7 @@ class Reactor:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
+        self.pipes.close()
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()

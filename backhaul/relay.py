@@ -9,22 +9,20 @@ per-thread buffer. Idle connections own no buffer and no pipe.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import socket
 import threading
-from typing import Callable
+from collections.abc import Callable
 
+from backhaul.pipes import CHUNK, PipePool
 from backhaul.reactor import READ, WRITE, Reactor
 
 log = logging.getLogger("backhaul.relay")
 
-CHUNK = 256 * 1024
 INLINE_ROUNDS = 2
 WORKER_ROUNDS = 64
 HAS_SPLICE = hasattr(os, "splice")
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH,
          errno.ENETUNREACH, errno.ECONNABORTED)
@@ -41,46 +39,6 @@ def choose_mode() -> str:
     return "splice"
 
 
-class PipePool:
-    """Pipes shared by all connections: a direction holds one only while bytes sit in it."""
-
-    def __init__(self, keep: int = 64) -> None:
-        self._free: list[tuple[int, int]] = []
-        self._keep = keep
-        self._lock = threading.Lock()
-
-    def get(self) -> tuple[int, int]:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(w, _F_SETPIPE_SZ, CHUNK)
-        except OSError:
-            pass  # the default 64 KiB pipe still works, just with more rounds
-        return r, w
-
-    def put(self, pipe: tuple[int, int]) -> None:
-        with self._lock:
-            if len(self._free) < self._keep:
-                self._free.append(pipe)
-                return
-        os.close(pipe[0])
-        os.close(pipe[1])
-
-    def discard(self, pipe: tuple[int, int]) -> None:
-        """A pipe that may still hold bytes of a dead connection is never reused."""
-        os.close(pipe[0])
-        os.close(pipe[1])
-
-    def close(self) -> None:
-        with self._lock:
-            free, self._free = self._free, []
-        for pipe in free:
-            self.discard(pipe)
-
-
-_PIPES = PipePool()
 _buffers = threading.local()
 
 
@@ -94,12 +52,13 @@ def _thread_buffer() -> memoryview:
 class Direction:
     """One way of a relay: bytes from ``src`` to ``dst``, and what is stuck between them."""
 
-    __slots__ = ("src", "dst", "splice", "pipe", "queued", "stuck", "state", "moved")
+    __slots__ = ("src", "dst", "pipes", "splice", "pipe", "queued", "stuck", "state", "moved")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, splice: bool) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, pipes: PipePool | None) -> None:
         self.src = src
         self.dst = dst
-        self.splice = splice
+        self.pipes = pipes
+        self.splice = pipes is not None
         self.pipe: tuple[int, int] | None = None
         self.queued = 0          # bytes in the pipe (splice mode)
         self.stuck = b""         # bytes not yet written (copy mode)
@@ -120,7 +79,7 @@ class Direction:
     def _pump_splice(self, rounds: int) -> int:
         src, dst = self.src.fileno(), self.dst.fileno()
         if self.pipe is None:
-            self.pipe = _PIPES.get()
+            self.pipe = self.pipes.get()
         pipe_r, pipe_w = self.pipe
         try:
             for _ in range(rounds):
@@ -150,7 +109,7 @@ class Direction:
             return MORE
         finally:
             if not self.queued and self.pipe is not None:
-                _PIPES.put(self.pipe)
+                self.pipes.put(self.pipe)
                 self.pipe = None
 
     def _pump_copy(self, rounds: int) -> int:
@@ -181,7 +140,7 @@ class Direction:
 
     def release(self) -> None:
         if self.pipe is not None:
-            _PIPES.discard(self.pipe)
+            self.pipes.discard(self.pipe)
             self.pipe = None
         self.stuck = b""
         self.queued = 0
@@ -199,12 +158,12 @@ class Relay:
 
     def __init__(self, reactor: Reactor, a: socket.socket, b: socket.socket,
                  on_close: Callable[[Relay], None] | None = None, mode: str = "") -> None:
-        splice = (mode or choose_mode()) == "splice"
+        pipes = reactor.pipes if (mode or choose_mode()) == "splice" else None
         self.reactor = reactor
         self.a = a
         self.b = b
-        self.ab = Direction(a, b, splice)
-        self.ba = Direction(b, a, splice)
+        self.ab = Direction(a, b, pipes)
+        self.ba = Direction(b, a, pipes)
         self._masks = [0, 0]
         self._closed = False
         self._failed = False

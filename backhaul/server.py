@@ -9,13 +9,13 @@ from __future__ import annotations
 import collections
 import logging
 import socket
+
 from backhaul.config import PortMapping, ServerConfig
 from backhaul.errors import TransportError
 from backhaul.log import Throttle
 from backhaul.net import listen, peer_of, tune
 from backhaul.reactor import READ, Reactor, Timer
 from backhaul.relay import Relay
-
 from backhaul.transport import ServerTransport, server_transport
 
 log = logging.getLogger("backhaul.server")

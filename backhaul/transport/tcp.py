@@ -17,10 +17,8 @@ from backhaul.errors import ProtocolError, TransportError
 from backhaul.log import Throttle
 from backhaul.net import dial, peer_of, resolve, tune
 from backhaul.protocol.control import client_signals, server_signals
-from backhaul.protocol.framing import (SG_CHAN, SG_CLOSED, SG_HB, SG_RTT, SG_TCP, SG_UDP,
-                                       FrameReader, encode_ltv)
-from backhaul.protocol.handshake import (HANDSHAKE_TIMEOUT, client_accepts, hello, hello_reader,
-                                         server_accepts)
+from backhaul.protocol.framing import SG_CHAN, SG_CLOSED, SG_HB, SG_RTT, SG_TCP, SG_UDP, FrameReader, encode_ltv
+from backhaul.protocol.handshake import HANDSHAKE_TIMEOUT, client_accepts, hello, hello_reader, server_accepts
 from backhaul.protocol.proxy_v2 import encode_proxy_v2
 from backhaul.reactor import READ, WRITE, Timer
 

@@ -1,0 +1,37 @@
+"""Shared fixtures: every test must leave no thread, socket, pipe or process behind."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+
+def _open_fds() -> dict[str, str]:
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(("socket:", "pipe:")):
+            fds[fd] = target
+    return fds
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves a thread running or a socket or pipe open in this process."""
+    threads_before = set(threading.enumerate())
+    fds_before = _open_fds()
+    yield
+    deadline = time.monotonic() + 3.0
+    for thread in set(threading.enumerate()) - threads_before:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    leaked_threads = [t.name for t in set(threading.enumerate()) - threads_before if t.is_alive()]
+    fds_after = _open_fds()
+    leaked_fds = {fd: t for fd, t in fds_after.items() if fds_before.get(fd) != t}
+    assert not leaked_threads, f"threads left running: {leaked_threads}"
+    assert not leaked_fds, f"sockets or pipes left open: {leaked_fds}"
