@@ -100,8 +100,7 @@ class RateGenerator:
         unfinished = len(self.conns)
         for conn in list(self.conns.values()):
             self._drop(conn)
-        return {"ok": self.ok, "failed": dict(self.failed), "unfinished": unfinished,
-                "seconds": time.monotonic() - t0}
+        return {"ok": self.ok, "failed": dict(self.failed), "unfinished": unfinished, "seconds": time.monotonic() - t0}
 
     def _fill(self, now: float) -> None:
         # At most `concurrency` opens per pass, so instant failures cannot spin forever here.
@@ -177,8 +176,13 @@ class Holder:
         self.failed: Counter[str] = Counter()
 
     def status(self) -> dict[str, object]:
-        return {"paired": len(self.held), "pending": len(self.pending), "attempts": self.attempts,
-                "dropped": self.dropped, "failed": dict(self.failed)}
+        return {
+            "paired": len(self.held),
+            "pending": len(self.pending),
+            "attempts": self.attempts,
+            "dropped": self.dropped,
+            "failed": dict(self.failed),
+        }
 
     def open_all(self, deadline_s: float) -> bool:
         """Open until `count` are paired; False on deadline, stall or too many attempts."""

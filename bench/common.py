@@ -245,3 +245,10 @@ def threads_and_rss(pid: int) -> tuple[int, float]:
 def fd_count(pid: int) -> int:
     """Open file descriptors of a process."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def is_listening(port: int) -> bool:
+    """Whether a TCP socket listens on 127.0.0.1:port (from the kernel's socket table)."""
+    wanted = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        return any(line.split()[1] == wanted and line.split()[3] == "0A" for line in f.readlines()[1:])

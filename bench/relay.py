@@ -8,6 +8,7 @@ direction, each moving data with recv/sendall and 64 KiB buffers. Prints
 """
 
 import argparse
+import signal
 import socket
 import threading
 import time
@@ -15,6 +16,8 @@ import time
 from common import HOST, announce, listen, raise_nofile_limit
 
 BUFFER = 64 * 1024
+# The driver ends the relay itself; this only bounds one orphaned by a driver killed with SIGKILL.
+MAX_LIFETIME = 1800
 
 
 class _Pair:
@@ -76,6 +79,7 @@ def main() -> None:
     raise_nofile_limit()
     listener = listen()
     announce("PORT", str(listener.getsockname()[1]))
+    signal.alarm(MAX_LIFETIME)
     while True:
         try:
             client, _addr = listener.accept()

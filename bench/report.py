@@ -68,12 +68,9 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
 
 def render_text(rows: list[Row]) -> str:
     """Aligned plain-text table."""
-    body = [list(HEADERS)] + table_rows(rows)
+    body = [list(HEADERS), *table_rows(rows)]
     widths = [max(len(line[i]) for line in body) for i in range(len(HEADERS))]
-    return "\n".join(
-        "  ".join(col.ljust(w) for col, w in zip(line, widths, strict=True)).rstrip()
-        for line in body
-    )
+    return "\n".join("  ".join(col.ljust(w) for col, w in zip(line, widths, strict=True)).rstrip() for line in body)
 
 
 def render_markdown(rows: list[Row], header_lines: list[str], notes: list[str]) -> str:

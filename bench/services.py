@@ -10,6 +10,7 @@ Each prints `PORT <n>` once it listens on an ephemeral loopback port.
 import argparse
 import os
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -20,6 +21,8 @@ from common import announce, listen, raise_nofile_limit
 REQUEST = b"GET\n"
 REPLY = b"OK\n"
 SINK_BUFFER = 1 << 20
+# The driver ends services itself; this only bounds one orphaned by a driver killed with SIGKILL.
+MAX_LIFETIME = 1800
 
 # Turns received bytes into bytes to send; keeps per-connection state in the given bytearray.
 Handler = Callable[[bytes, bytearray], bytes]
@@ -140,11 +143,13 @@ def main() -> None:
     listener = listen()
     announce("PORT", str(listener.getsockname()[1]))
     if args.kind == "sink":
+        signal.alarm(MAX_LIFETIME)
         serve_sink(listener)
     handler = echo_handler if args.kind == "echo" else reqrep_handler
     for _ in range(args.workers - 1):
         if os.fork() == 0:
             break  # the child serves too; the driver ends the whole group
+    signal.alarm(MAX_LIFETIME)  # after fork: children do not inherit alarms
     serve_events(listener, handler)
 
 

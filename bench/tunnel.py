@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HOST, REPO_ROOT, free_port, stop_process, track
+from common import HOST, REPO_ROOT, free_port, is_listening, stop_process, track
 
 TOKEN = "bench-token"
 READY_TIMEOUT = 10.0
@@ -55,7 +55,10 @@ def check_available() -> tuple[bool, str]:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "backhaul", "--version"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except subprocess.TimeoutExpired:
         return False, "`python -m backhaul --version` did not finish within 10 s"
@@ -83,6 +86,8 @@ class TunnelPair:
         self.server: subprocess.Popen[bytes] | None = None
         self.client: subprocess.Popen[bytes] | None = None
         self.notes: list[str] = []
+        # Log lines written before stop(); later ones came from the shutdown we asked for.
+        self.lines_before_stop: dict[str, int] | None = None
 
     @property
     def pids(self) -> dict[str, int]:
@@ -92,8 +97,7 @@ class TunnelPair:
     def write_configs(self) -> tuple[Path, Path]:
         ports = ", ".join(
             f'"{HOST}:{public}={target}"'
-            for public, target in ((self.public_port, self.target_port),
-                                   (self.probe_public_port, self.probe_port))
+            for public, target in ((self.public_port, self.target_port), (self.probe_public_port, self.probe_port))
         )
         server = self.dir / "server.toml"
         client = self.dir / "client.toml"
@@ -105,27 +109,36 @@ class TunnelPair:
     def start(self) -> None:
         server_cfg, client_cfg = self.write_configs()
         self.server = self._spawn(server_cfg, "server")
+        # Starting the client only once the server listens spares it a refused dial and a retry_interval.
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not is_listening(self.tunnel_port):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TunnelError(f"server not listening on its tunnel port within {READY_TIMEOUT:.0f} s")
+            time.sleep(0.02)
         self.client = self._spawn(client_cfg, "client")
-        self._wait_ready()
+        self._wait_ready(deadline)
 
     def _spawn(self, config: Path, role: str) -> subprocess.Popen[bytes]:
         with open(self.dir / f"{role}.log", "wb") as log:
             proc = subprocess.Popen(
-                tunnel_argv(config), cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                tunnel_argv(config),
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         track(proc)
         return proc
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
+    def _wait_ready(self, deadline: float) -> None:
         while time.monotonic() < deadline:
             self.check_alive()
             if probe(self.probe_public_port, timeout=min(1.0, max(0.1, deadline - time.monotonic()))):
                 return
             time.sleep(0.05)
-        raise TunnelError(f"not ready within {READY_TIMEOUT:.0f} s (no echo through the tunnel)"
-                          + self._log_hint())
+        raise TunnelError(f"not ready within {READY_TIMEOUT:.0f} s (no echo through the tunnel)" + self._log_hint())
 
     def check_alive(self) -> None:
         """Raise if either process has exited."""
@@ -138,16 +151,22 @@ class TunnelPair:
         return ("; last log lines: " + " | ".join(tail)) if tail else ""
 
     def logs(self) -> dict[str, list[str]]:
-        """Output lines of both processes so far."""
+        """Output lines of both processes so far; those written during shutdown are marked."""
         out: dict[str, list[str]] = {}
         for role in ("server", "client"):
             path = self.dir / f"{role}.log"
             text = path.read_text(errors="replace") if path.exists() else ""
-            out[role] = [line for line in text.splitlines() if line.strip()]
+            lines = [line for line in text.splitlines() if line.strip()]
+            if self.lines_before_stop is not None:
+                cut = self.lines_before_stop[role]
+                lines = lines[:cut] + [f"(during shutdown) {line}" for line in lines[cut:]]
+            out[role] = lines
         return out
 
     def stop(self) -> None:
         """SIGTERM both (client first, as an operator would), SIGKILL if they linger."""
+        if self.lines_before_stop is None:
+            self.lines_before_stop = {role: len(lines) for role, lines in self.logs().items()}
         for role, proc in (("client", self.client), ("server", self.server)):
             if proc is None:
                 continue
@@ -159,8 +178,9 @@ class TunnelPair:
             if not stop_process(proc, grace=2.0):
                 self.notes.append(f"{role} did not exit within 2 s of SIGTERM; killed")
             elif proc.returncode not in (0, -15):
-                self.notes.append(f"{role} exited with code {proc.returncode} after SIGTERM "
-                                  f"({time.monotonic() - t0:.1f} s)")
+                self.notes.append(
+                    f"{role} exited with code {proc.returncode} after SIGTERM ({time.monotonic() - t0:.1f} s)"
+                )
 
     def __enter__(self) -> "TunnelPair":
         try:

@@ -1,0 +1,397 @@
+"""The measurements. Each starts its target service, then runs the same client
+against every path in turn (direct, relay, tunnel) and returns table rows."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clients import ping_pong
+from common import (
+    HOST,
+    Helper,
+    cpu_seconds,
+    fd_count,
+    free_port,
+    is_listening,
+    stop_process,
+    threads_and_rss,
+    track,
+)
+from report import PATHS, Cell, Row
+from tunnel import TunnelPair
+
+GB = 1e9
+
+
+@dataclass
+class Settings:
+    """What a run was asked for, and what it collects besides the rows."""
+
+    seconds: float
+    idle_count: int
+    ping_rounds: int
+    use_iperf: bool
+    workdir: Path
+    probe_port: int  # echo service behind every tunnel's readiness probe
+    tunnel_unavailable: str | None = None
+    notes: list[str] = field(default_factory=list)
+    tunnel_logs: list[tuple[str, str, list[str]]] = field(default_factory=list)
+
+
+@dataclass
+class Endpoint:
+    """Where a client connects for one path, and the processes in between."""
+
+    path: str
+    port: int
+    pids: dict[str, int]
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so stdout stays the report."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------- paths
+
+
+@contextmanager
+def open_path(path: str, target_port: int, label: str, s: Settings) -> Iterator[Endpoint]:
+    """Bring up one path to the target (nothing, a relay process, or a tunnel pair)."""
+    if path == "direct":
+        yield Endpoint(path, target_port, {})
+    elif path == "relay":
+        with Helper.script("relay.py", target_port) as relay:
+            yield Endpoint(path, int(relay.expect("PORT", 10)), {"relay": relay.pid})
+    else:
+        pair = TunnelPair(s.workdir, label, target_port, s.probe_port)
+        try:
+            with pair:
+                yield Endpoint(path, pair.public_port, pair.pids)
+                pair.check_alive()  # a crash mid-measurement taints the numbers: say so
+        finally:
+            for role, lines in pair.logs().items():
+                if lines:
+                    s.tunnel_logs.append((label, role, lines))
+            s.notes += [f"tunnel ({label}): {n}" for n in pair.notes]
+
+
+def each_path(
+    label: str,
+    names: list[str],
+    target_port: int,
+    s: Settings,
+    fn: Callable[[Endpoint], dict[str, Cell]],
+    paths: tuple[str, ...] = PATHS,
+) -> list[Row]:
+    """Run `fn` on every path; one failed path becomes an error cell, not a failed run."""
+    cells: dict[str, dict[str, Cell]] = {name: {} for name in names}
+    for path in PATHS:
+        if path not in paths:
+            got = {name: Cell.missing("-") for name in names}
+        elif path == "tunnel" and s.tunnel_unavailable:
+            got = {name: Cell.missing("n/a") for name in names}
+        else:
+            got = _run_one(label, path, target_port, s, fn)
+        for name in names:
+            cells[name][path] = got.get(name, Cell.missing("error"))
+    return [Row(name, "info", cells[name]) for name in names]
+
+
+def _run_one(
+    label: str, path: str, target_port: int, s: Settings, fn: Callable[[Endpoint], dict[str, Cell]]
+) -> dict[str, Cell]:
+    t0 = time.monotonic()
+    try:
+        with open_path(path, target_port, label, s) as endpoint:
+            got = fn(endpoint)
+    except Exception as exc:  # reported in the notes; the run goes on
+        s.notes.append(f"{label} via {path}: {type(exc).__name__}: {exc}")
+        log(f"  {label:<22} {path:<7} FAILED: {exc}")
+        return {}
+    shown = ", ".join(f"{k}: {_brief(c)}" for k, c in got.items())
+    shown = shown if len(shown) <= 200 else shown[:197] + "..."
+    log(f"  {label:<22} {path:<7} {shown}  ({time.monotonic() - t0:.1f} s)")
+    return got
+
+
+def _brief(cell: Cell) -> str:
+    if cell.text is not None:
+        return cell.text
+    value = f"{cell.value:,.2f}" if cell.value is not None else "-"
+    return f"{value} {cell.extra}".strip()
+
+
+# -------------------------------------------------------------- throughput
+
+
+class PySink:
+    """Python sink service plus Python sender processes."""
+
+    name = "python sender/sink"
+
+    def __init__(self) -> None:
+        self.service = Helper.script("services.py", "sink")
+        self.port = int(self.service.expect("PORT", 10))
+
+    def run(self, port: int, streams: int, seconds: float) -> tuple[float, float]:
+        """Bytes received by the sink and the seconds between its first and last byte."""
+        with Helper.script("clients.py", "send", port, "--streams", streams, "--seconds", seconds) as sender:
+            result = sender.expect_json("RESULT", seconds + 60)
+        if result["errors"]:
+            raise RuntimeError("sender: " + "; ".join(result["errors"]))
+        conns = [self.service.expect_json("CONN", 15) for _ in range(streams)]
+        total = sum(c["bytes"] for c in conns)
+        window = max(c["last"] for c in conns) - min(c["first"] for c in conns if c["bytes"])
+        return total, window
+
+    def stop(self) -> None:
+        self.service.stop()
+
+
+class IperfSink:
+    """An iperf3 server as the sink; the iperf3 client drives the streams."""
+
+    name = "iperf3"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [shutil.which("iperf3") or "iperf3", "-s", "-B", HOST, "-p", str(self.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        track(self.proc)
+        # A probe connection would look like a test to iperf3; watch the socket table instead.
+        deadline = time.monotonic() + 10
+        while not is_listening(self.port):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("iperf3 server did not start listening")
+            time.sleep(0.05)
+
+    def run(self, port: int, streams: int, seconds: float) -> tuple[float, float]:
+        argv = [
+            shutil.which("iperf3") or "iperf3",
+            "-c",
+            HOST,
+            "-p",
+            str(port),
+            "-t",
+            str(seconds),
+            "-P",
+            str(streams),
+            "-J",
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+        report = json.loads(done.stdout or "{}")
+        if "error" in report or done.returncode != 0:
+            raise RuntimeError(f"iperf3: {report.get('error', done.stderr.strip())}")
+        received = report["end"]["sum_received"]
+        return float(received["bytes"]), float(received["seconds"])
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def measure_throughput(s: Settings, stream_counts: tuple[int, ...] = (1, 8)) -> list[Row]:
+    rows: list[Row] = []
+    for streams in stream_counts:
+        label = f"throughput {streams} stream" + ("s" if streams > 1 else "")
+        sink = IperfSink() if s.use_iperf else PySink()
+        try:
+            rows += _throughput_rows(s, sink, streams, label)
+        finally:
+            sink.stop()
+    return rows
+
+
+def _throughput_rows(s: Settings, sink: PySink | IperfSink, streams: int, label: str) -> list[Row]:
+    cpu_name = "CPU s per GB moved"
+    names = [label] + ([cpu_name] if streams == 1 else [])
+
+    def one(ep: Endpoint) -> dict[str, Cell]:
+        before = {name: cpu_seconds(pid) for name, pid in ep.pids.items()}
+        moved, window = sink.run(ep.port, streams, s.seconds)
+        per_gb = {name: (cpu_seconds(pid) - before[name]) / (moved / GB) for name, pid in ep.pids.items()}
+        cells = {label: Cell(moved / window / 1e6)}
+        if streams == 1:
+            # Show the split when there are two processes (server + client of the tunnel).
+            split = " + ".join(f"{name} {v:.2f}" for name, v in per_gb.items()) if len(per_gb) > 1 else ""
+            cells[cpu_name] = Cell(sum(per_gb.values()), extra=split) if per_gb else Cell.missing("-")
+        return cells
+
+    rows = each_path(label, names, sink.port, s, one)
+    rows[0].kind, rows[0].unit = "higher", " MB/s"
+    rows[0].name += " (MB/s)"
+    if streams == 1:
+        rows[1].kind, rows[1].fmt = "cost", "{:,.2f}"
+    return rows
+
+
+# --------------------------------------------------------- connections/second
+
+
+def measure_connrate(s: Settings) -> list[Row]:
+    # Two workers so the target keeps up with two generator processes.
+    with Helper.script("services.py", "reqrep", "--workers", 2) as target:
+        port = int(target.expect("PORT", 10))
+        rows: list[Row] = []
+        for concurrency in (50, 200):
+            label = f"conn/s c={concurrency}"
+            row = each_path(label, [label], port, s, lambda ep, c=concurrency: _rate(ep, c, s))[0]
+            row.kind = "higher"
+            rows.append(row)
+        return rows
+
+
+def _rate(ep: Endpoint, concurrency: int, s: Settings, generators: int = 2) -> dict[str, Cell]:
+    label = f"conn/s c={concurrency}"
+    # A common start time so both generators load the path at once.
+    start_at = time.monotonic() + 1.0
+    helpers = [
+        Helper.script(
+            "clients.py",
+            "rate",
+            ep.port,
+            "--concurrency",
+            concurrency // generators,
+            "--seconds",
+            s.seconds,
+            "--start-at",
+            start_at,
+        )
+        for _ in range(generators)
+    ]
+    try:
+        results = [h.expect_json("RESULT", s.seconds + 30) for h in helpers]
+    finally:
+        for h in helpers:
+            h.stop()
+    ok = sum(r["ok"] for r in results)
+    elapsed = max(r["seconds"] for r in results)
+    failed: dict[str, int] = {}
+    for r in results:
+        for why, n in r["failed"].items():
+            failed[why] = failed.get(why, 0) + n
+    if failed:
+        s.notes.append(f"{label} via {ep.path}: failures {failed}")
+    return {label: Cell(ok / elapsed, extra=f"{sum(failed.values())} fail")}
+
+
+# ------------------------------------------------------------------ latency
+
+
+def measure_latency(s: Settings) -> list[Row]:
+    names = ["latency p50 (µs)", "latency p99 (µs)"]
+    with Helper.script("services.py", "echo") as echo:
+        port = int(echo.expect("PORT", 10))
+
+        def one(ep: Endpoint) -> dict[str, Cell]:
+            samples = sorted(ping_pong(ep.port, s.ping_rounds, warmup=500, max_seconds=60))
+            if not samples:
+                raise RuntimeError("no round trips completed")
+            return {names[0]: Cell(percentile(samples, 0.50)), names[1]: Cell(percentile(samples, 0.99))}
+
+        rows = each_path("latency", names, port, s, one)
+    for row in rows:
+        row.kind, row.fmt, row.unit = "lower", "{:,.1f}", " µs"
+    return rows
+
+
+def percentile(sorted_samples: list[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted samples."""
+    index = min(len(sorted_samples) - 1, max(0, round(q * len(sorted_samples)) - 1))
+    return sorted_samples[index]
+
+
+# ---------------------------------------------------------- idle connections
+
+
+def measure_idle(s: Settings) -> list[Row]:
+    n = s.idle_count
+    phases = ("0 conns", f"{n:,} conns", "after close")
+    names = [f"idle {phase}: {role}" for phase in phases for role in ("server", "client")]
+    names.append("idle pairing")
+    with Helper.script("services.py", "echo") as target:
+        port = int(target.expect("PORT", 10))
+        rows = each_path("idle", names, port, s, lambda ep: _idle(ep, s, names), paths=("tunnel",))
+    return rows
+
+
+def _snapshot(pids: dict[str, int]) -> dict[str, Cell]:
+    out: dict[str, Cell] = {}
+    for role, pid in pids.items():
+        threads, rss = threads_and_rss(pid)
+        out[role] = Cell(text=f"{threads} thr, {rss:,.1f} MiB, {fd_count(pid):,} fds")
+    return out
+
+
+def _idle(ep: Endpoint, s: Settings, names: list[str]) -> dict[str, Cell]:
+    n = s.idle_count
+    cells: dict[str, Cell] = {}
+
+    def record(phase_index: int) -> None:
+        for role, cell in _snapshot(ep.pids).items():
+            cells[names[phase_index * 2 + (role == "client")]] = cell
+
+    time.sleep(0.5)  # let the readiness probe's connection wind down
+    record(0)
+    holder = Helper.script(
+        "clients.py",
+        "hold",
+        ep.port,
+        "--count",
+        n,
+        "--rate",
+        2000,
+        "--inflight",
+        200,
+        "--deadline",
+        60 + n / 100,
+        stdin=True,
+    )
+    with holder:
+        t0 = time.monotonic()
+        state = _await_pairing(holder, n, 90 + n / 100)
+        took = time.monotonic() - t0
+        time.sleep(1.0)  # let both tunnel processes settle after the last pairing
+        record(1)
+        holder.send("status")
+        status = holder.expect_json("STATUS", 10)
+        holder.send("close")
+        holder.expect("CLOSED", 30)
+    time.sleep(3.0)  # give the tunnel time to notice the closes and release resources
+    record(2)
+    cells[names[-1]] = Cell(
+        text=(
+            f"{status['paired']:,}/{n:,} paired in {took:.1f} s, {sum(state['failed'].values())} failed"
+            f" of {state['attempts']:,} tries, {status['dropped']} dropped while held"
+        )
+    )
+    if state["failed"]:
+        s.notes.append(f"idle via tunnel: failed opens {state['failed']}")
+    if status["paired"] < n:
+        s.notes.append(f"idle via tunnel: only {status['paired']:,} of {n:,} connections were paired")
+    return cells
+
+
+def _await_pairing(holder: Helper, n: int, timeout: float) -> dict:
+    """Wait for the holder to pair all connections (or give up); show progress now and then."""
+    deadline = time.monotonic() + timeout
+    next_log = time.monotonic() + 5
+    while True:
+        kind, rest = holder.expect_any(("PROGRESS", "READY", "INCOMPLETE"), deadline - time.monotonic())
+        state = json.loads(rest)
+        if kind != "PROGRESS":
+            return state
+        if time.monotonic() >= next_log:
+            log(f"  idle: {state['paired']:,}/{n:,} paired, {sum(state['failed'].values())} failed")
+            next_log = time.monotonic() + 5
