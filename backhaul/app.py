@@ -6,6 +6,7 @@ A config with both ``[server]`` and ``[client]`` runs both sides in one process 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import threading
 
@@ -17,7 +18,8 @@ from backhaul.transport import unavailable
 
 log = logging.getLogger("backhaul")
 
-WORKERS = 8
+# Pumps mostly wait on the kernel; past two per core they only contend for the GIL.
+WORKERS = min(16, max(4, 2 * (os.cpu_count() or 1)))
 
 
 def refusals(config: Config) -> list[str]:

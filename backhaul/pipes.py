@@ -10,7 +10,7 @@ import fcntl
 import os
 import threading
 
-CHUNK = 256 * 1024
+CHUNK = 1024 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 

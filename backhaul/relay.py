@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from backhaul.pipes import CHUNK, PipePool
@@ -20,8 +22,11 @@ from backhaul.reactor import READ, WRITE, Reactor
 
 log = logging.getLogger("backhaul.relay")
 
+COPY_CHUNK = 256 * 1024  # recv_into buffer, one per thread
 INLINE_ROUNDS = 2
 WORKER_ROUNDS = 64
+WORKER_SLICE = 0.05   # seconds a worker stays on one direction before others get a turn
+HOLD_MS = 1           # how long a worker waits for more bytes before handing the socket back
 HAS_SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH,
@@ -42,10 +47,16 @@ def choose_mode() -> str:
 _buffers = threading.local()
 
 
+def _wait(sock: socket.socket, event: int) -> bool:
+    poller = select.poll()
+    poller.register(sock, event)
+    return bool(poller.poll(HOLD_MS))
+
+
 def _thread_buffer() -> memoryview:
     buf = getattr(_buffers, "buf", None)
     if buf is None:
-        buf = _buffers.buf = memoryview(bytearray(CHUNK))
+        buf = _buffers.buf = memoryview(bytearray(COPY_CHUNK))
     return buf
 
 
@@ -199,7 +210,19 @@ class Relay:
             self._settle(direction, outcome)
 
     def _run_in_worker(self, direction: Direction) -> None:
-        outcome = direction.pump(WORKER_ROUNDS) if not self._failed else FAILED
+        """Pump while bytes keep coming: a short wait on the socket here is far cheaper than a
+        round trip through the reactor, and a quiet direction goes back to it after HOLD."""
+        deadline = time.monotonic() + WORKER_SLICE
+        while True:
+            outcome = direction.pump(WORKER_ROUNDS) if not self._failed else FAILED
+            if outcome == WANT_READ:
+                ready = _wait(direction.src, select.POLLIN)
+            elif outcome == WANT_WRITE:
+                ready = _wait(direction.dst, select.POLLOUT)
+            else:
+                break
+            if not ready or self._failed or time.monotonic() > deadline:
+                break
         self.reactor.call_soon(self._back_from_worker, direction, outcome)
 
     def _back_from_worker(self, direction: Direction, outcome: int) -> None:
