@@ -247,7 +247,7 @@ class TcpServer:
             return
         for signal in server_signals(data):
             if signal == SG_CLOSED:
-                self._drop_control(f"client {control.peer} is shutting down or restarting")
+                self._drop_control(f"client {control.peer} is shutting down or restarting", logging.INFO)
                 return
             if signal == SG_RTT:
                 log.debug("rtt to client %s: %.1f ms", control.peer, (time.monotonic() - control.rtt_sent) * 1e3)
@@ -278,13 +278,13 @@ class TcpServer:
             return
         self.reactor.watch(control.sock, READ | (WRITE if control.outbuf else 0), self._control_event)
 
-    def _drop_control(self, reason: str) -> None:
+    def _drop_control(self, reason: str, level: int = logging.WARNING) -> None:
         control = self.control
         if control is None:
             return
         self.control = None
         if reason:
-            log.warning("%s; waiting for the client to reconnect", reason)
+            log.log(level, "%s; waiting for the client to reconnect", reason)
         for timer in control.timers:
             timer.cancel()
         self.reactor.forget(control.sock)
