@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from backhaul.errors import ProtocolError, TransportError
 from backhaul.log import Throttle
 from backhaul.net import dial, peer_of, resolve, tune
+from backhaul.poolsize import PoolSizer
 from backhaul.protocol.control import client_signals, server_signals
 from backhaul.protocol.framing import SG_CHAN, SG_CLOSED, SG_HB, SG_RTT, SG_TCP, SG_UDP, FrameReader, encode_ltv
 from backhaul.protocol.handshake import HANDSHAKE_TIMEOUT, client_accepts, hello, hello_reader, server_accepts
@@ -447,6 +448,8 @@ class TcpSession:
         self.closed = False
         self.last_heard = time.monotonic()
         self.watchdog: Timer | None = None
+        self.sizer = PoolSizer(self.config.connection_pool, self.config.aggressive_pool)
+        self.sizing: Timer | None = None
         self._dial_errors = Throttle()
 
     def start(self) -> None:
@@ -454,8 +457,14 @@ class TcpSession:
             return
         self.reactor.watch(self.control, READ, self._control_event)
         self.watchdog = self.reactor.call_later(self.config.heartbeat, self._check_silence)
+        self.sizing = self.reactor.call_later(1.0, self._size_pool)
         for _ in range(self.config.connection_pool):
             self._dial_link()
+
+    def _size_pool(self) -> None:
+        if self.sizer.sample(len(self.links), len(self.links) + self.dialing):
+            self._dial_link()
+        self.sizing = self.reactor.call_later(1.0, self._size_pool)
 
     def _control_event(self, _mask: int) -> None:
         try:
@@ -476,7 +485,8 @@ class TcpSession:
             return
         for signal in signals:
             if signal == SG_CHAN:
-                self._dial_link()
+                if self.sizer.take_request():
+                    self._dial_link()
             elif signal == SG_RTT:
                 self._send(SG_RTT)
             elif signal == SG_CLOSED:
@@ -562,8 +572,9 @@ class TcpSession:
         self.closed = True
         if notify:
             self._send(SG_CLOSED)
-        if self.watchdog is not None:
-            self.watchdog.cancel()
+        for timer in (self.watchdog, self.sizing):
+            if timer is not None:
+                timer.cancel()
         self.reactor.forget(self.control)
         self.control.close()
         for sock in self.links:
