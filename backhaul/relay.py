@@ -94,14 +94,8 @@ class Direction:
         pipe_r, pipe_w = self.pipe
         try:
             for _ in range(rounds):
-                if self.queued:
-                    try:
-                        while self.queued:
-                            sent = os.splice(pipe_r, dst, self.queued, flags=_SPLICE_FLAGS)
-                            self.queued -= sent
-                            self.moved += sent
-                    except BlockingIOError:
-                        return WANT_WRITE
+                if self.queued and not self._drain_pipe(pipe_r, dst):
+                    return WANT_WRITE
                 try:
                     got = os.splice(src, pipe_w, CHUNK, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
@@ -109,19 +103,24 @@ class Direction:
                 if got == 0:
                     return EOF
                 self.queued = got
-            if self.queued:
-                try:
-                    while self.queued:
-                        sent = os.splice(pipe_r, dst, self.queued, flags=_SPLICE_FLAGS)
-                        self.queued -= sent
-                        self.moved += sent
-                except BlockingIOError:
-                    return WANT_WRITE
+            if self.queued and not self._drain_pipe(pipe_r, dst):
+                return WANT_WRITE
             return MORE
         finally:
             if not self.queued and self.pipe is not None:
                 self.pipes.put(self.pipe)
                 self.pipe = None
+
+    def _drain_pipe(self, pipe_r: int, dst: int) -> bool:
+        """Write what sits in the pipe; False when ``dst`` would block first."""
+        try:
+            while self.queued:
+                sent = os.splice(pipe_r, dst, self.queued, flags=_SPLICE_FLAGS)
+                self.queued -= sent
+                self.moved += sent
+        except BlockingIOError:
+            return False
+        return True
 
     def _pump_copy(self, rounds: int) -> int:
         src, dst = self.src, self.dst
