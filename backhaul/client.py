@@ -34,7 +34,7 @@ class Client:
         self._ended = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
-        self._target_errors = Throttle()
+        self._target_errors = Throttle(log)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._supervise, name="backhaul-client", daemon=True)
@@ -105,9 +105,7 @@ class Client:
         dial(self.reactor, host, port, cfg.dial_timeout, dialed)
 
     def _target_failed(self, message: str) -> None:
-        held = self._target_errors.allow()
-        if held is not None:
-            log.warning("%s%s", message, f" ({held} more like it)" if held else "")
+        self._target_errors.warning("%s", message)
 
     def stop(self, timeout: float = 1.5) -> None:
         """Send the closing signal, close every socket and end the reconnect loop."""

@@ -37,9 +37,10 @@ class Throttle:
     """Lets one log line through per ``interval`` seconds and counts the ones it held back,
     so a flood (a port scan, a queue overflow) costs one line a second, not one per event."""
 
-    __slots__ = ("interval", "_next", "held")
+    __slots__ = ("_next", "held", "interval", "logger")
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, logger: logging.Logger, interval: float = 1.0) -> None:
+        self.logger = logger
         self.interval = interval
         self._next = 0.0
         self.held = 0
@@ -53,3 +54,9 @@ class Throttle:
         self._next = now + self.interval
         held, self.held = self.held, 0
         return held
+
+    def warning(self, fmt: str, *args: object) -> None:
+        """Log the line unless one went out less than ``interval`` ago."""
+        held = self.allow()
+        if held is not None:
+            self.logger.warning(fmt + (f" ({held} more like it)" if held else ""), *args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Callable
 
@@ -95,14 +96,6 @@ def resolve(host: str, port: int) -> tuple[int, tuple[str, int]]:
     return family, addr[:2]
 
 
-def connect_blocking(host: str, port: int, timeout: float) -> socket.socket:
-    """A connected blocking socket, for threads that may wait (the client's supervisor)."""
-    try:
-        return socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        raise TransportError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
-
-
 def dial(reactor: Reactor, host: str, port: int, timeout: float, done: Dialed) -> None:
     """Connect without blocking the reactor; ``done(sock, "")`` or ``done(None, reason)`` runs
     on the reactor thread exactly once. Reactor thread only."""
@@ -130,7 +123,7 @@ def _dial_numeric(reactor: Reactor, family: int, addr: tuple[str, int], timeout:
         return
     if code not in (errno.EINPROGRESS, errno.EAGAIN):
         sock.close()
-        done(None, f"cannot connect to {addr[0]}:{addr[1]}: {errno.errorcode.get(code, code)} ({_strerror(code)})")
+        done(None, f"cannot connect to {addr[0]}:{addr[1]}: {_strerror(code)}")
         return
     timer: Timer | None = None
 
@@ -155,6 +148,4 @@ def _dial_numeric(reactor: Reactor, family: int, addr: tuple[str, int], timeout:
 
 
 def _strerror(code: int) -> str:
-    import os
-
     return os.strerror(code).lower()

@@ -45,8 +45,8 @@ class Server:
         self.listeners: list[tuple[socket.socket, PortMapping]] = []
         self.waiting: collections.deque[Waiting] = collections.deque()
         self.relays: set[Relay] = set()
-        self._overflow = Throttle()
-        self._expired = Throttle()
+        self._overflow = Throttle(log)
+        self._expired = Throttle(log)
 
     def open(self) -> None:
         """Bind the tunnel port and every public port; TransportError names the first that fails."""
@@ -86,11 +86,9 @@ class Server:
 
     def _enqueue(self, user: socket.socket, mapping: PortMapping) -> None:
         if len(self.waiting) >= self.config.channel_size:
-            held = self._overflow.allow()
-            if held is not None:
-                log.warning("refused user connection %s on port %d: %d connections already wait "
-                            "for the tunnel (channel_size)%s", peer_of(user), mapping.listen_port,
-                            len(self.waiting), f"; {held} more refused" if held else "")
+            self._overflow.warning("refused user connection %s on port %d: %d connections already "
+                                   "wait for the tunnel (channel_size)", peer_of(user),
+                                   mapping.listen_port, len(self.waiting))
             user.close()
             return
         entry = Waiting(user, mapping, None)  # type: ignore[arg-type]
@@ -102,11 +100,8 @@ class Server:
             self.waiting.remove(entry)
         except ValueError:
             return
-        held = self._expired.allow()
-        if held is not None:
-            log.warning("closed user connection %s on port %d: no tunnel connection within %g s%s",
-                        peer_of(entry.sock), entry.mapping.listen_port, USER_WAIT,
-                        f"; {held} more" if held else "")
+        self._expired.warning("closed user connection %s on port %d: no tunnel connection within %g s",
+                              peer_of(entry.sock), entry.mapping.listen_port, USER_WAIT)
         entry.sock.close()
 
     def link_available(self) -> None:

@@ -83,7 +83,7 @@ class TcpServer:
         self.pending: dict[socket.socket, Candidate] = {}
         self.requested: collections.deque[float] = collections.deque()
         self._headers: dict[PortMapping, bytes] = {}
-        self._throttles = collections.defaultdict(Throttle)
+        self._throttles: dict[str, Throttle] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
     def open(self) -> None:
@@ -385,9 +385,10 @@ class TcpServer:
         return header
 
     def _warn(self, kind: str, fmt: str, *args: object) -> None:
-        held = self._throttles[kind].allow()
-        if held is not None:
-            log.warning(fmt + (f" ({held} more like it)" if held else ""), *args)
+        throttle = self._throttles.get(kind)
+        if throttle is None:
+            throttle = self._throttles[kind] = Throttle(log)
+        throttle.warning(fmt, *args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,7 +404,7 @@ def connect(client: Client) -> TcpSession:
         try:
             sock.connect(addr)
         except OSError as exc:
-            raise TransportError(f"cannot connect to {cfg.remote_addr}: {_reason(exc)}") from None
+            raise TransportError(_reason(exc)) from None
         tune(sock, nodelay=True, keepalive=cfg.keepalive_period, mss=cfg.mss)
         sock.settimeout(HANDSHAKE_TIMEOUT)
         reader = hello_reader()
@@ -418,7 +419,7 @@ def connect(client: Client) -> TcpSession:
         except TimeoutError:
             raise ProtocolError(f"no handshake reply from the server within {HANDSHAKE_TIMEOUT:g} s") from None
         except OSError as exc:
-            raise TransportError(f"handshake with {cfg.remote_addr} failed: {_reason(exc)}") from None
+            raise TransportError(f"handshake failed: {_reason(exc)}") from None
         if not client_accepts(reader, cfg.token):
             raise ProtocolError("the server answered the handshake with a different token")
         sock.setblocking(False)
@@ -450,7 +451,7 @@ class TcpSession:
         self.watchdog: Timer | None = None
         self.sizer = PoolSizer(self.config.connection_pool, self.config.aggressive_pool)
         self.sizing: Timer | None = None
-        self._dial_errors = Throttle()
+        self._dial_errors = Throttle(log)
 
     def start(self) -> None:
         if self.closed:
@@ -523,9 +524,7 @@ class TcpSession:
     def _link_dialed(self, sock: socket.socket | None, error: str) -> None:
         self.dialing -= 1
         if sock is None:
-            held = self._dial_errors.allow()
-            if held is not None:
-                log.warning("data connection failed: %s%s", error, f" ({held} more)" if held else "")
+            self._dial_errors.warning("data connection failed: %s", error)
             return
         if self.closed:
             sock.close()

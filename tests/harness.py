@@ -1,0 +1,486 @@
+"""End-to-end harness: real ``python -m backhaul`` processes, target services in this process,
+and small socket helpers. Everything here cleans up after itself, also when a test fails.
+
+Only loopback addresses and ephemeral ports are used. A tunnel config needs explicit ports, so
+``free_port`` binds port 0, reads the number and closes right before the config is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+IO_TIMEOUT = 30.0        # no socket operation of a test blocks longer than this
+RELAY_MODES = ["splice", "copy"] if hasattr(os, "splice") else ["copy"]
+TRANSPORTS = ["tcp"]     # a later transport is one more entry here
+
+
+# ------------------------------------------------------------------------------------------------
+# waiting
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------------------------------------
+# ports and configs
+
+def free_port(host: str = HOST) -> int:
+    """A port nothing listens on right now (bind port 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def toml_section(name: str, values: dict[str, object]) -> str:
+    lines = [f"[{name}]"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def server_toml(bind_port: int, ports: list[str], token: str = "e2e-token", **extra: object) -> str:
+    values: dict[str, object] = {
+        "bind_addr": f"{HOST}:{bind_port}",
+        "transport": "tcp",
+        "token": token,
+        "log_level": "info",
+        "ports": ports,
+    }
+    values.update(extra)
+    return toml_section("server", values)
+
+
+def client_toml(remote_port: int, token: str = "e2e-token", **extra: object) -> str:
+    values: dict[str, object] = {
+        "remote_addr": f"{HOST}:{remote_port}",
+        "transport": "tcp",
+        "token": token,
+        "retry_interval": 1,
+        "log_level": "info",
+    }
+    values.update(extra)
+    return toml_section("client", values)
+
+
+# ------------------------------------------------------------------------------------------------
+# processes
+
+class Backhaul:
+    """One running ``python -m backhaul -c FILE``; stderr goes to a file we poll."""
+
+    def __init__(self, name: str, config: Path, log_path: Path, proc: subprocess.Popen) -> None:
+        self.name = name
+        self.config = config
+        self.log_path = log_path
+        self.proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def lines(self, substring: str) -> list[str]:
+        return [line for line in self.log().splitlines() if substring in line]
+
+    def wait_for_log(self, substring: str, timeout: float = 10.0, count: int = 1) -> str:
+        """The ``count``-th stderr line containing ``substring``; fails the test on timeout or
+        when the process exits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.lines(substring)
+            if len(found) >= count:
+                return found[count - 1]
+            if self.proc.poll() is not None:
+                found = self.lines(substring)
+                if len(found) >= count:
+                    return found[count - 1]
+                pytest.fail(f"{self.name} exited with {self.proc.returncode} before logging "
+                            f"{substring!r}; its stderr:\n{self.log()}")
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{self.name} did not log {substring!r} (x{count}) within {timeout:g} s; "
+                            f"its stderr:\n{self.log()}")
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def terminate_and_time(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> tuple[int, float]:
+        """Send ``sig``; return (exit code, seconds until the process exited)."""
+        start = time.monotonic()
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        return code, time.monotonic() - start
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it is still there after a few seconds."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(4)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def threads(self) -> int:
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+        raise AssertionError("no Threads line in /proc status")
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+
+class Launcher:
+    """Starts backhaul processes for one test; ``stop_all`` at teardown stops every one."""
+
+    def __init__(self, directory: Path, relay_mode: str = "") -> None:
+        self.directory = directory
+        self.relay_mode = relay_mode
+        self.procs: list[Backhaul] = []
+        self._serial = 0
+
+    def write_config(self, name: str, text: str) -> Path:
+        path = self.directory / f"{name}.toml"
+        path.write_text(text)
+        return path
+
+    def start(self, name: str, config_text: str) -> Backhaul:
+        return self.start_file(name, self.write_config(name, config_text))
+
+    def start_file(self, name: str, config: Path) -> Backhaul:
+        self._serial += 1
+        log_path = self.directory / f"{name}.{self._serial}.stderr"
+        out_path = self.directory / f"{name}.{self._serial}.stdout"
+        env = dict(os.environ)
+        env.pop("JOURNAL_STREAM", None)
+        env.pop("BACKHAUL_RELAY", None)
+        if self.relay_mode == "copy":
+            env["BACKHAUL_RELAY"] = "copy"
+        with open(log_path, "wb") as err, open(out_path, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "backhaul", "-c", str(config)], cwd=REPO,
+                                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        bh = Backhaul(name, config, log_path, proc)
+        self.procs.append(bh)
+        return bh
+
+    def run(self, name: str, config_text: str, timeout: float = 15.0) -> tuple[int, str]:
+        """Run to completion (for configs that must be refused): (exit code, stderr)."""
+        bh = self.start(name, config_text)
+        try:
+            code = bh.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} still runs after {timeout:g} s; its stderr:\n{bh.log()}")
+        return code, bh.log()
+
+    def stop_all(self) -> None:
+        """Stop every process, even when stopping one of them fails."""
+        failures = []
+        for bh in self.procs:
+            try:
+                bh.stop()
+            except Exception as exc:
+                failures.append(f"{bh.name}: {exc!r}")
+        assert not failures, f"could not stop: {failures}"
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Iterator[Launcher]:
+    la = Launcher(tmp_path)
+    try:
+        yield la
+    finally:
+        la.stop_all()
+
+
+@pytest.fixture(params=RELAY_MODES)
+def relay_launcher(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Launcher]:
+    """A launcher whose processes use the relay mode of the parameter (splice or copy)."""
+    la = Launcher(tmp_path, request.param)
+    try:
+        yield la
+    finally:
+        la.stop_all()
+
+
+# ------------------------------------------------------------------------------------------------
+# target services in this process
+
+class Service:
+    """A TCP service on 127.0.0.1:<ephemeral>: ``handler(conn)`` runs in a thread per connection.
+
+    ``close`` stops accepting, shuts down the connections still open (so blocked handlers wake)
+    and joins every thread; the handler owns its socket but the service closes it afterwards.
+    """
+
+    def __init__(self, handler: Callable[[socket.socket], None], name: str = "service") -> None:
+        self.handler = handler
+        self.name = name
+        self.listener = socket.create_server((HOST, 0), backlog=1024)
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._conns: dict[threading.Thread, socket.socket] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name=f"{name}-accept", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(IO_TIMEOUT)
+            thread = threading.Thread(target=self._serve, args=(conn,), name=f"{self.name}-conn", daemon=True)
+            with self._lock:
+                self.accepted += 1
+                self._conns[thread] = conn
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            self.handler(conn)
+        except OSError:
+            pass  # the peer went away: the test checks what it cares about on its own side
+        except BaseException as exc:
+            self.errors.append(exc)
+        finally:
+            conn.close()
+            with self._lock:
+                self._conns.pop(threading.current_thread(), None)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self.listener.close()
+        with self._lock:
+            live = list(self._conns.items())
+        for _thread, conn in live:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread, _conn in live:
+            thread.join(10)
+        assert not self.errors, f"{self.name} handler failed: {self.errors!r}"
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def echo_handler(conn: socket.socket) -> None:
+    """Echo until EOF, then close."""
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            return
+        conn.sendall(data)
+
+
+@pytest.fixture
+def echo_service() -> Iterator[Service]:
+    service = Service(echo_handler, "echo")
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+class Listener:
+    """A plain listening socket in the test: the test accepts and drives each connection itself."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server((HOST, 0), backlog=128)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+
+    def accept(self, timeout: float = 10.0) -> socket.socket:
+        self.sock.settimeout(timeout)
+        try:
+            conn, _ = self.sock.accept()
+        except TimeoutError:
+            pytest.fail(f"no connection arrived on port {self.port} within {timeout:g} s")
+        conn.settimeout(IO_TIMEOUT)
+        self.accepted.append(conn)
+        return conn
+
+    def close(self) -> None:
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    li = Listener()
+    try:
+        yield li
+    finally:
+        li.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# socket helpers
+
+@contextlib.contextmanager
+def connect(port: int, timeout: float = IO_TIMEOUT, source: str = "") -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        if source:
+            sock.bind((source, 0))
+        sock.connect((HOST, port))
+        yield sock
+    finally:
+        sock.close()
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    """Exactly ``size`` bytes; AssertionError when the peer closes before."""
+    chunks = bytearray()
+    while len(chunks) < size:
+        data = sock.recv(size - len(chunks))
+        if not data:
+            raise AssertionError(f"EOF after {len(chunks)} of {size} bytes: {bytes(chunks)!r}")
+        chunks += data
+    return bytes(chunks)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    """Everything until EOF."""
+    chunks = bytearray()
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return bytes(chunks)
+        chunks += data
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """True when the peer ends the connection (EOF or reset) within ``timeout``; data is skipped."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def echo_roundtrip(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``payload`` to ``port``, half-close, and return everything read back until EOF."""
+    with connect(port, timeout) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def echo_works(port: int, size: int = 4096, seed: int = 0, timeout: float = 10.0) -> None:
+    """Assert a sha256-exact echo of ``size`` seeded random bytes through ``port``."""
+    payload = random.Random(seed).randbytes(size)
+    got = echo_roundtrip(port, payload, timeout)
+    assert len(got) == len(payload)
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+def ltv(kind: int, payload: bytes) -> bytes:
+    """u16 BE length | type | payload (the length does not count the type byte)."""
+    return struct.pack(">H", len(payload)) + bytes((kind,)) + payload
+
+
+# ------------------------------------------------------------------------------------------------
+# one server and one client, started and connected
+
+class Tunnel:
+    """A server process and a client process, with the public ports of the mappings."""
+
+    def __init__(self, launcher: Launcher, targets: list[str], token: str = "e2e-token", transport: str = "tcp",
+                 server_extra: dict[str, object] | None = None,
+                 client_extra: dict[str, object] | None = None) -> None:
+        self.launcher = launcher
+        self.token = token
+        self.targets = targets
+        self.bind_port = free_port()
+        self.public = [free_port() for _ in targets]
+        ports = [f"{HOST}:{p}={t}" for p, t in zip(self.public, targets, strict=True)]
+        self.server_text = server_toml(self.bind_port, ports, token, transport=transport, **(server_extra or {}))
+        self.client_text = client_toml(self.bind_port, token, transport=transport, **(client_extra or {}))
+        self.server: Backhaul | None = None
+        self.client: Backhaul | None = None
+
+    def start_server(self) -> Backhaul:
+        self.server = self.launcher.start("server", self.server_text)
+        self.server.wait_for_log(f"tunnel listening on {HOST}:{self.bind_port}")
+        return self.server
+
+    def start_client(self) -> Backhaul:
+        self.client = self.launcher.start("client", self.client_text)
+        return self.client
+
+    def up(self) -> Tunnel:
+        """Start both and wait until the control channel is up on both sides."""
+        self.start_server()
+        self.start_client()
+        self.wait_connected()
+        return self
+
+    def wait_connected(self, server_count: int = 1, timeout: float = 10.0) -> None:
+        assert self.server is not None and self.client is not None
+        self.client.wait_for_log(f"connected to server {HOST}:{self.bind_port}: control channel up", timeout)
+        self.server.wait_for_log("connected: control channel up", timeout, count=server_count)

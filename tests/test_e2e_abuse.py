@@ -1,0 +1,317 @@
+"""End to end against hostile or broken peers: junk on the tunnel port, data connections from
+a foreign address, ports in use, bad configs, a server that goes silent, and byte-exact interop
+with peers that speak the captured wire format of the Go program (v0.7.2, tcp transport)."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import selectors
+import socket
+import time
+
+import pytest
+
+from tests import harness
+from tests.harness import (
+    HOST,
+    Launcher,
+    Listener,
+    Service,
+    Tunnel,
+    client_toml,
+    closed_by_peer,
+    connect,
+    echo_works,
+    free_port,
+    ltv,
+    recv_all,
+    recv_exact,
+    server_toml,
+    toml_section,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+launcher = harness.launcher
+echo_service = harness.echo_service
+listener = harness.listener
+
+SG_CHAN, SG_CLOSED, SG_TCP, SG_RTT = 0x01, 0x03, 0x04, 0x06
+
+# The captured tcp conversation of the Go program: token "musix", mapping 45801=35133.
+GO_HELLO = bytes.fromhex("00 05 01 6d 75 73 69 78")
+GO_SERVER_REPLY = bytes.fromhex("00 05 01 6d 75 73 69 78 06")
+GO_TARGET_HEADER = bytes.fromhex("00 05 04 33 35 31 33 33")
+GO_PAYLOAD = bytes.fromhex("68 65 6c 6c 6f 20 62 61 63 6b 68 61 75 6c")
+
+
+def nothing_pending(sock: socket.socket, wait: float = 0.3) -> bool:
+    """True when ``sock`` has no byte to read (and is not closed) after ``wait`` seconds."""
+    time.sleep(wait)
+    sock.setblocking(False)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    finally:
+        sock.settimeout(harness.IO_TIMEOUT)
+    return False
+
+
+# ------------------------------------------------------------------------------------------------
+# junk on the tunnel port
+
+JUNK = 50
+JUNK_SOURCE = "127.0.0.3"  # scanners: another address than the real client's
+
+
+def test_silence_and_garbage_do_not_delay_a_real_client(launcher: Launcher, echo_service: Service) -> None:
+    """The client is already running and retrying every second; the server starts, 50 silent and
+    50 garbage connections arrive at once, and the client's next attempt (within ~1 s, while the
+    silent ones still wait for their 2 s deadline) must get through without waiting for them."""
+    tunnel = Tunnel(launcher, [str(echo_service.port)])
+    client = tunnel.start_client()
+    client.wait_for_log(f"cannot connect to server {HOST}:{tunnel.bind_port}: ", timeout=10)
+    server = tunnel.start_server()
+    rng = random.Random(50)
+    junk: list[socket.socket] = []
+    try:
+        for i in range(2 * JUNK):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            junk.append(sock)
+            sock.settimeout(10)
+            sock.bind((JUNK_SOURCE, 0))
+            sock.connect((HOST, tunnel.bind_port))
+            if i >= JUNK:  # the garbage half
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" if i % 2 else rng.randbytes(rng.randint(1, 600)))
+        client_first = bool(server.lines("connected: control channel up"))
+
+        tunnel.wait_connected(timeout=10)
+        echo_works(tunnel.public[0], size=100_000, seed=11)
+        # (client_first: the rare run where the client's retry came before the junk; then the
+        # silent ones are rejected as foreign data connections instead)
+        silent = (f"not the control channel's address {HOST}" if client_first else "no handshake within 2 s")
+        silent_line = server.wait_for_log(silent, timeout=10)
+        shape = (rf"rejected data connection from {JUNK_SOURCE}:\d+: not the control channel's address {HOST}"
+                 if client_first else rf"rejected client {JUNK_SOURCE}:\d+: no handshake within 2 s")
+        assert re.search(shape.replace(".", r"\.") + r"( \(\d+ more like it\))?$", silent_line), silent_line
+        server.wait_for_log(f"rejected client {JUNK_SOURCE}: not a Backhaul handshake", timeout=10)
+        lines = server.log().splitlines()
+        up = next(i for i, line in enumerate(lines) if "connected: control channel up" in line)
+        expired = next(i for i, line in enumerate(lines) if silent in line)
+        assert up < expired, "the client got in only after the silent connections were dropped"
+        for sock in junk:
+            assert closed_by_peer(sock, timeout=5), "the server kept a junk connection open"
+    finally:
+        for sock in junk:
+            sock.close()
+    assert server.alive()
+    echo_works(tunnel.public[0], size=100_000, seed=12)
+    assert "Traceback" not in server.log()
+
+
+def test_data_connection_from_a_foreign_address_is_rejected(launcher: Launcher, echo_service: Service) -> None:
+    tunnel = Tunnel(launcher, [str(echo_service.port)]).up()
+    assert tunnel.server is not None
+    with connect(tunnel.bind_port, timeout=10, source="127.0.0.2") as foreign:
+        # While it waits, users keep being served: more users than the pool holds, so a foreign
+        # connection wrongly queued as a link would be handed to one of them.
+        for i in range(12):
+            echo_works(tunnel.public[0], size=1000, seed=100 + i)
+        line = tunnel.server.wait_for_log("rejected data connection from", timeout=10)
+        assert line.endswith(f"rejected data connection from 127.0.0.2:{foreign.getsockname()[1]}: "
+                             f"not the control channel's address {HOST}"), line
+        assert closed_by_peer(foreign, timeout=5)
+    echo_works(tunnel.public[0], size=100_000, seed=13)
+    assert tunnel.server.alive()
+
+
+def test_wrong_token_flood_costs_one_line_a_second(launcher: Launcher) -> None:
+    token, wrong = "Flood-Right-91c2", "Flood-Wrong-5d7e"
+    bind_port = free_port()
+    server = launcher.start("server", server_toml(bind_port, [f"{HOST}:{free_port()}=5201"], token))
+    server.wait_for_log(f"tcp tunnel listening on {HOST}:{bind_port}")
+
+    def attempts(count: int) -> None:
+        """``count`` handshakes with the wrong token at once; the server closes each, silently."""
+        with contextlib.ExitStack() as stack:
+            socks = [stack.enter_context(connect(bind_port, timeout=10)) for _ in range(count)]
+            for sock in socks:
+                sock.sendall(ltv(SG_CHAN, wrong.encode()))
+            for sock in socks:
+                assert recv_all(sock) == b"", "the server answered a wrong token"
+
+    attempts(30)
+    line = server.wait_for_log("wrong token", timeout=5)
+    assert line.endswith(f"rejected client {HOST}: wrong token"), line
+    time.sleep(1.2)  # the next second: one more line, counting the 29 held back
+    attempts(1)
+    second = server.wait_for_log("wrong token", timeout=5, count=2)
+    assert second.endswith(f"rejected client {HOST}: wrong token (29 more like it)"), second
+    assert len(server.lines("wrong token")) == 2
+    assert token not in server.log() and wrong not in server.log()
+
+
+def test_user_with_no_tunnel_is_closed_after_3_s(launcher: Launcher) -> None:
+    bind_port, public = free_port(), free_port()
+    server = launcher.start("server", server_toml(bind_port, [f"{HOST}:{public}=5201"]))
+    server.wait_for_log(f"tcp tunnel listening on {HOST}:{bind_port}")
+    with connect(public, timeout=10) as user:
+        assert closed_by_peer(user, timeout=8), "a user with no tunnel was kept open"
+        line = server.wait_for_log("closed user connection", timeout=5)
+        assert line.endswith(f"closed user connection {HOST}:{user.getsockname()[1]} on port {public}: "
+                             "no tunnel connection within 3 s"), line
+    assert server.alive()
+
+
+# ------------------------------------------------------------------------------------------------
+# refusing to start
+
+@pytest.mark.parametrize("which", ["tunnel", "public"])
+def test_listen_port_in_use_exits_1_naming_the_address(launcher: Launcher, which: str) -> None:
+    with socket.create_server((HOST, 0)) as busy:
+        port = busy.getsockname()[1]
+        bind_port = port if which == "tunnel" else free_port()
+        public = port if which == "public" else free_port()
+        code, err = launcher.run("server", server_toml(bind_port, [f"{HOST}:{public}=5201"]))
+    assert code == 1, err
+    assert f"cannot listen on {HOST}:{port}: address already in use" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("section", "wrong", "right"), [("server", "bind_adr", "bind_addr"),
+                                                         ("client", "remote_adr", "remote_addr")])
+def test_misspelt_key_exits_78_with_one_line(launcher: Launcher, section: str, wrong: str, right: str) -> None:
+    values: dict[str, object] = {wrong: f"{HOST}:{free_port()}", "token": "x"}
+    if section == "server":
+        values["ports"] = ["5000=5201"]
+    config = launcher.write_config("bad", toml_section(section, values))
+    bh = launcher.start_file("bad", config)
+    code = bh.wait(15)
+    err = bh.log()
+    assert code == 78, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"backhaul: {config}: {section}.{wrong}"), lines[0]
+    assert f"did you mean '{right}'" in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# a silent server
+
+def test_client_restarts_when_the_server_goes_silent(launcher: Launcher, listener: Listener) -> None:
+    """A fake server completes the handshake and then never sends a byte; with heartbeat = 1 the
+    client gives up after 3 silent heartbeats, says goodbye and dials a new control channel."""
+    token = "silent-server-tk"
+    client = launcher.start("client", client_toml(listener.port, token, heartbeat=1, connection_pool=1))
+    control = listener.accept()
+    assert recv_exact(control, 3 + len(token)) == ltv(SG_CHAN, token.encode())
+    control.sendall(ltv(SG_CHAN, token.encode()) + bytes((SG_RTT,)))
+    assert recv_exact(control, 1) == bytes((SG_RTT,))
+    link = listener.accept()
+    start = time.monotonic()
+    line = client.wait_for_log(f"lost the server {HOST}:{listener.port}: ", timeout=8)
+    assert "silent" in line, line
+    assert time.monotonic() - start < 7
+    control.settimeout(5)
+    assert recv_all(control) == bytes((SG_CLOSED,))
+    link.settimeout(5)
+    assert recv_all(link) == b""
+    again = listener.accept(timeout=5)  # a new control channel, with a new handshake
+    assert recv_exact(again, 3 + len(token)) == ltv(SG_CHAN, token.encode())
+
+
+# ------------------------------------------------------------------------------------------------
+# interop with the Go wire format, byte for byte
+
+def test_our_server_with_a_go_client_byte_exact(launcher: Launcher) -> None:
+    bind_port, public = free_port(), free_port()
+    server = launcher.start("server", server_toml(bind_port, [f"{HOST}:{public}=35133"], "musix",
+                                                  connection_pool=2))
+    server.wait_for_log(f"tcp tunnel listening on {HOST}:{bind_port}")
+    with connect(bind_port, 10) as conn1:
+        conn1.sendall(GO_HELLO)
+        assert recv_exact(conn1, len(GO_SERVER_REPLY)) == GO_SERVER_REPLY
+        conn1.sendall(bytes((SG_RTT,)))
+        with connect(bind_port, 10) as conn2, connect(bind_port, 10) as conn3:
+            server.wait_for_log(f"client {HOST}:{conn1.getsockname()[1]} connected: control channel up")
+            assert nothing_pending(conn1), "the server sent more than the handshake and the RTT probe"
+            with connect(public, 10) as user:
+                user.sendall(GO_PAYLOAD)
+                with selectors.DefaultSelector() as sel:
+                    sel.register(conn2, selectors.EVENT_READ)
+                    sel.register(conn3, selectors.EVENT_READ)
+                    ready = [key.fileobj for key, _ in sel.select(timeout=10)]
+                assert len(ready) == 1, f"{len(ready)} data connections were used for one user"
+                data = ready[0]
+                assert isinstance(data, socket.socket)
+                assert recv_exact(data, len(GO_TARGET_HEADER)) == GO_TARGET_HEADER
+                assert recv_exact(conn1, 1) == bytes((SG_CHAN,))
+                assert recv_exact(data, len(GO_PAYLOAD)) == GO_PAYLOAD
+                data.sendall(GO_PAYLOAD)
+                assert recv_exact(user, len(GO_PAYLOAD)) == GO_PAYLOAD
+                other = conn3 if data is conn2 else conn2
+                assert nothing_pending(other)
+            # the Go client shutting down sends 0x03 on the control channel
+            conn1.sendall(bytes((SG_CLOSED,)))
+            server.wait_for_log(f"client {HOST}:{conn1.getsockname()[1]} is shutting down or restarting; "
+                                "waiting for the client to reconnect", timeout=5)
+    assert server.alive()
+    assert "Traceback" not in server.log()
+
+
+def test_server_keeps_connection_pool_links_ready(launcher: Launcher) -> None:
+    """A client that opens no links: the server asks for connection_pool of them (one 0x01 each),
+    stops asking once they are there, and asks for one more per user."""
+    bind_port, public = free_port(), free_port()
+    server = launcher.start("server", server_toml(bind_port, [f"{HOST}:{public}=35133"], "musix",
+                                                  connection_pool=3))
+    server.wait_for_log(f"tcp tunnel listening on {HOST}:{bind_port}")
+    with connect(bind_port, 10) as control, contextlib.ExitStack() as stack:
+        control.sendall(GO_HELLO)
+        assert recv_exact(control, len(GO_SERVER_REPLY)) == GO_SERVER_REPLY
+        control.sendall(bytes((SG_RTT,)))
+        control.settimeout(5)
+        assert recv_exact(control, 3) == bytes((SG_CHAN,)) * 3
+        links = [stack.enter_context(connect(bind_port, 10)) for _ in range(3)]
+        assert nothing_pending(control, wait=1.5), "the server asked for more links than connection_pool"
+        with connect(public, 10):
+            assert recv_exact(control, 1) == bytes((SG_CHAN,))
+            with selectors.DefaultSelector() as sel:
+                for link in links:
+                    sel.register(link, selectors.EVENT_READ)
+                ready = [key.fileobj for key, _ in sel.select(timeout=10)]
+            assert len(ready) == 1
+            assert isinstance(ready[0], socket.socket)
+            assert recv_exact(ready[0], len(GO_TARGET_HEADER)) == GO_TARGET_HEADER
+
+
+def test_our_client_with_a_go_server_byte_exact(launcher: Launcher, listener: Listener,
+                                                echo_service: Service) -> None:
+    target = str(echo_service.port)
+    client = launcher.start("client", client_toml(listener.port, "musix", connection_pool=2))
+    conn1 = listener.accept()
+    assert recv_exact(conn1, len(GO_HELLO)) == GO_HELLO
+    conn1.sendall(GO_SERVER_REPLY)  # reply and RTT probe in one write, as the Go server does
+    assert recv_exact(conn1, 1) == bytes((SG_RTT,))
+    conn2, conn3 = listener.accept(), listener.accept()
+    client.wait_for_log(f"connected to server {HOST}:{listener.port}: control channel up")
+    assert nothing_pending(conn2) and nothing_pending(conn3), "a data connection sent something"
+    assert nothing_pending(conn1), "the client sent more than the RTT echo"
+
+    header = ltv(SG_TCP, target.encode())  # 00 05 04 <5 digits> for an ephemeral port
+    conn1.sendall(bytes((SG_CHAN,)))  # one user: ask for one more data connection
+    conn2.sendall(header)
+    conn4 = listener.accept(timeout=5)
+    conn2.sendall(GO_PAYLOAD)
+    assert recv_exact(conn2, len(GO_PAYLOAD)) == GO_PAYLOAD
+    conn2.shutdown(socket.SHUT_WR)
+    conn2.settimeout(5)
+    assert recv_all(conn2) == b""
+    assert nothing_pending(conn4), "a new data connection sent something"
+    assert echo_service.accepted == 1
+    assert client.alive()
+    assert "Traceback" not in client.log()
