@@ -70,6 +70,17 @@ class Control:
         self.timers: list[Timer] = []
 
 
+def _has_bytes(sock: socket.socket) -> bool:
+    """A link sends nothing before its header; bytes already waiting mean a handshake (a client
+    that restarted from the same address) or junk, never a link to hand to a user."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # broken already: let the handshake path close it with a reason
+
+
 class TcpServer:
     """Tunnel port of the tcp transport: handshakes, the control channel and idle links."""
 
@@ -122,7 +133,7 @@ class TcpServer:
             sock.setblocking(False)
             ip = addr[0]
             control = self.control
-            if control is not None and ip == control.ip:
+            if control is not None and ip == control.ip and not _has_bytes(sock):
                 self._add_link(sock)
             else:
                 self._begin_handshake(sock, f"{ip}:{addr[1]}", control.ip if control else "")
