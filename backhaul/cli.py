@@ -14,7 +14,7 @@ import threading
 from backhaul import __version__
 from backhaul import log as logs
 from backhaul.app import App, raise_open_files_limit, refusals
-from backhaul.config import Config, load
+from backhaul.config import Config, load, python_log_level
 from backhaul.errors import ConfigError, TransportError
 
 EXIT_OK = 0
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _verbosest(config: Config) -> str:
     levels = [side.log_level for side in (config.server, config.client) if side is not None]
-    return min(levels, key=logs.level_of)
+    return min(levels, key=python_log_level)
 
 
 def run(config: Config) -> int:

@@ -10,15 +10,7 @@ import os
 import sys
 import time
 
-_LEVELS = {
-    "panic": logging.CRITICAL, "fatal": logging.CRITICAL, "error": logging.ERROR,
-    "warn": logging.WARNING, "warning": logging.WARNING, "info": logging.INFO,
-    "debug": logging.DEBUG, "trace": logging.DEBUG,
-}
-
-
-def level_of(name: str) -> int:
-    return _LEVELS[name.lower()]
+from backhaul.config import python_log_level
 
 
 def setup(level: str = "info") -> None:
@@ -29,7 +21,7 @@ def setup(level: str = "info") -> None:
     handler.setFormatter(logging.Formatter(fmt, "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger("backhaul")
     root.handlers[:] = [handler]
-    root.setLevel(level_of(level))
+    root.setLevel(python_log_level(level))
     root.propagate = False
 
 
