@@ -39,7 +39,15 @@ class Timer:
         self.cancelled = False
 
     def cancel(self) -> None:
+        # Drop the references now: a cancelled timer stays in the heap until its time comes,
+        # and its closure may hold sockets and buffers.
         self.cancelled = True
+        self.fn = _nothing
+        self.args = ()
+
+
+def _nothing(*_args: Any) -> None:
+    return None
 
 
 class Reactor:
