@@ -98,6 +98,8 @@ class Client:
                 link.close()
                 return
             tune(sock, nodelay=True, keepalive=cfg.keepalive_period)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("tunnel link -> target %s (%s:%d)", target, host, port)
             relay = Relay(self.reactor, link, sock, on_close=self.relays.discard)
             self.relays.add(relay)
             relay.start()

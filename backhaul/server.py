@@ -115,6 +115,8 @@ class Server:
 
     def relay(self, user: socket.socket, link: socket.socket) -> None:
         """Start relaying a paired user connection; reactor thread only."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("user %s -> tunnel link %s", peer_of(user), peer_of(link))
         relay = Relay(self.reactor, user, link, on_close=self.relays.discard)
         self.relays.add(relay)
         relay.start()

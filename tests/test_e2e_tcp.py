@@ -623,3 +623,31 @@ def test_server_sends_closed_signal_on_sigterm(launcher: Launcher, echo_service:
         control.settimeout(5)
         assert recv_all(control) == bytes((SG_CLOSED,))
 
+
+
+# ------------------------------------------------------------------------------------------------
+# proxy_protocol
+
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def test_proxy_protocol_header_reaches_the_target_before_the_user_bytes(launcher: Launcher) -> None:
+    received: list[bytes] = []
+
+    def header_then_echo(conn: socket.socket) -> None:
+        head = recv_exact(conn, 28)  # IPv4 form: 16-byte fixed part + 12 bytes of addresses
+        received.append(head)
+        harness.echo_handler(conn)
+
+    with Service(header_then_echo, "proxy-target") as target:
+        tunnel = Tunnel(launcher, [str(target.port)], server_extra={"proxy_protocol": True}).up()
+        with connect(tunnel.public[0], timeout=10, source="127.0.0.5") as user:
+            user.sendall(b"after the header")
+            assert recv_exact(user, 16) == b"after the header"
+            user_port = user.getsockname()[1]
+        head = received[0]
+        assert head[:12] == PROXY_V2_SIGNATURE
+        assert head[12:16] == bytes.fromhex("21 11 00 0c")       # v2 PROXY, TCP over IPv4, 12 bytes
+        assert socket.inet_ntoa(head[16:20]) == "127.0.0.5"       # the end user's address
+        assert socket.inet_ntoa(head[20:24]) == "127.0.0.1"       # the tunnel peer (the client)
+        assert struct.unpack(">H", head[24:26])[0] == user_port
