@@ -7,6 +7,7 @@ needs DNS goes to a worker first, because ``getaddrinfo`` blocks.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -46,6 +47,7 @@ def tune(sock: socket.socket, *, nodelay: bool, keepalive: int = 0, mss: int = 0
         log.debug("socket option refused: %s", exc)
 
 
+@functools.lru_cache(maxsize=256)
 def is_numeric(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

@@ -77,10 +77,11 @@ class Reactor:
 
     # --- called from any thread -------------------------------------------------------------
     def call_soon(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` on the reactor thread as soon as it wakes."""
+        """Run ``fn(*args)`` on the reactor thread as soon as it wakes (from the reactor thread
+        itself: after the events at hand, which batches work such as small writes)."""
         with self._lock:
             self._calls.append((fn, args))
-            if self._woken:
+            if self._woken or threading.current_thread() is self._thread:
                 return
             self._woken = True
         try:

@@ -330,9 +330,19 @@ class TcpServer:
             control.timers[1] = self.reactor.call_later(TOP_UP_EVERY, self._top_up)
 
     def _ask_for_link(self, now: float) -> None:
+        control = self.control
+        if control is None:
+            return
         if len(self.requested) < self.config.channel_size:
             self.requested.append(now)
-        self._send(SG_CHAN)
+        # Requests of one batch of accepts leave in one write, after the batch.
+        if not control.outbuf:
+            self.reactor.call_soon(self._flush_requests, control)
+        control.outbuf.append(SG_CHAN)
+
+    def _flush_requests(self, control: Control) -> None:
+        if self.control is control and control.outbuf:
+            self._flush()
 
     # --- links ----------------------------------------------------------------------------
     def _add_link(self, sock: socket.socket) -> None:
@@ -551,16 +561,18 @@ class TcpSession:
         if reader is None:
             return
         try:
-            data = sock.recv(reader.needed())
-            if data:
+            while True:  # the header usually arrives whole: read it without another wake-up
+                data = sock.recv(reader.needed())
+                if not data:
+                    break
                 reader.feed(data)
+                if reader.done:
+                    break
         except BlockingIOError:
             return
         except (OSError, ProtocolError) as exc:
             log.debug("data connection dropped: %s", exc)
             data = b""
-        if data and not reader.done:
-            return
         del self.links[sock]
         self.reactor.watch(sock, 0)
         if not data:
