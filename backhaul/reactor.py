@@ -96,9 +96,6 @@ class Reactor:
         except RuntimeError:
             log.debug("worker pool is shut down; dropped %s", getattr(fn, "__qualname__", fn))
 
-    def in_reactor(self) -> bool:
-        return threading.current_thread() is self._thread
-
     # --- reactor thread only ----------------------------------------------------------------
     def watch(self, sock: socket.socket | int, events: int, callback: Callback | None = None) -> None:
         """Set the events the reactor waits for on ``sock`` (0 removes it)."""

@@ -44,6 +44,9 @@ def choose_mode() -> str:
     return "splice"
 
 
+MODE = choose_mode()
+
+
 _buffers = threading.local()
 
 
@@ -63,7 +66,7 @@ def _thread_buffer() -> memoryview:
 class Direction:
     """One way of a relay: bytes from ``src`` to ``dst``, and what is stuck between them."""
 
-    __slots__ = ("src", "dst", "pipes", "splice", "pipe", "queued", "stuck", "state", "moved")
+    __slots__ = ("src", "dst", "pipes", "splice", "pipe", "queued", "stuck", "state")
 
     def __init__(self, src: socket.socket, dst: socket.socket, pipes: PipePool | None) -> None:
         self.src = src
@@ -74,7 +77,6 @@ class Direction:
         self.queued = 0          # bytes in the pipe (splice mode)
         self.stuck = b""         # bytes not yet written (copy mode)
         self.state = WANT_READ
-        self.moved = 0
 
     def pump(self, rounds: int) -> int:
         """Move bytes for at most ``rounds`` reads; returns why it stopped."""
@@ -117,7 +119,6 @@ class Direction:
             while self.queued:
                 sent = os.splice(pipe_r, dst, self.queued, flags=_SPLICE_FLAGS)
                 self.queued -= sent
-                self.moved += sent
         except BlockingIOError:
             return False
         return True
@@ -132,15 +133,13 @@ class Direction:
                 while pending:
                     sent = dst.send(pending)
                     pending = pending[sent:]
-                    self.moved += sent
-                got = src.recv_into(buf)
+                    got = src.recv_into(buf)
                 if got == 0:
                     return EOF
                 pending = buf[:got]
             while pending:
                 sent = dst.send(pending)
                 pending = pending[sent:]
-                self.moved += sent
             return MORE
         except BlockingIOError:
             if pending:
@@ -168,7 +167,7 @@ class Relay:
 
     def __init__(self, reactor: Reactor, a: socket.socket, b: socket.socket,
                  on_close: Callable[[Relay], None] | None = None, mode: str = "") -> None:
-        pipes = reactor.pipes if (mode or choose_mode()) == "splice" else None
+        pipes = reactor.pipes if (mode or MODE) == "splice" else None
         self.reactor = reactor
         self.a = a
         self.b = b

@@ -19,7 +19,7 @@ from backhaul.protocol.framing import (
 )
 from backhaul.protocol.handshake import client_accepts, hello, hello_reader, server_accepts
 from backhaul.protocol.proxy_v2 import encode_proxy_v2
-from backhaul.protocol.target import resolve_target
+from backhaul.protocol.target import DEFAULT_HOST, resolve_target
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -128,7 +128,7 @@ def test_server_ignores_unknown_control_bytes():
 
 
 @pytest.mark.parametrize(("target", "address"), [
-    ("8443", ("127.0.0.1", 8443)),
+    ("8443", (DEFAULT_HOST, 8443)),
     ("1.1.1.1:5201", ("1.1.1.1", 5201)),
     ("db.local:5432", ("db.local", 5432)),
 ])
