@@ -133,7 +133,7 @@ class Direction:
                 while pending:
                     sent = dst.send(pending)
                     pending = pending[sent:]
-                    got = src.recv_into(buf)
+                got = src.recv_into(buf)
                 if got == 0:
                     return EOF
                 pending = buf[:got]
