@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from backhaul.errors import ProtocolError, TransportError
 from backhaul.log import Throttle
-from backhaul.net import dial, peer_of, resolve, tune
+from backhaul.net import dial, listen, peer_of, resolve, tune
 from backhaul.poolsize import PoolSizer
 from backhaul.protocol.control import client_signals, server_signals
 from backhaul.protocol.framing import SG_CHAN, SG_CLOSED, SG_HB, SG_RTT, SG_TCP, SG_UDP, FrameReader, encode_ltv
@@ -98,8 +98,6 @@ class TcpServer:
 
     # --- lifecycle ----------------------------------------------------------------------------
     def open(self) -> None:
-        from backhaul.net import listen
-
         cfg = self.config
         self.listener = listen(cfg.bind_host, cfg.bind_port, mss=cfg.mss, rcvbuf=cfg.so_rcvbuf)
 
@@ -161,36 +159,38 @@ class TcpServer:
 
     def _handshake_step(self, cand: Candidate) -> None:
         """Worker: read what arrived and judge it; the verdict goes back to the reactor."""
-        verdict = ""
+        kind, verdict = "", ""
         try:
             data = cand.sock.recv(cand.reader.needed())
             if not data:
-                verdict = "closed the connection before sending a token"
+                kind, verdict = "closed", "closed the connection before sending a token"
             else:
                 cand.reader.feed(data)
                 if cand.reader.kind is not None and cand.reader.kind != SG_CHAN:
-                    verdict = "not a Backhaul handshake"
+                    kind, verdict = "garbage", "not a Backhaul handshake"
                 elif cand.reader.done:
-                    verdict = "ok" if server_accepts(cand.reader, self.config.token) else "wrong token"
+                    accepted = server_accepts(cand.reader, self.config.token)
+                    kind, verdict = ("ok", "") if accepted else ("token", "wrong token")
         except BlockingIOError:
             pass
         except ProtocolError as exc:
-            verdict = f"not a Backhaul handshake ({exc})"
+            kind, verdict = "garbage", f"not a Backhaul handshake ({exc})"
         except OSError as exc:
-            verdict = f"connection failed during the handshake: {exc.strerror or exc}"
-        self.reactor.call_soon(self._handshake_verdict, cand, verdict)
+            kind, verdict = "failed", f"connection failed during the handshake: {exc.strerror or exc}"
+        self.reactor.call_soon(self._handshake_verdict, cand, kind, verdict)
 
-    def _handshake_verdict(self, cand: Candidate, verdict: str) -> None:
+    def _handshake_verdict(self, cand: Candidate, kind: str, verdict: str) -> None:
         cand.busy = False
         if self.pending.get(cand.sock) is not cand:
+            cand.sock.close()  # ended (server shutting down) while the worker still read it
             return
         if cand.expired:
             self._handshake_expired(cand)
-        elif verdict == "ok":
+        elif kind == "ok":
             self._end_candidate(cand, close=False)
             self._install(cand)
-        elif verdict:
-            self._warn(verdict, "rejected client %s: %s", cand.peer.rsplit(":", 1)[0], verdict)
+        elif kind:
+            self._warn(kind, "rejected client %s: %s", cand.peer.rsplit(":", 1)[0], verdict)
             self._end_candidate(cand)
         else:
             self.reactor.watch(cand.sock, READ, lambda _m: self._handshake_readable(cand))
@@ -537,7 +537,8 @@ class TcpSession:
         if self.closed:
             return
         if len(self.links) + self.dialing >= MAX_CLIENT_LINKS:
-            log.warning("not opening another data connection: %d already idle or opening", MAX_CLIENT_LINKS)
+            self._dial_errors.warning("not opening another data connection: %d already idle or opening",
+                                      MAX_CLIENT_LINKS)
             return
         self.dialing += 1
         dial(self.reactor, self.server_addr[0], self.server_addr[1], self.config.dial_timeout, self._link_dialed)
