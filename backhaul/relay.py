@@ -50,12 +50,6 @@ MODE = choose_mode()
 _buffers = threading.local()
 
 
-def _wait(sock: socket.socket, event: int) -> bool:
-    poller = select.poll()
-    poller.register(sock, event)
-    return bool(poller.poll(HOLD_MS))
-
-
 def _thread_buffer() -> memoryview:
     buf = getattr(_buffers, "buf", None)
     if buf is None:
@@ -94,24 +88,27 @@ class Direction:
         if self.pipe is None:
             self.pipe = self.pipes.get()
         pipe_r, pipe_w = self.pipe
-        try:
-            for _ in range(rounds):
-                if self.queued and not self._drain_pipe(pipe_r, dst):
-                    return WANT_WRITE
-                try:
-                    got = os.splice(src, pipe_w, CHUNK, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    return WANT_READ
-                if got == 0:
-                    return EOF
-                self.queued = got
+        for _ in range(rounds):
             if self.queued and not self._drain_pipe(pipe_r, dst):
                 return WANT_WRITE
-            return MORE
-        finally:
-            if not self.queued and self.pipe is not None:
-                self.pipes.put(self.pipe)
-                self.pipe = None
+            try:
+                got = os.splice(src, pipe_w, CHUNK, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return WANT_READ
+            if got == 0:
+                return EOF
+            self.queued = got
+            if got < CHUNK:  # the socket is drained: asking again would only raise EAGAIN
+                break
+        if self.queued and not self._drain_pipe(pipe_r, dst):
+            return WANT_WRITE
+        return MORE if got == CHUNK else WANT_READ
+
+    def park(self) -> None:
+        """End of a run: an empty pipe goes back to the pool, a full one stays with its bytes."""
+        if self.pipe is not None and not self.queued:
+            self.pipes.put(self.pipe)
+            self.pipe = None
 
     def _drain_pipe(self, pipe_r: int, dst: int) -> bool:
         """Write what sits in the pipe; False when ``dst`` would block first."""
@@ -137,10 +134,12 @@ class Direction:
                 if got == 0:
                     return EOF
                 pending = buf[:got]
+                if got < len(buf):  # drained: asking again would only raise EAGAIN
+                    break
             while pending:
                 sent = dst.send(pending)
                 pending = pending[sent:]
-            return MORE
+            return MORE if got == len(buf) else WANT_READ
         except BlockingIOError:
             if pending:
                 self.stuck = bytes(pending)  # the buffer belongs to this thread, not to us
@@ -201,6 +200,7 @@ class Relay:
 
     def _run_inline(self, direction: Direction) -> None:
         outcome = direction.pump(INLINE_ROUNDS)
+        direction.park()
         if outcome == MORE:
             direction.state = MORE
             self.reactor.submit(self._run_in_worker, direction)
@@ -211,16 +211,21 @@ class Relay:
         """Pump while bytes keep coming: a short wait on the socket here is far cheaper than a
         round trip through the reactor, and a quiet direction goes back to it after HOLD."""
         deadline = time.monotonic() + WORKER_SLICE
+        readable = select.poll()
+        readable.register(direction.src, select.POLLIN)
+        writable = select.poll()
+        writable.register(direction.dst, select.POLLOUT)
         while True:
             outcome = direction.pump(WORKER_ROUNDS) if not self._failed else FAILED
             if outcome == WANT_READ:
-                ready = _wait(direction.src, select.POLLIN)
+                ready = readable.poll(HOLD_MS)
             elif outcome == WANT_WRITE:
-                ready = _wait(direction.dst, select.POLLOUT)
+                ready = writable.poll(HOLD_MS)
             else:
                 break
             if not ready or self._failed or time.monotonic() > deadline:
                 break
+        direction.park()
         self.reactor.call_soon(self._back_from_worker, direction, outcome)
 
     def _back_from_worker(self, direction: Direction, outcome: int) -> None:
