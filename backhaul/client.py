@@ -16,7 +16,7 @@ from backhaul.log import Throttle
 from backhaul.net import dial, tune
 from backhaul.protocol.target import resolve_target
 from backhaul.reactor import Reactor
-from backhaul.relay import Relay
+from backhaul.relay.splice import Relay
 from backhaul.transport import ClientSession, client_connect
 
 log = logging.getLogger("backhaul.client")

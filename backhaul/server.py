@@ -15,7 +15,7 @@ from backhaul.errors import TransportError
 from backhaul.log import Throttle
 from backhaul.net import listen, peer_of, tune
 from backhaul.reactor import READ, Reactor, Timer
-from backhaul.relay import Relay
+from backhaul.relay.splice import Relay
 from backhaul.transport import ServerTransport, server_transport
 
 log = logging.getLogger("backhaul.server")

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from backhaul import relay as relay_module
+from backhaul.relay import splice as relay_module
 from backhaul.reactor import Reactor
-from backhaul.relay import Relay
+from backhaul.relay.splice import Relay
 
 pytestmark = pytest.mark.timeout(60)
 MODES = ["splice", "copy"] if relay_module.HAS_SPLICE else ["copy"]
