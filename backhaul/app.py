@@ -9,10 +9,12 @@ import logging
 import os
 import resource
 import threading
+import time
 
 from backhaul.client import Client
 from backhaul.config import Config
 from backhaul.reactor import Reactor
+from backhaul.relay.splice import MODE as RELAY_MODE
 from backhaul.server import Server
 from backhaul.transport import unavailable
 
@@ -73,16 +75,20 @@ class App:
                 self.reactor.stop()
                 self.reactor.close()
                 raise
+        log.info("moving bytes with %s", "splice" if RELAY_MODE == "splice" else
+                 "recv_into and send (BACKHAUL_RELAY=copy or no splice on this system)")
         self.reactor.start()
         if self.server is not None:
             self.reactor.call_soon(self.server.start)
         if self.client is not None:
             self.client.start()
 
-    def stop(self, timeout: float = 1.5) -> None:
-        """Send the closing signals, close every socket, stop the threads."""
+    def stop(self, timeout: float = 1.2) -> None:
+        """Send the closing signals, close every socket and pipe, stop the threads; within
+        ``timeout`` seconds however busy the relays are."""
+        deadline = time.monotonic() + timeout
         if self.client is not None:
-            self.client.stop(timeout / 2)
+            self.client.stop(timeout / 3)
         if self.server is not None:
             done = threading.Event()
 
@@ -92,6 +98,7 @@ class App:
                 done.set()
 
             self.reactor.call_soon(close_server)
-            done.wait(timeout / 2)
-        self.reactor.stop(timeout / 2)
+            done.wait(max(0.0, deadline - time.monotonic() - timeout / 3))
+        # Workers finish their current run before the pipes they splice through are closed.
+        self.reactor.stop(max(0.1, deadline - time.monotonic()))
         self.reactor.close()

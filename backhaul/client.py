@@ -16,8 +16,9 @@ from backhaul.log import Throttle
 from backhaul.net import dial, tune
 from backhaul.protocol.target import resolve_target
 from backhaul.reactor import Reactor
-from backhaul.relay.splice import Relay
-from backhaul.transport import ClientSession, client_connect
+from backhaul.resolver import Resolver
+from backhaul.transport import client_connect
+from backhaul.tunnel.core import ClientLink, ClientSession, Relaying
 
 log = logging.getLogger("backhaul.client")
 
@@ -28,7 +29,9 @@ class Client:
     def __init__(self, config: ClientConfig, reactor: Reactor) -> None:
         self.config = config
         self.reactor = reactor
-        self.relays: set[Relay] = set()
+        self.resolver = Resolver(reactor)
+        self.connect = client_connect(config.transport)
+        self.relays: set[Relaying] = set()
         self.session: ClientSession | None = None
         self._stopping = threading.Event()
         self._ended = threading.Event()
@@ -44,7 +47,7 @@ class Client:
         cfg = self.config
         while not self._stopping.is_set():
             try:
-                session = client_connect(self)
+                session = self.connect(self)
             except BackhaulError as exc:
                 log.warning("cannot connect to server %s: %s; retrying in %d s", cfg.remote_addr, exc,
                             cfg.retry_interval)
@@ -81,7 +84,7 @@ class Client:
                         self.config.retry_interval)
         self._ended.set()
 
-    def carry(self, link: socket.socket, target: str) -> None:
+    def carry(self, link: ClientLink, target: str) -> None:
         """Dial the target a link was assigned to and relay between them; reactor thread."""
         cfg = self.config
         wanted = cfg.forward_target(target)
@@ -100,11 +103,9 @@ class Client:
             tune(sock, nodelay=True, keepalive=cfg.keepalive_period)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("tunnel link -> target %s (%s:%d)", target, host, port)
-            relay = Relay(self.reactor, link, sock, on_close=self.relays.discard)
-            self.relays.add(relay)
-            relay.start()
+            self.relays.add(link.attach(sock, self.relays.discard))
 
-        dial(self.reactor, host, port, cfg.dial_timeout, dialed)
+        dial(self.reactor, self.resolver, host, port, cfg.dial_timeout, dialed)
 
     def _target_failed(self, message: str) -> None:
         self._target_errors.warning("%s", message)
@@ -117,6 +118,7 @@ class Client:
         self._closed.wait(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
+        self.resolver.close()
 
     def _close_all(self) -> None:
         if self.session is not None:

@@ -23,6 +23,7 @@ TRANSPORTS = ("tcp", "tcpmux", "ws", "wss", "wsmux", "wssmux", "udp")
 LOG_LEVELS = ("panic", "fatal", "error", "warn", "warning", "info", "debug", "trace")
 
 DEFAULT_HEARTBEAT = 40
+MAX_TOKEN_BYTES = 0xFFFF  # the handshake's u16 length
 MAX_RANGE_PORTS = 1000
 _INT_MAX = 2**31 - 1
 _SECTIONS = ("server", "client")
@@ -116,6 +117,9 @@ class ClientConfig:
     mux_streambuffer: int = 65536
     mux_session: int = 1
     edge_ip: str = ""
+    tls_verify: bool = False
+    tls_ca: str = ""
+    tls_pin: str = ""
     sniffer: bool = False
     web_port: int = 0
     sniffer_log: str = "backhaul.json"
@@ -282,6 +286,9 @@ class _Reader:
         value = self.table.get("token", "")
         if not isinstance(value, str):
             raise self.error("token", "expected a string")  # never show the value
+        size = len(value.encode())
+        if size > MAX_TOKEN_BYTES:
+            raise self.error("token", f"is {size} bytes long; the handshake carries at most {MAX_TOKEN_BYTES}")
         return (value, False) if value else (DEFAULT_TOKEN, True)
 
     def address(self, name: str, *, listen: bool) -> tuple[str, str, int]:
@@ -367,8 +374,8 @@ def _server(table: dict[str, object], source: str) -> ServerConfig:
         mux_con=reader.integer("mux_con", 8, 1, 65535),
         accept_udp=reader.boolean("accept_udp"),
         proxy_protocol=reader.boolean("proxy_protocol"),
-        tls_cert=reader.string("tls_cert"),
-        tls_key=reader.string("tls_key"),
+        tls_cert=_readable_file(reader, "tls_cert", required=_uses_tls(reader)),
+        tls_key=_readable_file(reader, "tls_key", required=_uses_tls(reader)),
         ports=parse_ports(table.get("ports", []), source, reader.key("ports")),
         **_common(reader),  # type: ignore[arg-type]
     )
@@ -384,12 +391,59 @@ def _client(table: dict[str, object], source: str) -> ClientConfig:
         aggressive_pool=reader.boolean("aggressive_pool"),
         retry_interval=reader.integer("retry_interval", 1, 1, 86400),
         dial_timeout=reader.integer("dial_timeout", 10, 1, 3600),
-        edge_ip=reader.string("edge_ip"),
+        edge_ip=_edge_ip(reader),
+        tls_verify=reader.boolean("tls_verify"),
+        tls_ca=_readable_file(reader, "tls_ca", required=False),
+        tls_pin=_pin(reader),
         forwarder=_parse_forwarder(
             table.get("forwarder", []), source, reader.key("forwarder")
         ),
         **_common(reader),  # type: ignore[arg-type]
     )
+
+
+# --- TLS (wss, wssmux) ----------------------------------------------------------------------
+
+TLS_TRANSPORTS = ("wss", "wssmux")
+
+
+def _uses_tls(reader: _Reader) -> bool:
+    return reader.table.get("transport") in TLS_TRANSPORTS
+
+
+def _readable_file(reader: _Reader, name: str, *, required: bool) -> str:
+    """A path that must name a readable file (checked now, so the service fails at start)."""
+    path = reader.string(name)
+    if not path:
+        if required:
+            raise reader.error(name, f"required by transport {reader.table.get('transport')!r}: a PEM file")
+        return ""
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise reader.error(name, f"cannot read the file: {exc.strerror or exc}", path) from None
+    return path
+
+
+def _pin(reader: _Reader) -> str:
+    """sha256 fingerprint of the server certificate: 64 hex digits, colons allowed."""
+    text = reader.string("tls_pin")
+    digits = text.replace(":", "").lower()
+    if text and (len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits)):
+        raise reader.error("tls_pin", "expected the sha256 fingerprint of the server certificate: "
+                           "64 hex digits, colons allowed", text)
+    return digits
+
+
+def _edge_ip(reader: _Reader) -> str:
+    text = reader.string("edge_ip")
+    if text:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise reader.error("edge_ip", "expected an IP address (the CDN edge to connect to)", text) from None
+    return text
 
 
 # --- addresses and ports --------------------------------------------------------------------

@@ -52,3 +52,19 @@ class Throttle:
         held = self.allow()
         if held is not None:
             self.logger.warning(fmt + (f" ({held} more like it)" if held else ""), *args)
+
+
+class Throttles:
+    """One ``Throttle`` per kind of event, so a flood of one kind never hides another kind."""
+
+    __slots__ = ("_logger", "_by_kind")
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._by_kind: dict[str, Throttle] = {}
+
+    def warning(self, kind: str, fmt: str, *args: object) -> None:
+        throttle = self._by_kind.get(kind)
+        if throttle is None:
+            throttle = self._by_kind[kind] = Throttle(self._logger)
+        throttle.warning(fmt, *args)

@@ -1,7 +1,7 @@
 """Socket helpers shared by every transport: options, listeners and non-blocking dials.
 
-Dials run on the reactor (numeric addresses connect without a thread); only a host name that
-needs DNS goes to a worker first, because ``getaddrinfo`` blocks.
+Dials run on the reactor (numeric addresses connect without a thread); a host name that needs
+DNS goes to the resolver's own threads first, because ``getaddrinfo`` blocks.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from backhaul.errors import TransportError
 from backhaul.reactor import WRITE, Reactor, Timer
+from backhaul.resolver import Address, Resolver
 
 log = logging.getLogger("backhaul.net")
 
@@ -23,20 +24,29 @@ LISTEN_BACKLOG = 4096
 KEEPALIVE_IDLE = 15  # seconds before the first probe, as the Go program's default
 KEEPALIVE_COUNT = 9
 
+# Created non-blocking in the same system call where the OS allows it (Linux).
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
 Dialed = Callable[[socket.socket | None, str], None]
 
 
 def tune(sock: socket.socket, *, nodelay: bool, keepalive: int = 0, mss: int = 0,
          rcvbuf: int = 0, sndbuf: int = 0) -> None:
-    """Apply the socket options of the config; options the OS refuses are skipped."""
+    """Apply the socket options of the config to a new socket; options the OS refuses are
+    skipped. An option a new socket has already (Nagle on, the system's keepalive interval and
+    count) is not set again: every connection pays for each system call."""
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay else 0)
+        if nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if keepalive:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if hasattr(socket, "TCP_KEEPIDLE"):
+                interval, count = _system_keepalive()
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, min(KEEPALIVE_IDLE, keepalive))
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+                if keepalive != interval:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive)
+                if count != KEEPALIVE_COUNT:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
         if mss:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
         if rcvbuf:
@@ -45,6 +55,17 @@ def tune(sock: socket.socket, *, nodelay: bool, keepalive: int = 0, mss: int = 0
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     except OSError as exc:
         log.debug("socket option refused: %s", exc)
+
+
+@functools.cache
+def _system_keepalive() -> tuple[int, int]:
+    """The keepalive interval and probe count a new socket starts with (0, 0 when unknown)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_keepalive_intvl") as intvl, \
+                open("/proc/sys/net/ipv4/tcp_keepalive_probes") as probes:
+            return int(intvl.read()), int(probes.read())
+    except (OSError, ValueError):
+        return 0, 0
 
 
 @functools.lru_cache(maxsize=256)
@@ -89,36 +110,34 @@ def peer_of(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def resolve(host: str, port: int) -> tuple[int, tuple[str, int]]:
-    """Blocking DNS lookup: (family, address) of the first TCP result."""
-    try:
-        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except OSError as exc:
-        raise TransportError(f"cannot resolve {host}: {exc.strerror or exc}") from None
-    return family, addr[:2]
-
-
-def dial(reactor: Reactor, host: str, port: int, timeout: float, done: Dialed) -> None:
+def dial(reactor: Reactor, resolver: Resolver, host: str, port: int, timeout: float, done: Dialed) -> None:
     """Connect without blocking the reactor; ``done(sock, "")`` or ``done(None, reason)`` runs
-    on the reactor thread exactly once. Reactor thread only."""
+    on the reactor thread exactly once, also when the process is out of descriptors. Numeric
+    addresses connect at once; a host name is looked up by ``resolver`` first. Reactor thread only.
+
+    The socket may come still watched by the reactor: ``done`` must watch it with a callback of
+    its own, ``forget`` it, or close it with ``reactor.close_socket`` before returning."""
     if is_numeric(host):
         _dial_numeric(reactor, socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port), timeout, done)
         return
 
-    def lookup() -> None:
-        try:
-            family, addr = resolve(host, port)
-        except TransportError as exc:
-            reactor.call_soon(done, None, str(exc))
-            return
-        reactor.call_soon(_dial_numeric, reactor, family, addr, timeout, done)
+    def resolved(result: Address | None, reason: str) -> None:
+        if result is None:
+            done(None, reason)
+        else:
+            _dial_numeric(reactor, result[0], result[1], timeout, done)
 
-    reactor.submit(lookup)
+    resolver.lookup(host, port, timeout, resolved)
 
 
 def _dial_numeric(reactor: Reactor, family: int, addr: tuple[str, int], timeout: float, done: Dialed) -> None:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
+    try:
+        sock = socket.socket(family, _NONBLOCKING_STREAM)
+    except OSError as exc:  # out of descriptors: the caller closes what it holds and says so
+        done(None, f"cannot connect to {addr[0]}:{addr[1]}: {(exc.strerror or str(exc)).lower()}")
+        return
+    if _NONBLOCKING_STREAM == socket.SOCK_STREAM:
+        sock.setblocking(False)
     code = sock.connect_ex(addr)
     if code == 0:
         done(sock, "")
@@ -132,21 +151,26 @@ def _dial_numeric(reactor: Reactor, family: int, addr: tuple[str, int], timeout:
     def finished(_mask: int) -> None:
         if timer is not None:
             timer.cancel()
-        reactor.watch(sock, 0)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            sock.close()
+            reactor.close_socket(sock)
             done(None, f"cannot connect to {addr[0]}:{addr[1]}: {_strerror(err)}")
         else:
-            done(sock, "")
+            done(sock, "")  # still registered: the caller watches it anew (one system call, not two)
 
     def expired() -> None:
-        reactor.watch(sock, 0)
-        sock.close()
+        reactor.close_socket(sock)
         done(None, f"cannot connect to {addr[0]}:{addr[1]}: timed out after {timeout:g} s")
 
     reactor.watch(sock, WRITE, finished)
     timer = reactor.call_later(timeout, expired)
+
+
+def reason(exc: OSError) -> str:
+    """An OS error as a short lower-case phrase for a log line."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return (exc.strerror or str(exc)).lower()
 
 
 def _strerror(code: int) -> str:

@@ -1,56 +1,94 @@
 """Pipes for ``os.splice``, shared by every relay of one reactor.
 
 A relay direction holds a pipe only while bytes sit in it, so idle connections cost no pipe and
-the number of pipes follows the number of busy directions, not of connections.
+the number of pipes follows the number of busy directions, not of connections. Bytes left in the
+pipe of a direction whose receiver stopped reading are *pinned* kernel memory: they are counted
+against a budget, and past it directions take small bites so a crowd of stalled readers cannot
+pin a mebibyte each.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
 
-CHUNK = 1024 * 1024
+log = logging.getLogger("backhaul.pipes")
+
+CHUNK = 1024 * 1024              # the pipe size we ask for
+SMALL = 64 * 1024                # a bite while the pinned budget is spent (the kernel's default pipe)
+PINNED_BUDGET = 64 * 1024 * 1024  # bytes that stalled directions may hold in pipes, in all
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+
+
+class Pipe:
+    """Both ends of one pipe and the size the kernel actually gave it."""
+
+    __slots__ = ("r", "w", "size")
+
+    def __init__(self, r: int, w: int, size: int) -> None:
+        self.r = r
+        self.w = w
+        self.size = size
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
 
 
 class PipePool:
-    """Pipes shared by all connections: a direction holds one only while bytes sit in it."""
+    """Pipes shared by all connections, and the account of the bytes pinned in them."""
 
-    def __init__(self, keep: int = 64) -> None:
-        self._free: list[tuple[int, int]] = []
+    def __init__(self, keep: int = 64, size: int = CHUNK, budget: int = PINNED_BUDGET) -> None:
+        self._free: list[Pipe] = []
         self._keep = keep
+        self._size = size
         self._lock = threading.Lock()
+        self.budget = budget
+        self.pinned = 0            # bytes held by stalled directions (metric-ready)
+        self.refused = 0           # pipes the kernel would not enlarge (metric-ready)
 
-    def get(self) -> tuple[int, int]:
+    def get(self) -> Pipe:
         with self._lock:
             if self._free:
                 return self._free.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fcntl.fcntl(w, _F_SETPIPE_SZ, CHUNK)
-        except OSError:
-            pass  # the default 64 KiB pipe still works, just with more rounds
-        return r, w
+            fcntl.fcntl(w, _F_SETPIPE_SZ, self._size)
+        except OSError as exc:
+            # Typically the per-user pipe budget (fs.pipe-user-pages-soft) of an unprivileged
+            # service: the default pipe still works, the relay just takes smaller bites.
+            with self._lock:
+                self.refused += 1
+                first = self.refused == 1
+            if first:
+                log.warning("the kernel refused a %d KiB pipe (%s); relays use the pipe size it gives",
+                            self._size // 1024, (exc.strerror or str(exc)).lower())
+        return Pipe(r, w, fcntl.fcntl(w, _F_GETPIPE_SZ))
 
-    def put(self, pipe: tuple[int, int]) -> None:
+    def put(self, pipe: Pipe) -> None:
         with self._lock:
             if len(self._free) < self._keep:
                 self._free.append(pipe)
                 return
-        os.close(pipe[0])
-        os.close(pipe[1])
+        pipe.close()
 
-    def discard(self, pipe: tuple[int, int]) -> None:
+    def discard(self, pipe: Pipe) -> None:
         """A pipe that may still hold bytes of a dead connection is never reused."""
-        os.close(pipe[0])
-        os.close(pipe[1])
+        pipe.close()
+
+    def bite(self, pipe: Pipe) -> int:
+        """How much a direction may splice into ``pipe`` now."""
+        return pipe.size if self.pinned < self.budget else min(pipe.size, SMALL)
+
+    def pin(self, count: int) -> None:
+        with self._lock:
+            self.pinned += count
 
     def close(self) -> None:
         with self._lock:
             free, self._free = self._free, []
         for pipe in free:
-            self.discard(pipe)
-
-
-_PIPES = PipePool()
+            pipe.close()

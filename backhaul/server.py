@@ -1,7 +1,7 @@
 """What every server transport shares: the public port listeners, the queue of user
 connections waiting for the tunnel (3 s, bounded by channel_size) and the running relays.
 
-A transport supplies tunnel links; ``Server`` decides which user connection gets one.
+A transport supplies links; ``Server`` decides which user connection gets one.
 """
 
 from __future__ import annotations
@@ -12,16 +12,17 @@ import socket
 
 from backhaul.config import PortMapping, ServerConfig
 from backhaul.errors import TransportError
-from backhaul.log import Throttle
+from backhaul.listener import Listener
+from backhaul.log import Throttles
 from backhaul.net import listen, peer_of, tune
-from backhaul.reactor import READ, Reactor, Timer
-from backhaul.relay.splice import Relay
-from backhaul.transport import ServerTransport, server_transport
+from backhaul.protocol.proxy_v2 import encode_proxy_v2
+from backhaul.reactor import Reactor, Timer
+from backhaul.transport import server_transport
+from backhaul.tunnel.core import Relaying
 
 log = logging.getLogger("backhaul.server")
 
 USER_WAIT = 3.0     # a user connection not matched with a tunnel link by then is closed
-ACCEPT_BATCH = 64   # accepts per readiness event, so one busy port cannot starve the others
 
 
 class Waiting:
@@ -29,10 +30,10 @@ class Waiting:
 
     __slots__ = ("sock", "mapping", "timer")
 
-    def __init__(self, sock: socket.socket, mapping: PortMapping, timer: Timer) -> None:
+    def __init__(self, sock: socket.socket, mapping: PortMapping) -> None:
         self.sock = sock
         self.mapping = mapping
-        self.timer = timer
+        self.timer: Timer | None = None
 
 
 class Server:
@@ -41,12 +42,11 @@ class Server:
     def __init__(self, config: ServerConfig, reactor: Reactor) -> None:
         self.config = config
         self.reactor = reactor
-        self.transport: ServerTransport = server_transport(self)
-        self.listeners: list[tuple[socket.socket, PortMapping]] = []
+        self.transport = server_transport(config.transport, self)
+        self.listeners: list[tuple[Listener, PortMapping]] = []
         self.waiting: collections.deque[Waiting] = collections.deque()
-        self.relays: set[Relay] = set()
-        self._overflow = Throttle(log)
-        self._expired = Throttle(log)
+        self.relays: set[Relaying] = set()
+        self._warn = Throttles(log)
 
     def open(self) -> None:
         """Bind the tunnel port and every public port; TransportError names the first that fails."""
@@ -55,7 +55,10 @@ class Server:
             self.transport.open()
             for mapping in cfg.ports:
                 sock = listen(*mapping.listen_addr, mss=cfg.mss, rcvbuf=cfg.so_rcvbuf)
-                self.listeners.append((sock, mapping))
+                tune(sock, nodelay=cfg.nodelay)  # users inherit it
+                name = "port {}:{}".format(*mapping.listen_addr)
+                listener = Listener(self.reactor, sock, name, lambda s, _a, m=mapping: self._accepted(s, m))
+                self.listeners.append((listener, mapping))
         except TransportError:
             self.close()
             raise
@@ -63,35 +66,24 @@ class Server:
     def start(self) -> None:
         """Start accepting; reactor thread only."""
         self.transport.start()
-        for sock, mapping in self.listeners:
-            self.reactor.watch(sock, READ, lambda _m, s=sock, p=mapping: self._accept(s, p))
-        for _, mapping in self.listeners:
+        for listener, mapping in self.listeners:
+            listener.start()
             log.info("forwarding %s:%d -> client target %s", *mapping.listen_addr, mapping.target)
 
-    def _accept(self, listener: socket.socket, mapping: PortMapping) -> None:
-        cfg = self.config
-        for _ in range(ACCEPT_BATCH):
-            try:
-                user, _addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: say so, keep the other ports running
-                log.error("accept on %s:%d failed: %s", *mapping.listen_addr, exc.strerror or exc)
-                return
-            user.setblocking(False)
-            tune(user, nodelay=cfg.nodelay)
-            self.transport.user_arrived()
-            if self.waiting or not self.transport.carry(user, mapping):
-                self._enqueue(user, mapping)
+    def _accepted(self, user: socket.socket, mapping: PortMapping) -> None:
+        user.setblocking(False)
+        self.transport.user_arrived()
+        if self.waiting or not self._carry(user, mapping):
+            self._enqueue(user, mapping)
 
     def _enqueue(self, user: socket.socket, mapping: PortMapping) -> None:
         if len(self.waiting) >= self.config.channel_size:
-            self._overflow.warning("refused user connection %s on port %d: %d connections already "
-                                   "wait for the tunnel (channel_size)", peer_of(user),
-                                   mapping.listen_port, len(self.waiting))
+            self._warn.warning("overflow", "refused user connection %s on port %d: %d connections already "
+                               "wait for the tunnel (channel_size)", peer_of(user), mapping.listen_port,
+                               len(self.waiting))
             user.close()
             return
-        entry = Waiting(user, mapping, None)  # type: ignore[arg-type]
+        entry = Waiting(user, mapping)
         entry.timer = self.reactor.call_later(USER_WAIT, self._expire, entry)
         self.waiting.append(entry)
 
@@ -100,36 +92,59 @@ class Server:
             self.waiting.remove(entry)
         except ValueError:
             return
-        self._expired.warning("closed user connection %s on port %d: no tunnel connection within %g s",
-                              peer_of(entry.sock), entry.mapping.listen_port, USER_WAIT)
+        self._warn.warning("expired", "closed user connection %s on port %d: no tunnel connection within "
+                           "%g s", peer_of(entry.sock), entry.mapping.listen_port, USER_WAIT)
         entry.sock.close()
 
     def link_available(self) -> None:
         """The transport has a new link: hand it to the oldest waiting user; reactor thread."""
         while self.waiting:
             entry = self.waiting[0]
-            if not self.transport.carry(entry.sock, entry.mapping):
+            if not self._carry(entry.sock, entry.mapping):
                 return
             self.waiting.popleft()
+            assert entry.timer is not None
             entry.timer.cancel()
 
-    def relay(self, user: socket.socket, link: socket.socket) -> None:
-        """Start relaying a paired user connection; reactor thread only."""
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("user %s -> tunnel link %s", peer_of(user), peer_of(link))
-        relay = Relay(self.reactor, user, link, on_close=self.relays.discard)
-        self.relays.add(relay)
-        relay.start()
+    def _carry(self, user: socket.socket, mapping: PortMapping) -> bool:
+        """Send ``user`` through a ready link; False when there is none. A user that cannot be
+        carried (gone before its PROXY header could be made) is closed here and counts as done."""
+        user_addr: tuple[str, int] | None = None
+        if self.config.proxy_protocol:
+            try:
+                user_addr = user.getpeername()[:2]
+            except OSError as exc:
+                self._warn.warning("proxy", "closed user connection on port %d: no PROXY header can be "
+                                   "made, it is gone (%s)", mapping.listen_port, exc.strerror or exc)
+                user.close()
+                return True
+        while True:
+            link = self.transport.take_link()
+            if link is None:
+                return False
+            try:
+                proxy = encode_proxy_v2(user_addr, link.peer()) if user_addr else b""
+            except OSError:
+                link.close()  # the link died while it waited: try the next one
+                continue
+            if not link.send_header(mapping.target, proxy):
+                link.close()
+                continue
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("user %s on port %d -> tunnel, target %s", peer_of(user), mapping.listen_port,
+                          mapping.target)
+            self.relays.add(link.attach(user, self.relays.discard))
+            return True
 
     def close(self) -> None:
         """Stop everything this server owns; reactor thread (or before start)."""
-        for sock, _ in self.listeners:
-            self.reactor.forget(sock)
-            sock.close()
+        for listener, _ in self.listeners:
+            listener.close()
         self.listeners.clear()
         while self.waiting:
             entry = self.waiting.popleft()
-            entry.timer.cancel()
+            if entry.timer is not None:
+                entry.timer.cancel()
             entry.sock.close()
         for relay in list(self.relays):
             relay.abort()

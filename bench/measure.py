@@ -1,5 +1,6 @@
 """The measurements. Each starts its target service, then runs the same client
-against every path in turn (direct, relay, tunnel) and returns table rows."""
+against every path in turn (direct, relay, tunnel, and the Go program when
+BACKHAUL_GO is set) and returns table rows."""
 
 import json
 import shutil
@@ -23,10 +24,12 @@ from common import (
     threads_and_rss,
     track,
 )
+from nginx_ab import Nginx, find_tools, run_ab
 from report import PATHS, Cell, Row
 from tunnel import TunnelPair
 
 GB = 1e9
+AB_REQUESTS = 10_000
 
 
 @dataclass
@@ -39,9 +42,17 @@ class Settings:
     use_iperf: bool
     workdir: Path
     probe_port: int  # echo service behind every tunnel's readiness probe
-    tunnel_unavailable: str | None = None
+    transport: str = "tcp"  # the `transport` key of both sides' configs (ours and Go's)
+    server_extra: tuple[str, ...] = ()  # more KEY=VALUE lines for [server] (ours and Go's)
+    client_extra: tuple[str, ...] = ()  # more KEY=VALUE lines for [client]
+    go_binary: str | None = None  # the Go program, measured as a fourth path when set
+    unavailable: dict[str, str] = field(default_factory=dict)  # path -> why it cannot run here
     notes: list[str] = field(default_factory=list)
     tunnel_logs: list[tuple[str, str, list[str]]] = field(default_factory=list)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(p for p in PATHS if p != "go" or self.go_binary)
 
 
 @dataclass
@@ -63,14 +74,16 @@ def log(message: str) -> None:
 
 @contextmanager
 def open_path(path: str, target_port: int, label: str, s: Settings) -> Iterator[Endpoint]:
-    """Bring up one path to the target (nothing, a relay process, or a tunnel pair)."""
+    """Bring up one path to the target (nothing, a relay process, or a tunnel pair: ours or Go's)."""
     if path == "direct":
         yield Endpoint(path, target_port, {})
     elif path == "relay":
         with Helper.script("relay.py", target_port) as relay:
             yield Endpoint(path, int(relay.expect("PORT", 10)), {"relay": relay.pid})
     else:
-        pair = TunnelPair(s.workdir, label, target_port, s.probe_port)
+        go_binary = s.go_binary if path == "go" else None
+        pair = TunnelPair(s.workdir, label, target_port, s.probe_port, s.transport, go_binary,
+                          s.server_extra, s.client_extra)
         try:
             with pair:
                 yield Endpoint(path, pair.public_port, pair.pids)
@@ -78,8 +91,8 @@ def open_path(path: str, target_port: int, label: str, s: Settings) -> Iterator[
         finally:
             for role, lines in pair.logs().items():
                 if lines:
-                    s.tunnel_logs.append((label, role, lines))
-            s.notes += [f"tunnel ({label}): {n}" for n in pair.notes]
+                    s.tunnel_logs.append((label, f"go {role}" if go_binary else role, lines))
+            s.notes += [f"{path} ({label}): {n}" for n in pair.notes]
 
 
 def each_path(
@@ -92,10 +105,10 @@ def each_path(
 ) -> list[Row]:
     """Run `fn` on every path; one failed path becomes an error cell, not a failed run."""
     cells: dict[str, dict[str, Cell]] = {name: {} for name in names}
-    for path in PATHS:
+    for path in s.paths:
         if path not in paths:
             got = {name: Cell.missing("-") for name in names}
-        elif path == "tunnel" and s.tunnel_unavailable:
+        elif path in s.unavailable:
             got = {name: Cell.missing("n/a") for name in names}
         else:
             got = _run_one(label, path, target_port, s, fn)
@@ -286,6 +299,45 @@ def _rate(ep: Endpoint, concurrency: int, s: Settings, generators: int = 2) -> d
     return {label: Cell(ok / elapsed, extra=f"{sum(failed.values())} fail")}
 
 
+# ------------------------------------------------------- ab against nginx
+
+
+def measure_ab(s: Settings) -> list[Row]:
+    """ApacheBench against nginx, one request per connection; skipped when either is missing."""
+    tools, missing = find_tools()
+    if missing:
+        why = f"ab: skipped, {' and '.join(missing)} not found (apt-get install nginx apache2-utils)"
+        s.notes.append(why)
+        log(f"  {why}")
+        return []
+    try:
+        nginx = Nginx(tools["nginx"], s.workdir)
+    except RuntimeError as exc:
+        s.notes.append(f"ab: skipped, nginx did not start: {exc}")
+        log(f"  ab: skipped, nginx did not start: {exc}")
+        return []
+    rows: list[Row] = []
+    with nginx:
+        for concurrency in (50, 200):
+            label = f"ab req/s c={concurrency}"
+            row = each_path(label, [label], nginx.port, s, lambda ep, c=concurrency: _ab(ep, tools["ab"], c, s))[0]
+            row.kind = "higher"
+            rows.append(row)
+    return rows
+
+
+def _ab(ep: Endpoint, ab: str, concurrency: int, s: Settings) -> dict[str, Cell]:
+    label = f"ab req/s c={concurrency}"
+    result = run_ab(ab, ep.port, AB_REQUESTS, concurrency, timeout=120)
+    extra = f"{result.failed} fail" + (f", {result.non2xx} non-2xx" if result.non2xx else "")
+    if result.failed or result.non2xx:
+        s.notes.append(
+            f"{label} via {ep.path}: {result.failed} failed ({result.failed_detail}),"
+            f" {result.non2xx} non-2xx of {result.complete:,} complete"
+        )
+    return {label: Cell(result.rps, extra=extra)}
+
+
 # ------------------------------------------------------------------ latency
 
 
@@ -322,7 +374,7 @@ def measure_idle(s: Settings) -> list[Row]:
     names.append("idle pairing")
     with Helper.script("services.py", "echo") as target:
         port = int(target.expect("PORT", 10))
-        rows = each_path("idle", names, port, s, lambda ep: _idle(ep, s, names), paths=("tunnel",))
+        rows = each_path("idle", names, port, s, lambda ep: _idle(ep, s, names), paths=("tunnel", "go"))
     return rows
 
 
@@ -377,9 +429,9 @@ def _idle(ep: Endpoint, s: Settings, names: list[str]) -> dict[str, Cell]:
         )
     )
     if state["failed"]:
-        s.notes.append(f"idle via tunnel: failed opens {state['failed']}")
+        s.notes.append(f"idle via {ep.path}: failed opens {state['failed']}")
     if status["paired"] < n:
-        s.notes.append(f"idle via tunnel: only {status['paired']:,} of {n:,} connections were paired")
+        s.notes.append(f"idle via {ep.path}: only {status['paired']:,} of {n:,} connections were paired")
     return cells
 
 

@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass, field
 
-PATHS = ("direct", "relay", "tunnel")
-HEADERS = ("measurement", "direct", "relay (x)", "tunnel (x)")
+# "go" (the Go program's server + client) is measured only when BACKHAUL_GO names its binary.
+PATHS = ("direct", "relay", "tunnel", "go")
 
 
 @dataclass
@@ -21,7 +21,7 @@ class Cell:
 
 @dataclass
 class Row:
-    """A measurement across the three paths.
+    """A measurement across the paths.
 
     kind says how ratios read: "higher" and "lower" are to direct (lower also
     shows the added amount), "cost" is to the relay (direct moves no bytes
@@ -62,23 +62,34 @@ def format_cell(row: Row, path: str) -> str:
     return f"{value} ({inner}){extra}"
 
 
-def table_rows(rows: list[Row]) -> list[list[str]]:
-    return [[row.name] + [format_cell(row, p) for p in PATHS] for row in rows]
+def columns(rows: list[Row]) -> list[str]:
+    """The paths that any row has a cell for, in table order (direct, relay and tunnel always)."""
+    return [p for p in PATHS if p in PATHS[:3] or any(p in row.cells for row in rows)]
+
+
+def headers(paths: list[str]) -> list[str]:
+    return ["measurement"] + [p if p == "direct" else f"{p} (x)" for p in paths]
+
+
+def table_rows(rows: list[Row], paths: list[str]) -> list[list[str]]:
+    return [[row.name] + [format_cell(row, p) for p in paths] for row in rows]
 
 
 def render_text(rows: list[Row]) -> str:
     """Aligned plain-text table."""
-    body = [list(HEADERS), *table_rows(rows)]
-    widths = [max(len(line[i]) for line in body) for i in range(len(HEADERS))]
+    paths = columns(rows)
+    body = [headers(paths), *table_rows(rows, paths)]
+    widths = [max(len(line[i]) for line in body) for i in range(len(body[0]))]
     return "\n".join("  ".join(col.ljust(w) for col, w in zip(line, widths, strict=True)).rstrip() for line in body)
 
 
 def render_markdown(rows: list[Row], header_lines: list[str], notes: list[str]) -> str:
     """Markdown document: machine lines, the table, then notes."""
+    paths = columns(rows)
     out = [f"- {line}" for line in header_lines] + [""]
-    out.append("| " + " | ".join(HEADERS) + " |")
-    out.append("|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|")
-    out += ["| " + " | ".join(line) + " |" for line in table_rows(rows)]
+    out.append("| " + " | ".join(headers(paths)) + " |")
+    out.append("|" + "|".join(["---"] + ["---:"] * len(paths)) + "|")
+    out += ["| " + " | ".join(line) + " |" for line in table_rows(rows, paths)]
     if notes:
         out += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"

@@ -1,10 +1,11 @@
 """Benchmark of the tunnel against direct loopback and a plain Python relay.
 
-    python bench/run.py [--quick] [--only NAME] [--out FILE]
+    python bench/run.py [--quick] [--only NAME] [--out FILE] [--transport NAME]
+    BACKHAUL_GO=/path/to/backhaul python bench/run.py     # the Go program as a fourth path
 
-Prints the machine, runs each measurement over the three paths (progress on
-stderr), then prints one table with the relay's and the tunnel's ratios to
-direct, notes, and any output of the tunnel processes.
+Prints the machine, runs each measurement over the paths (progress on
+stderr), then prints one table with the relay's, the tunnel's (and the Go
+program's) ratios to direct, notes, and any output of the tunnel processes.
 """
 
 import argparse
@@ -22,23 +23,26 @@ from common import Helper, raise_nofile_limit, stop_all
 from measure import (
     Settings,
     log,
+    measure_ab,
     measure_connrate,
     measure_idle,
     measure_latency,
     measure_throughput,
 )
 from report import Row, render_markdown, render_text
-from tunnel import check_available
+from tunnel import check_available, check_go
 
 MEASUREMENTS: dict[str, Callable[[Settings], list[Row]]] = {
     "throughput": measure_throughput,
     "cpu": lambda s: measure_throughput(s, stream_counts=(1,)),
     "connrate": measure_connrate,
+    "ab": measure_ab,
     "latency": measure_latency,
     "idle": measure_idle,
 }
 # "cpu" is measured during the 1-stream throughput run, so a full run skips it.
-FULL_RUN = ("throughput", "connrate", "latency", "idle")
+FULL_RUN = ("throughput", "connrate", "ab", "latency", "idle")
+GO_ENV = "BACKHAUL_GO"  # names the Go program's binary; its pair becomes the "go" path
 LOG_LINES_SHOWN = 20
 
 
@@ -52,10 +56,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="use the Python sender and sink for throughput even if iperf3 is installed",
     )
+    parser.add_argument(
+        "--transport",
+        default="tcp",
+        metavar="NAME",
+        help="the `transport` of both tunnel sides' configs (ours and the Go pair's); default tcp",
+    )
+    parser.add_argument(
+        "--server-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more line for the [server] table of every tunnel (TOML value, e.g. mux_con=1024); repeatable",
+    )
+    parser.add_argument(
+        "--client-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more line for the [client] table of every tunnel (e.g. mux_version=2); repeatable",
+    )
     return parser.parse_args(argv)
 
 
-def machine_lines(use_iperf: bool, nofile: int, tunnel_state: str) -> list[str]:
+def machine_lines(use_iperf: bool, nofile: int, tunnel_state: str, go_state: str, transport: str) -> list[str]:
     cpu = _cpu_model()
     return [
         f"machine: {os.cpu_count()} cores{f' ({cpu})' if cpu else ''}, kernel {platform.release()}, "
@@ -63,7 +87,17 @@ def machine_lines(use_iperf: bool, nofile: int, tunnel_state: str) -> list[str]:
         f"throughput tool: {'iperf3' if use_iperf else 'Python sender/sink (iperf3 not used)'}",
         f"open files limit: {nofile:,}",
         f"tunnel: {tunnel_state}",
+        f"go: {go_state}",
+        f"transport: {transport}",
     ]
+
+
+def go_state(binary: str | None) -> tuple[bool, str]:
+    """Whether the Go pair can run, and the header text saying which binary (or why not)."""
+    if not binary:
+        return False, f"not measured ({GO_ENV} not set)"
+    ok, version = check_go(binary)
+    return ok, f"{version} ({binary})" if ok else f"UNAVAILABLE - {binary}: {version}"
 
 
 def _cpu_model() -> str:
@@ -93,10 +127,19 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     use_iperf = shutil.which("iperf3") is not None and not args.no_iperf3
     available, version = check_available()
     tunnel_state = version if available else f"UNAVAILABLE - `python -m backhaul` failed: {version}"
-    header = machine_lines(use_iperf, nofile, tunnel_state)
+    go_binary = os.environ.get(GO_ENV) or None
+    go_ok, go_text = go_state(go_binary)
+    extra = [f"server.{x}" for x in args.server_set] + [f"client.{x}" for x in args.client_set]
+    settings_text = " ".join([args.transport, *extra])
+    header = machine_lines(use_iperf, nofile, tunnel_state, go_text, settings_text)
     print("\n".join(header), flush=True)
+    unavailable: dict[str, str] = {}
     if not available:
+        unavailable["tunnel"] = version
         print("tunnel cells will read n/a; direct and relay are still measured", flush=True)
+    if go_binary and not go_ok:
+        unavailable["go"] = go_text
+        print("go cells will read n/a", flush=True)
 
     # The probe echo serves every tunnel's readiness check for the whole run.
     with Helper.script("services.py", "echo") as probe:
@@ -107,7 +150,11 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             use_iperf=use_iperf,
             workdir=workdir,
             probe_port=int(probe.expect("PORT", 10)),
-            tunnel_unavailable=None if available else version,
+            transport=args.transport,
+            server_extra=tuple(args.server_set),
+            client_extra=tuple(args.client_set),
+            go_binary=go_binary,
+            unavailable=unavailable,
         )
         rows: list[Row] = []
         for name in [args.only] if args.only else FULL_RUN:
@@ -126,7 +173,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         args.out.write_text(render_markdown(rows, header, s.notes))
         print(f"\nMarkdown table written to {args.out}")
     failed = any(c.text == "error" for r in rows for c in r.cells.values())
-    return 1 if failed or not available else 0
+    return 1 if failed or unavailable else 0
 
 
 def _terminate(signum: int, _frame: object) -> None:

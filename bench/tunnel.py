@@ -1,10 +1,12 @@
-"""The tunnel under test: a server and a client process of `python -m backhaul`.
+"""The tunnel under test: a server and a client process of `python -m backhaul`,
+or of the Go program (the binary named by BACKHAUL_GO) for comparison.
 
 Each TunnelPair gets fresh ports, its own pair of config files and its own
 log files (stdout and stderr of both processes), so every measurement starts
 from a clean tunnel.
 """
 
+import re
 import socket
 import subprocess
 import sys
@@ -16,14 +18,16 @@ from common import HOST, REPO_ROOT, free_port, is_listening, stop_process, track
 TOKEN = "bench-token"
 READY_TIMEOUT = 10.0
 PROBE = b"ping"
+POOL = 64  # connection_pool of both implementations
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # the Go program colours its log levels
 
 SERVER_TOML = """\
 [server]
 bind_addr = "{host}:{tunnel_port}"
-transport = "tcp"
+transport = "{transport}"
 token = "{token}"
 nodelay = true
-connection_pool = 64
+connection_pool = {pool}
 channel_size = 4096
 log_level = "warn"
 ports = [{ports}]
@@ -32,21 +36,54 @@ ports = [{ports}]
 CLIENT_TOML = """\
 [client]
 remote_addr = "{host}:{tunnel_port}"
-transport = "tcp"
+transport = "{transport}"
 token = "{token}"
 nodelay = true
-connection_pool = 64
+connection_pool = {pool}
 retry_interval = 1
 log_level = "warn"
 """
+
+# The Go program: skip_optz keeps it from tuning the machine's sysctls.
+GO_SERVER_TOML = """\
+[server]
+bind_addr = "{host}:{tunnel_port}"
+transport = "{transport}"
+token = "{token}"
+nodelay = true
+skip_optz = true
+heartbeat = 40
+channel_size = 2048
+log_level = "warn"
+ports = [{ports}]
+"""
+
+GO_CLIENT_TOML = """\
+[client]
+remote_addr = "{host}:{tunnel_port}"
+transport = "{transport}"
+token = "{token}"
+connection_pool = {pool}
+nodelay = true
+skip_optz = true
+retry_interval = 1
+log_level = "warn"
+"""
+
+
+def _lines(settings: tuple[str, ...]) -> str:
+    """KEY=VALUE settings from the command line as TOML lines (values are TOML already)."""
+    return "".join(f"{key.strip()} = {value.strip()}\n" for key, _, value in (s.partition("=") for s in settings))
 
 
 class TunnelError(RuntimeError):
     """The tunnel could not be started or did not become ready."""
 
 
-def tunnel_argv(config: Path) -> list[str]:
-    """Command line of one tunnel process."""
+def tunnel_argv(config: Path, go_binary: str | None = None) -> list[str]:
+    """Command line of one tunnel process (ours, or the Go program's when go_binary is given)."""
+    if go_binary:
+        return [go_binary, "-c", str(config)]
     return [sys.executable, "-m", "backhaul", "-c", str(config)]
 
 
@@ -67,17 +104,45 @@ def check_available() -> tuple[bool, str]:
     return done.returncode == 0, last
 
 
+def check_go(binary: str) -> tuple[bool, str]:
+    """Whether the Go binary runs here; its version line, or why not."""
+    try:
+        done = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"`{binary} -v` failed: {exc}"
+    text = (done.stdout + done.stderr).strip()
+    last = text.splitlines()[-1] if text else f"exit code {done.returncode}"
+    return done.returncode == 0, last
+
+
 class TunnelPair:
     """Server and client processes forwarding public ports to targets on the client's side.
 
     `probe_port` is an echo service: an extra mapping to it proves the pair is
     connected end to end even when the measured target (e.g. a sink) never answers.
+    With `go_binary` the pair runs the Go program instead of `python -m backhaul`.
     """
 
-    def __init__(self, workdir: Path, label: str, target_port: int, probe_port: int) -> None:
-        self.dir = workdir / label.replace(" ", "-").replace("=", "")
+    def __init__(
+        self,
+        workdir: Path,
+        label: str,
+        target_port: int,
+        probe_port: int,
+        transport: str = "tcp",
+        go_binary: str | None = None,
+        server_extra: tuple[str, ...] = (),
+        client_extra: tuple[str, ...] = (),
+    ) -> None:
+        name = f"{label} go" if go_binary else label
+        self.dir = workdir / name.replace(" ", "-").replace("=", "")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.label = label
+        self.transport = transport
+        self.go_binary = go_binary
+        self.server_extra = server_extra
+        self.client_extra = client_extra
+        self.kind = "go" if go_binary else "tunnel"
         self.tunnel_port = free_port()
         self.public_port = free_port()
         self.probe_public_port = free_port()
@@ -101,9 +166,16 @@ class TunnelPair:
         )
         server = self.dir / "server.toml"
         client = self.dir / "client.toml"
-        common = {"host": HOST, "tunnel_port": self.tunnel_port, "token": TOKEN}
-        server.write_text(SERVER_TOML.format(ports=ports, **common))
-        client.write_text(CLIENT_TOML.format(**common))
+        common = {
+            "host": HOST,
+            "tunnel_port": self.tunnel_port,
+            "token": TOKEN,
+            "transport": self.transport,
+            "pool": POOL,
+        }
+        server_toml, client_toml = (GO_SERVER_TOML, GO_CLIENT_TOML) if self.go_binary else (SERVER_TOML, CLIENT_TOML)
+        server.write_text(server_toml.format(ports=ports, **common) + _lines(self.server_extra))
+        client.write_text(client_toml.format(**common) + _lines(self.client_extra))
         return server, client
 
     def start(self) -> None:
@@ -122,7 +194,7 @@ class TunnelPair:
     def _spawn(self, config: Path, role: str) -> subprocess.Popen[bytes]:
         with open(self.dir / f"{role}.log", "wb") as log:
             proc = subprocess.Popen(
-                tunnel_argv(config),
+                tunnel_argv(config, self.go_binary),
                 cwd=REPO_ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -144,7 +216,7 @@ class TunnelPair:
         """Raise if either process has exited."""
         for role, proc in (("server", self.server), ("client", self.client)):
             if proc is not None and proc.poll() is not None:
-                raise TunnelError(f"tunnel {role} exited with code {proc.returncode}" + self._log_hint())
+                raise TunnelError(f"{self.kind} {role} exited with code {proc.returncode}" + self._log_hint())
 
     def _log_hint(self) -> str:
         tail = [f"{role}: {line}" for role, lines in self.logs().items() for line in lines[-3:]]
@@ -155,7 +227,7 @@ class TunnelPair:
         out: dict[str, list[str]] = {}
         for role in ("server", "client"):
             path = self.dir / f"{role}.log"
-            text = path.read_text(errors="replace") if path.exists() else ""
+            text = ANSI_ESCAPE.sub("", path.read_text(errors="replace")) if path.exists() else ""
             lines = [line for line in text.splitlines() if line.strip()]
             if self.lines_before_stop is not None:
                 cut = self.lines_before_stop[role]

@@ -7,16 +7,19 @@ Only loopback addresses and ephemeral ports are used. A tunnel config needs expl
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 IO_TIMEOUT = 30.0        # no socket operation of a test blocks longer than this
 RELAY_MODES = ["splice", "copy"] if hasattr(os, "splice") else ["copy"]
-TRANSPORTS = ["tcp"]     # a later transport is one more entry here
+TRANSPORTS = ["tcp", "tcpmux", "ws", "wss", "wsmux", "wssmux"]  # a later transport is one more entry here
+TLS_TRANSPORTS = ("wss", "wssmux")  # the Tunnel gives their server the session's certificate
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,6 +48,15 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def thread_is_sleeping(thread: threading.Thread) -> bool:
+    """True when ``thread`` sleeps in the kernel (blocked in a call), per /proc."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "S"
+    except OSError:
+        return True  # no /proc: nothing better to wait for
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,10 +206,11 @@ class Launcher:
         path.write_text(text)
         return path
 
-    def start(self, name: str, config_text: str) -> Backhaul:
-        return self.start_file(name, self.write_config(name, config_text))
+    def start(self, name: str, config_text: str, wrap: tuple[str, ...] = ()) -> Backhaul:
+        return self.start_file(name, self.write_config(name, config_text), wrap)
 
-    def start_file(self, name: str, config: Path) -> Backhaul:
+    def start_file(self, name: str, config: Path, wrap: tuple[str, ...] = ()) -> Backhaul:
+        """Start ``python -m backhaul -c config``; ``wrap`` is a command that runs it (prlimit, setpriv)."""
         self._serial += 1
         log_path = self.directory / f"{name}.{self._serial}.stderr"
         out_path = self.directory / f"{name}.{self._serial}.stdout"
@@ -206,7 +220,7 @@ class Launcher:
         if self.relay_mode == "copy":
             env["BACKHAUL_RELAY"] = "copy"
         with open(log_path, "wb") as err, open(out_path, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "backhaul", "-c", str(config)], cwd=REPO,
+            proc = subprocess.Popen([*wrap, sys.executable, "-m", "backhaul", "-c", str(config)], cwd=REPO,
                                     env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         bh = Backhaul(name, config, log_path, proc)
         self.procs.append(bh)
@@ -445,6 +459,102 @@ def ltv(kind: int, payload: bytes) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------
+# certificates (wss, wssmux)
+
+class Certificates:
+    """Certificates made with the system ``openssl`` on first use and kept for the whole test
+    session in one temporary directory, removed when the session's process exits.
+
+    Leaves are for ``localhost`` and ``127.0.0.1`` (CN and subjectAltName) unless told otherwise.
+    ``self_signed`` makes one that is its own CA (the server certificate of the TLS ``Tunnel``);
+    ``ca`` a CA; ``issued`` a leaf signed by such a CA, valid from ``start`` to ``end``
+    (``YYYYMMDDHHMMSSZ``, through ``openssl ca``, which takes past dates on every openssl version,
+    where ``req -not_after`` needs 3.4 or later). Each is made once, by its name.
+    """
+
+    SAN = "subjectAltName=DNS:localhost,IP:127.0.0.1"
+    EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")
+    CA_CONFIG = """\
+[ca]
+default_ca = test_ca
+[test_ca]
+database = index.txt
+new_certs_dir = .
+serial = serial
+default_md = sha256
+policy = any_cn
+copy_extensions = copy
+unique_subject = no
+[any_cn]
+commonName = supplied
+"""
+
+    def __init__(self) -> None:
+        self._dir: Path | None = None
+        self._made: dict[str, tuple[Path, Path]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def directory(self) -> Path:
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="backhaul-tls-"))
+            atexit.register(shutil.rmtree, self._dir, ignore_errors=True)
+        return self._dir
+
+    def _openssl(self, *args: str) -> None:
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            pytest.skip("the system openssl is needed to make certificates")
+        done = subprocess.run([openssl, *args], cwd=self.directory, stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=60)
+        if done.returncode != 0:
+            raise AssertionError(f"openssl {' '.join(args)} failed: {done.stderr.decode(errors='replace')}")
+
+    def _cached(self, name: str, make: Callable[[Path, Path], None]) -> tuple[Path, Path]:
+        with self._lock:
+            if name not in self._made:
+                cert, key = self.directory / f"{name}.pem", self.directory / f"{name}.key"
+                make(cert, key)
+                self._made[name] = (cert, key)
+            return self._made[name]
+
+    def self_signed(self, name: str = "server") -> tuple[Path, Path]:
+        """(certificate, key) of a self-signed certificate for localhost, valid 2 days."""
+        return self._cached(name, lambda cert, key: self._openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+            "-subj", "/CN=localhost", "-addext", self.SAN))
+
+    def ca(self, name: str) -> tuple[Path, Path]:
+        """(certificate, key) of a CA of its own, valid 2 days (P-256: quicker to make than RSA)."""
+        return self._cached(name, lambda cert, key: self._openssl(
+            "req", "-x509", *self.EC, "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+            "-subj", f"/CN=Backhaul test CA {name}"))
+
+    def issued(self, name: str, ca: str, start: str, end: str, host: str = "localhost") -> tuple[Path, Path]:
+        """(certificate, key) of a leaf signed by the CA ``ca``, valid from ``start`` to ``end``; for
+        localhost and 127.0.0.1, or for ``host`` alone (a DNS name) when another is given."""
+        ca_cert, ca_key = self.ca(ca)
+        san = self.SAN if host == "localhost" else f"subjectAltName=DNS:{host}"
+
+        def make(cert: Path, key: Path) -> None:
+            request = self.directory / f"{name}.csr"
+            self._openssl("req", "-new", *self.EC, "-nodes", "-keyout", str(key), "-out", str(request),
+                          "-subj", f"/CN={host}", "-addext", san)
+            config = self.directory / "ca.cnf"
+            if not config.exists():
+                config.write_text(self.CA_CONFIG)
+                (self.directory / "index.txt").write_text("")
+                (self.directory / "serial").write_text("1000\n")
+            self._openssl("ca", "-batch", "-config", str(config), "-cert", str(ca_cert), "-keyfile", str(ca_key),
+                          "-in", str(request), "-out", str(cert), "-startdate", start, "-enddate", end, "-notext")
+
+        return self._cached(name, make)
+
+
+CERTS = Certificates()
+
+
+# ------------------------------------------------------------------------------------------------
 # one server and one client, started and connected
 
 class Tunnel:
@@ -452,25 +562,41 @@ class Tunnel:
 
     def __init__(self, launcher: Launcher, targets: list[str], token: str = "e2e-token", transport: str = "tcp",
                  server_extra: dict[str, object] | None = None,
-                 client_extra: dict[str, object] | None = None) -> None:
+                 client_extra: dict[str, object] | None = None, remote_host: str = HOST, label: str = "") -> None:
         self.launcher = launcher
+        self.label = label  # names the processes (server-<label>): tunnels of one test side by side
         self.token = token
         self.targets = targets
+        self.transport = transport
         self.bind_port = free_port()
         self.public = [free_port() for _ in targets]
         ports = [f"{HOST}:{p}={t}" for p, t in zip(self.public, targets, strict=True)]
-        self.server_text = server_toml(self.bind_port, ports, token, transport=transport, **(server_extra or {}))
-        self.client_text = client_toml(self.bind_port, token, transport=transport, **(client_extra or {}))
+        server_values: dict[str, object] = {}
+        if transport in TLS_TRANSPORTS:  # wss, wssmux: the session's certificate unless the test brings one
+            cert, key = CERTS.self_signed()
+            server_values = {"tls_cert": str(cert), "tls_key": str(key)}
+        server_values.update(server_extra or {})
+        # remote_host: the host part of the client's remote_addr (localhost: a TLS name check)
+        self.remote_addr = f"{remote_host}:{self.bind_port}"
+        self.server_text = server_toml(self.bind_port, ports, token, transport=transport, **server_values)
+        self.client_text = client_toml(self.bind_port, token, transport=transport, remote_addr=self.remote_addr,
+                                       **(client_extra or {}))
         self.server: Backhaul | None = None
         self.client: Backhaul | None = None
 
-    def start_server(self) -> Backhaul:
-        self.server = self.launcher.start("server", self.server_text)
-        self.server.wait_for_log(f"tunnel listening on {HOST}:{self.bind_port}")
+    def start_server(self, wait: bool = True) -> Backhaul:
+        """Start the server; with ``wait``, return once it listens on the tunnel port."""
+        self.server = self.launcher.start(f"server-{self.label}" if self.label else "server", self.server_text)
+        if wait:
+            self.wait_listening()
         return self.server
 
+    def wait_listening(self, timeout: float = 10.0) -> None:
+        assert self.server is not None
+        self.server.wait_for_log(f"tunnel listening on {HOST}:{self.bind_port}", timeout)
+
     def start_client(self) -> Backhaul:
-        self.client = self.launcher.start("client", self.client_text)
+        self.client = self.launcher.start(f"client-{self.label}" if self.label else "client", self.client_text)
         return self.client
 
     def up(self) -> Tunnel:
@@ -482,5 +608,5 @@ class Tunnel:
 
     def wait_connected(self, server_count: int = 1, timeout: float = 10.0) -> None:
         assert self.server is not None and self.client is not None
-        self.client.wait_for_log(f"connected to server {HOST}:{self.bind_port}: control channel up", timeout)
+        self.client.wait_for_log(f"connected to server {self.remote_addr}: control channel up", timeout)
         self.server.wait_for_log("connected: control channel up", timeout, count=server_count)

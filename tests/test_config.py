@@ -240,7 +240,9 @@ def test_token_is_read_raw() -> None:
     assert (server.token, server.token_is_default) == ("  spaced token ", False)
 
 
-def test_every_v072_key_is_accepted() -> None:
+def test_every_v072_key_is_accepted(tmp_path: Path) -> None:
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("PEM\n")
     server_text = (
         SERVER
         + """\
@@ -262,8 +264,8 @@ mux_recievebuffer = 1048576
 mux_streambuffer = 1048576
 accept_udp = true
 proxy_protocol = true
-tls_cert = "/etc/cert.pem"
-tls_key = "/etc/key.pem"
+tls_cert = "{cert}"
+tls_key = "{key}"
 sniffer = true
 web_port = 2060
 sniffer_log = "/var/log/b.json"
@@ -303,6 +305,7 @@ heartbeat = 10
 forwarder = []
 """
     )
+    server_text = server_text.replace("{cert}", str(tmp_path / "cert.pem")).replace("{key}", str(tmp_path / "key.pem"))
     config = parse(server_text + client_text)
     server, client = config.server, config.client
     assert server is not None and client is not None
@@ -324,8 +327,8 @@ forwarder = []
         server.accept_udp,
         server.proxy_protocol,
     ) == (
-        "/etc/cert.pem",
-        "/etc/key.pem",
+        str(tmp_path / "cert.pem"),
+        str(tmp_path / "key.pem"),
         True,
         True,
     )
@@ -348,8 +351,10 @@ forwarder = []
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_every_transport_is_accepted(transport: str) -> None:
-    server = parse(SERVER + f'transport = "{transport}"\n').server
+def test_every_transport_is_accepted(transport: str, tmp_path: Path) -> None:
+    (tmp_path / "c.pem").write_text("PEM\n")
+    tls = f'tls_cert = "{tmp_path}/c.pem"\ntls_key = "{tmp_path}/c.pem"\n'
+    server = parse(SERVER + f'transport = "{transport}"\n' + tls).server
     assert server is not None and server.transport == transport
 
 
@@ -1099,3 +1104,31 @@ def test_forward_target() -> None:
 def test_forward_target_without_rules() -> None:
     client = parse(CLIENT).client
     assert client is not None and client.forward_target("8443") == "8443"
+
+
+# --- TLS keys (ours: tls_verify, tls_ca, tls_pin) and edge_ip -------------------------------------
+
+@pytest.mark.parametrize(("text", "message"), [
+    (SERVER + 'transport = "wss"\n', "<config>: server.tls_cert: required by transport 'wss': a PEM file"),
+    (SERVER + 'transport = "wssmux"\ntls_cert = "/nonexistent/c.pem"\n',
+     "<config>: server.tls_cert = '/nonexistent/c.pem': cannot read the file: No such file or directory"),
+    (CLIENT + 'tls_ca = "/nonexistent/ca.pem"\n',
+     "<config>: client.tls_ca = '/nonexistent/ca.pem': cannot read the file: No such file or directory"),
+    (CLIENT + 'tls_pin = "abc"\n', "<config>: client.tls_pin = 'abc': expected the sha256 fingerprint of the "
+     "server certificate: 64 hex digits, colons allowed"),
+    (CLIENT + 'edge_ip = "cdn.example"\n',
+     "<config>: client.edge_ip = 'cdn.example': expected an IP address (the CDN edge to connect to)"),
+])
+def test_tls_and_edge_errors_name_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    assert str(caught.value) == message
+
+
+def test_tls_pin_is_normalised_and_tls_files_checked(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("PEM\n")
+    pin = ":".join(["AB"] * 32)
+    client = parse(CLIENT + f'tls_verify = true\ntls_ca = "{ca}"\ntls_pin = "{pin}"\n').client
+    assert client is not None
+    assert (client.tls_verify, client.tls_ca, client.tls_pin) == (True, str(ca), "ab" * 32)

@@ -38,7 +38,7 @@ launcher = harness.launcher
 echo_service = harness.echo_service
 listener = harness.listener
 
-SG_CHAN, SG_CLOSED, SG_TCP, SG_RTT = 0x01, 0x03, 0x04, 0x06
+SG_HB, SG_CHAN, SG_CLOSED, SG_TCP, SG_RTT = 0x00, 0x01, 0x03, 0x04, 0x06
 
 # The captured tcp conversation of the Go program: token "musix", mapping 45801=35133.
 GO_HELLO = bytes.fromhex("00 05 01 6d 75 73 69 78")
@@ -202,26 +202,51 @@ def test_misspelt_key_exits_78_with_one_line(launcher: Launcher, section: str, w
 # ------------------------------------------------------------------------------------------------
 # a silent server
 
-def test_client_restarts_when_the_server_goes_silent(launcher: Launcher, listener: Listener) -> None:
-    """A fake server completes the handshake and then never sends a byte; with heartbeat = 1 the
-    client gives up after 3 silent heartbeats, says goodbye and dials a new control channel."""
-    token = "silent-server-tk"
-    client = launcher.start("client", client_toml(listener.port, token, heartbeat=1, connection_pool=1))
+def fake_server_handshake(listener: Listener, token: str) -> socket.socket:
+    """Play a Go server's side of the handshake; returns the control channel."""
     control = listener.accept()
     assert recv_exact(control, 3 + len(token)) == ltv(SG_CHAN, token.encode())
     control.sendall(ltv(SG_CHAN, token.encode()) + bytes((SG_RTT,)))
     assert recv_exact(control, 1) == bytes((SG_RTT,))
+    return control
+
+
+def test_client_restarts_when_the_server_goes_silent(launcher: Launcher, listener: Listener) -> None:
+    """A fake server beats every second three times, then goes silent; the client, having learnt
+    that cadence, gives up after MIN_SILENCE (5 s, the floor over 3 beats), says goodbye and dials
+    a new control channel."""
+    token = "silent-server-tk"
+    client = launcher.start("client", client_toml(listener.port, token, connection_pool=1))
+    control = fake_server_handshake(listener, token)
     link = listener.accept()
-    start = time.monotonic()
-    line = client.wait_for_log(f"lost the server {HOST}:{listener.port}: ", timeout=8)
-    assert "silent" in line, line
-    assert time.monotonic() - start < 7
+    for _ in range(3):
+        time.sleep(1)  # the server's own cadence, not a synchronisation
+        control.sendall(bytes((SG_HB,)))
+    line = client.wait_for_log(f"lost the server {HOST}:{listener.port}: ", timeout=9)
+    assert "silent" in line and "1 s heartbeats" in line, line
     control.settimeout(5)
     assert recv_all(control) == bytes((SG_CLOSED,))
     link.settimeout(5)
     assert recv_all(link) == b""
     again = listener.accept(timeout=5)  # a new control channel, with a new handshake
     assert recv_exact(again, 3 + len(token)) == ltv(SG_CHAN, token.encode())
+
+
+def test_client_keeps_a_session_whose_server_beats_slower_than_its_own_heartbeat(launcher: Launcher,
+                                                                                  listener: Listener) -> None:
+    """Client heartbeat = 1, server beating every 3.5 s (as a Go server with a long heartbeat):
+    more than 3 of the client's own periods pass between beats, yet the session lives, because
+    the limit follows what the server does."""
+    token = "slow-beat-tk"
+    client = launcher.start("client", client_toml(listener.port, token, heartbeat=1, connection_pool=1))
+    control = fake_server_handshake(listener, token)
+    link = listener.accept()
+    for _ in range(3):
+        time.sleep(3.5)  # the server's own cadence, not a synchronisation
+        control.sendall(bytes((SG_HB,)))
+    assert nothing_pending(control, wait=0.5), "the client said goodbye to a live server"
+    assert nothing_pending(link, wait=0)
+    assert not client.lines("lost the server"), client.log()
 
 
 # ------------------------------------------------------------------------------------------------

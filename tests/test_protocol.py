@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 
 from backhaul.errors import ProtocolError
-from backhaul.protocol.control import client_signals, server_signals
 from backhaul.protocol.framing import (
     SG_CHAN,
-    SG_CLOSED,
-    SG_HB,
     SG_RTT,
     SG_TCP,
     SG_UDP,
@@ -112,19 +109,6 @@ def test_client_ignores_the_type_byte_of_the_reply():
     reply.feed(encode_ltv(0x7F, b"musix"))
     assert client_accepts(reply, "musix")
     assert not client_accepts(reply, "musix2")
-
-
-def test_client_signals_of_captured_control_channel():
-    assert client_signals(bytes((SG_RTT, SG_CHAN, SG_HB, SG_CLOSED))) == [SG_RTT, SG_CHAN, SG_HB, SG_CLOSED]
-
-
-def test_client_refuses_unknown_control_byte():
-    with pytest.raises(ProtocolError, match="unexpected control byte 0x02 from the server"):
-        client_signals(b"\x01\x02")
-
-
-def test_server_ignores_unknown_control_bytes():
-    assert server_signals(b"\x06\x00\x01\x7f\x03") == [SG_RTT, SG_CLOSED]
 
 
 @pytest.mark.parametrize(("target", "address"), [

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from backhaul.pipes import CHUNK, PipePool
+from backhaul.pipes import SMALL, Pipe, PipePool
 from backhaul.reactor import READ, WRITE, Reactor
 
 log = logging.getLogger("backhaul.relay")
@@ -60,22 +60,28 @@ def _thread_buffer() -> memoryview:
 class Direction:
     """One way of a relay: bytes from ``src`` to ``dst``, and what is stuck between them."""
 
-    __slots__ = ("src", "dst", "pipes", "splice", "pipe", "queued", "stuck", "state")
+    __slots__ = ("src", "dst", "pipes", "splice", "pipe", "queued", "held", "stuck", "state")
 
     def __init__(self, src: socket.socket, dst: socket.socket, pipes: PipePool | None) -> None:
         self.src = src
         self.dst = dst
         self.pipes = pipes
         self.splice = pipes is not None
-        self.pipe: tuple[int, int] | None = None
+        self.pipe: Pipe | None = None
         self.queued = 0          # bytes in the pipe (splice mode)
-        self.stuck = b""         # bytes not yet written (copy mode)
+        self.held = 0            # of which counted as pinned while the receiver does not read
+        self.stuck = b""         # bytes not yet written, outside any pipe
         self.state = WANT_READ
 
-    def pump(self, rounds: int) -> int:
-        """Move bytes for at most ``rounds`` reads; returns why it stopped."""
+    def pump(self, rounds: int, inline: bool = False) -> int:
+        """Move bytes for at most ``rounds`` reads; returns why it stopped.
+
+        ``inline`` runs (on the reactor, the first bytes of a connection) copy through a buffer
+        even where splice is used: for the few bytes of a request or an answer, two plain calls
+        cost less than two splices and a pipe. What keeps coming goes to a worker, which splices.
+        """
         try:
-            if self.splice:
+            if self.splice and not (inline and not self.queued):
                 return self._pump_splice(rounds)
             return self._pump_copy(rounds)
         except OSError as exc:
@@ -84,31 +90,64 @@ class Direction:
             return FAILED
 
     def _pump_splice(self, rounds: int) -> int:
+        pipes = self.pipes
+        assert pipes is not None
+        if self.held:
+            pipes.pin(-self.held)
+            self.held = 0
+        if self.stuck and not self._send_stuck():
+            return WANT_WRITE
         src, dst = self.src.fileno(), self.dst.fileno()
         if self.pipe is None:
-            self.pipe = self.pipes.get()
-        pipe_r, pipe_w = self.pipe
+            self.pipe = pipes.get()
+        pipe = self.pipe
+        got = bite = 0
         for _ in range(rounds):
-            if self.queued and not self._drain_pipe(pipe_r, dst):
+            if self.queued and not self._drain_pipe(pipe.r, dst):
                 return WANT_WRITE
+            # The pipe is empty here, so a short read means the socket is drained, whatever size
+            # the kernel gave the pipe: asking again would only raise EAGAIN.
+            bite = pipes.bite(pipe)
             try:
-                got = os.splice(src, pipe_w, CHUNK, flags=_SPLICE_FLAGS)
+                got = os.splice(src, pipe.w, bite, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 return WANT_READ
             if got == 0:
                 return EOF
             self.queued = got
-            if got < CHUNK:  # the socket is drained: asking again would only raise EAGAIN
+            if got < bite:
                 break
-        if self.queued and not self._drain_pipe(pipe_r, dst):
+        if self.queued and not self._drain_pipe(pipe.r, dst):
             return WANT_WRITE
-        return MORE if got == CHUNK else WANT_READ
+        return MORE if got == bite else WANT_READ
+
+    def _send_stuck(self) -> bool:
+        """Write the bytes kept outside a pipe; False when ``dst`` would block first."""
+        try:
+            while self.stuck:
+                sent = self.dst.send(self.stuck)
+                self.stuck = self.stuck[sent:]
+        except BlockingIOError:
+            return False
+        return True
 
     def park(self) -> None:
-        """End of a run: an empty pipe goes back to the pool, a full one stays with its bytes."""
-        if self.pipe is not None and not self.queued:
-            self.pipes.put(self.pipe)
+        """End of a run: an empty pipe goes back to the pool. A pipe whose receiver stopped
+        reading gives its few bytes to a buffer and goes back too; a fuller one stays with its
+        bytes, counted as pinned."""
+        pipe = self.pipe
+        if pipe is None:
+            return
+        assert self.pipes is not None
+        if self.queued and self.queued <= SMALL:
+            self.stuck += os.read(pipe.r, self.queued)
+            self.queued = 0
+        if not self.queued:
+            self.pipes.put(pipe)
             self.pipe = None
+        else:
+            self.held = self.queued
+            self.pipes.pin(self.held)
 
     def _drain_pipe(self, pipe_r: int, dst: int) -> bool:
         """Write what sits in the pipe; False when ``dst`` would block first."""
@@ -147,6 +186,10 @@ class Direction:
             return WANT_READ
 
     def release(self) -> None:
+        if self.held:
+            assert self.pipes is not None
+            self.pipes.pin(-self.held)
+            self.held = 0
         if self.pipe is not None:
             self.pipes.discard(self.pipe)
             self.pipe = None
@@ -177,10 +220,20 @@ class Relay:
         self._failed = False
         self.on_close = on_close
 
-    def start(self) -> None:
-        """Arm both sockets; reactor thread only."""
-        self.a.setblocking(False)
-        self.b.setblocking(False)
+    def start(self, first: socket.socket | None = None, early: bytes = b"") -> None:
+        """Arm both sockets; reactor thread only. ``first``, when given, is the socket whose
+        bytes are likely waiting already (a user's request, sent with its connection): they
+        are moved now instead of after another turn of the reactor. ``early``: bytes read from
+        ``first`` before the relay existed, written to the other side ahead of the rest."""
+        for sock in (self.a, self.b):
+            if sock.gettimeout() != 0.0:  # usually non-blocking already: spare the system call
+                sock.setblocking(False)
+        if first is not None:
+            direction = self.ab if first is self.a else self.ba
+            direction.stuck = early
+            self._run_inline(direction)
+            if self._closed:
+                return
         self._update()
 
     # --- reactor side -------------------------------------------------------------------------
@@ -199,13 +252,20 @@ class Relay:
             self._update()
 
     def _run_inline(self, direction: Direction) -> None:
-        outcome = direction.pump(INLINE_ROUNDS)
+        outcome = direction.pump(INLINE_ROUNDS, inline=True)
         direction.park()
         if outcome == MORE:
             direction.state = MORE
-            self.reactor.submit(self._run_in_worker, direction)
+            self._to_worker(direction)
         else:
             self._settle(direction, outcome)
+
+    def _to_worker(self, direction: Direction) -> None:
+        """Hand a busy direction to the pool; a pool that is shut down ends the relay here."""
+        if not self.reactor.submit(self._run_in_worker, direction):
+            direction.state = FAILED
+            self._fail()
+            self._maybe_close()
 
     def _run_in_worker(self, direction: Direction) -> None:
         """Pump while bytes keep coming: a short wait on the socket here is far cheaper than a
@@ -232,7 +292,7 @@ class Relay:
         if self._failed:
             outcome = FAILED
         if outcome == MORE:
-            self.reactor.submit(self._run_in_worker, direction)  # to the back of the queue: fair
+            self._to_worker(direction)  # to the back of the queue: fair
             return
         self._settle(direction, outcome)
         if not self._closed:
@@ -240,7 +300,8 @@ class Relay:
 
     def _settle(self, direction: Direction, outcome: int) -> None:
         direction.state = outcome
-        if outcome == EOF:
+        other = self.ba if direction is self.ab else self.ab
+        if outcome == EOF and other.state not in (EOF, FAILED):  # else both close right away
             try:
                 direction.dst.shutdown(socket.SHUT_WR)
             except OSError:
@@ -275,8 +336,7 @@ class Relay:
             return
         self._closed = True
         for sock in (self.a, self.b):
-            self.reactor.forget(sock)
-            sock.close()
+            self.reactor.close_socket(sock)
         self.ab.release()
         self.ba.release()
         if self.on_close is not None:

@@ -1,62 +1,49 @@
-"""Transports: one module each, behind one small interface per side.
+"""Transports by name: each is one module with a ``SERVER`` class and a ``CONNECT`` function.
 
-A server transport owns the tunnel port and supplies links that carry one user connection
-each; a client transport opens a session (control channel plus links) to the server.
+A server transport owns the tunnel port and supplies links that carry one user connection each;
+a client transport dials the server and opens a session (control channel plus links). Both speak
+to the core only through the interfaces of backhaul/tunnel/core.py.
 """
 
 from __future__ import annotations
 
-import socket
-from typing import TYPE_CHECKING, Protocol
+import importlib
+import importlib.util
+from types import ModuleType
 
-if TYPE_CHECKING:
-    from backhaul.client import Client
-    from backhaul.config import PortMapping
-    from backhaul.server import Server
+from backhaul.tunnel.core import ClientConnect, ServerCore, ServerTransport
 
-BUILT = ("tcp",)
-
-
-class ServerTransport(Protocol):
-    def open(self) -> None:
-        """Bind the tunnel port (TransportError names it when that fails)."""
-
-    def start(self) -> None:
-        """Start accepting clients; reactor thread."""
-
-    def user_arrived(self) -> None:
-        """A user connection was accepted: ask the client for one more link."""
-
-    def carry(self, user: socket.socket, mapping: PortMapping) -> bool:
-        """Hand ``user`` to a ready link now and start relaying; False when none is ready."""
-
-    def close(self) -> None:
-        """Tell the client we are going and close every socket of the transport."""
-
-
-class ClientSession(Protocol):
-    def start(self) -> None:
-        """Arm the control channel and open the first links; reactor thread."""
-
-    def close(self, reason: str, *, notify: bool) -> None:
-        """End the session (sending the closing signal when ``notify``); reactor thread."""
+# name -> module under backhaul.transport; a new transport is one more line here
+MODULES = {
+    "tcp": "tcp",
+    "tcpmux": "tcpmux",
+    "ws": "ws",
+    "wss": "ws",
+    "wsmux": "ws",
+    "wssmux": "ws",
+}
+NEEDS = {"ws": "wsproto", "wss": "wsproto", "wsmux": "wsproto", "wssmux": "wsproto"}   # optional packages by transport
 
 
 def unavailable(transport: str) -> str | None:
-    """Why ``transport`` cannot run in this version, or None when it can."""
-    if transport in BUILT:
-        return None
-    return f"transport {transport!r} is not available in this version yet (available: {', '.join(BUILT)})"
+    """Why ``transport`` cannot run here, or None when it can."""
+    if transport not in MODULES:
+        return f"transport {transport!r} is not available in this version yet (available: {', '.join(MODULES)})"
+    package = NEEDS.get(transport)
+    if package and importlib.util.find_spec(package) is None:
+        return (f"transport {transport!r} needs the Python package {package}: install backhaul[ws] "
+                f"(pip install 'backhaul[ws]', or python3-{package} on Debian)")
+    return None
 
 
-def server_transport(server: Server) -> ServerTransport:
-    from backhaul.transport import tcp
-
-    return tcp.TcpServer(server)
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"backhaul.transport.{MODULES[name]}")
 
 
-def client_connect(client: Client) -> ClientSession:
-    """Dial the server and do the handshake (blocking; the client's own thread)."""
-    from backhaul.transport import tcp
+def server_transport(name: str, core: ServerCore) -> ServerTransport:
+    return _module(name).SERVER(core)
 
-    return tcp.connect(client)
+
+def client_connect(name: str) -> ClientConnect:
+    """The function that dials the server and does the handshake (blocking; the client's thread)."""
+    return _module(name).CONNECT

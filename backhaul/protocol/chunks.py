@@ -1,0 +1,65 @@
+"""Byte buffers kept as lists of chunks, so bytes are neither joined on arrival nor copied
+again on every partial read or partial write."""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class ChunkQueue:
+    """Received chunks in order, read from the front in pieces of any size; a large backlog
+    read in small pieces is copied once, not once per read."""
+
+    __slots__ = ("chunks", "offset", "size")
+
+    def __init__(self) -> None:
+        self.chunks: deque[bytes | memoryview] = deque()
+        self.offset = 0   # bytes already taken from chunks[0]
+        self.size = 0     # bytes not taken yet
+
+    def __bool__(self) -> bool:
+        return bool(self.size)
+
+    def append(self, data: bytes | memoryview) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+
+    def take(self, limit: int) -> bytes | memoryview:
+        """Up to ``limit`` bytes from the front (a chunk itself when it is all that is asked)."""
+        pieces = []
+        want = limit
+        chunks = self.chunks
+        while want and chunks:
+            head = chunks[0]
+            start = self.offset
+            avail = len(head) - start
+            if avail <= want:
+                pieces.append(head[start:] if start else head)
+                chunks.popleft()
+                self.offset = 0
+                want -= avail
+            else:
+                pieces.append(head[start : start + want])
+                self.offset = start + want
+                want = 0
+        self.size -= limit - want
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def clear(self) -> None:
+        self.chunks.clear()
+        self.offset = 0
+        self.size = 0
+
+
+def advance(buffers: list[bytes | bytearray | memoryview], sent: int) -> None:
+    """Drop what a gathered write sent from the front of ``buffers``."""
+    done = 0
+    for buf in buffers:
+        size = len(buf)
+        if sent < size:
+            break
+        sent -= size
+        done += 1
+    del buffers[:done]
+    if sent:
+        buffers[0] = memoryview(buffers[0])[sent:]

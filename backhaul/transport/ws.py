@@ -1,0 +1,579 @@
+"""The WebSocket transports (PROTOCOL.md 3): ``ws`` and ``wss`` (one user connection per pooled
+WebSocket), ``wsmux`` (smux on the raw socket after the HTTP upgrade). Every connection is an HTTP
+upgrade with ``Authorization: Bearer <token>``: ``/channel`` for the control channel (1-byte binary
+messages), ``/tunnel/<N>`` for a link or an smux session. ``wss`` adds TLS (stdlib ``ssl``).
+
+The heads are read and answered by our own codec (protocol/http_upgrade.py), the frames by wsproto
+(backhaul/ws.py), the smux sessions by backhaul/mux.py, the control channel by the shared machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import socket
+import ssl
+from collections.abc import Callable
+
+from backhaul.config import ClientConfig, ServerConfig
+from backhaul.errors import ProtocolError, TransportError
+from backhaul.log import Throttles
+from backhaul.net import dial, reason, tune
+from backhaul.protocol import http_upgrade as http
+from backhaul.protocol.framing import SG_PING
+from backhaul.reactor import READ, WRITE, Reactor, Timer
+from backhaul.relay.stream import StreamRelay
+from backhaul.transport.tcpmux import MuxClientSession, SessionLinks
+from backhaul.tunnel.control import ClientChannel
+from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
+from backhaul.tunnel.dialer import control_connection
+from backhaul.tunnel.pending import Pending, PendingSet
+from backhaul.tunnel.pool import ClientPool, LinkPool
+from backhaul.tunnel.port import Port
+from backhaul.ws import WebSocket, WebSocketCarrier, WebSocketStream
+
+log = logging.getLogger("backhaul.ws")
+
+HEAD_TIMEOUT = 10.0          # seconds for a connection to send its whole upgrade head (then 408)
+MAX_CLIENT_LINKS = 4096
+_RNG = random.SystemRandom()
+
+
+def uses_tls(transport: str) -> bool:
+    return transport in ("wss", "wssmux")
+
+
+def uses_mux(transport: str) -> bool:
+    return transport in ("wsmux", "wssmux")
+
+
+# ------------------------------------------------------------------------------------------------
+# links
+
+class WebSocketLink:
+    """A link that is one WebSocket (ws, wss): the target goes as a text message, then the
+    WebSocket is a stream relayed to the user's (or target's) socket."""
+
+    __slots__ = ("reactor", "ws", "stream")
+
+    def __init__(self, reactor: Reactor, ws: WebSocket, stream: WebSocketStream | None = None) -> None:
+        self.reactor = reactor
+        self.ws = ws
+        self.stream = stream   # the client's: made when the target arrives, so no data is taken for a message
+
+    def peer(self) -> tuple[str, int]:
+        return self.ws.sock.getpeername()[:2]
+
+    def send_header(self, target: str, proxy: bytes) -> bool:
+        # No PROXY header on ws/wss (PROTOCOL.md 6.3): the Go client would take it for data.
+        self.ws.send_text(target)
+        return not self.ws.closed
+
+    def attach(self, other: socket.socket, on_close: OnRelayClosed) -> StreamRelay:
+        stream = self.stream or WebSocketStream(self.ws)
+        relay = StreamRelay(self.reactor, other, stream, on_close=on_close)
+        relay.start()
+        return relay
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        self.ws.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# server side
+
+class Head(Pending):
+    """A connection on the tunnel port whose TLS handshake and upgrade head are being read."""
+
+    __slots__ = ("reader", "tls_done")
+
+    def __init__(self, sock: socket.socket, peer: str, ip: str, tls: bool) -> None:
+        super().__init__(sock, peer, ip)
+        self.reader = http.RequestReader()
+        self.tls_done = not tls
+
+
+def server_context(cfg: ServerConfig) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TransportError(f"cannot use tls_cert {cfg.tls_cert} with tls_key {cfg.tls_key}: {exc}") from None
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class WebSocketLinks:
+    """ws's links: idle WebSockets in a pool, pinged (0x02) every heartbeat while they wait."""
+
+    def __init__(self, core: ServerCore, ask: Callable[[int], None]) -> None:
+        self.core = core
+        self.reactor = core.reactor
+        self.pool: LinkPool[WebSocketLink] = LinkPool(self.reactor, core.config.channel_size,
+                                                      core.config.connection_pool, ask)
+        self._timer: Timer | None = None
+        self._warn = Throttles(log)
+
+    def start(self) -> None:
+        self.pool.start()
+        self._timer = self.reactor.call_later(self.core.config.heartbeat, self._ping)
+
+    def stop(self) -> None:
+        self.pool.stop()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for link in self.pool.drain():
+            link.close()
+
+    def add(self, ws: WebSocket) -> None:
+        link = WebSocketLink(self.reactor, ws)
+        if not self.pool.add(link):
+            self._warn.warning("links", "closed data connection from %s: %d idle already (channel_size)",
+                               ws.peer, len(self.pool.idle))
+            ws.close()
+            return
+        ws.messages(lambda _m: self._spoke(link), lambda _why: self._gone(link))
+        self.core.link_available()
+
+    def _spoke(self, link: WebSocketLink) -> None:
+        """An idle link sent a message: the client has nothing to say on one before its target."""
+        if self.pool.remove(link):
+            self._warn.warning("spoke", "closed idle data connection from %s: it sent a message before "
+                               "being used", link.ws.peer)
+            link.close()
+
+    def _gone(self, link: WebSocketLink) -> None:
+        self.pool.remove(link)
+
+    def _ping(self) -> None:
+        for link in list(self.pool.idle):
+            link.ws.send_binary(bytes((SG_PING,)))
+        self._timer = self.reactor.call_later(self.core.config.heartbeat, self._ping)
+
+    def user_arrived(self) -> None:
+        self.pool.request(1)
+
+    def take(self) -> WebSocketLink | None:
+        while True:
+            link = self.pool.take()
+            if link is None or not link.ws.closed:
+                return link
+
+
+class UpgradePort(Port):
+    """The tunnel port of the WebSocket transports: TLS (wss), upgrade heads, the control
+    channel and the links; there is no address check (PROTOCOL.md 3.1), the token is on every
+    request."""
+
+    def __init__(self, core: ServerCore) -> None:
+        super().__init__(core, core.config.transport)
+        self.tls = uses_tls(self.name)
+        self.mux = uses_mux(self.name)
+        self.context: ssl.SSLContext | None = None
+        self.pending: PendingSet[Head] = PendingSet(self.reactor, "upgrade heads", HEAD_TIMEOUT, self._too_slow)
+        if self.mux:
+            self.sessions = SessionLinks(core, self._ask, lambda sock: sock.close())
+            self.links = self.sessions
+        else:
+            self.websockets = WebSocketLinks(core, self._ask)
+            self.links = self.websockets
+        self._warn = self.pending.warn
+
+    def open(self) -> None:
+        if self.tls:
+            self.context = server_context(self.config)
+        super().open()
+
+    def _trust(self, ip: str) -> None:
+        # The client's own data connections come from there, many at once under load.
+        self.pending.trusted_ip = ip
+
+    def _close_pending(self) -> None:
+        self.pending.close()
+
+    # --- heads ----------------------------------------------------------------------------------
+    def _arrived(self, sock: socket.socket, addr: tuple) -> None:
+        sock.setblocking(False)
+        if self.context is not None:
+            sock = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        entry = Head(sock, f"{addr[0]}:{addr[1]}", addr[0], self.tls)
+        self.pending.add(entry)
+        self.reactor.watch(sock, READ, lambda _m: self._step(entry))
+        self._step(entry)  # a client sends its head at once: it is often here already
+
+    def _step(self, entry: Head) -> None:
+        sock = entry.sock
+        try:
+            if not entry.tls_done:
+                assert isinstance(sock, ssl.SSLSocket)
+                sock.do_handshake()
+                entry.tls_done = True
+            while True:
+                data = sock.recv(16384)
+                if not data:
+                    self._reject(entry, "closed", "closed the connection before its upgrade head ended")
+                    return
+                entry.heard = True
+                request = entry.reader.feed(data)
+                if request is not None:
+                    break
+        except ssl.SSLWantReadError:
+            self.reactor.watch(sock, READ, lambda _m: self._step(entry))
+            return
+        except ssl.SSLWantWriteError:
+            self.reactor.watch(sock, WRITE, lambda _m: self._step(entry))
+            return
+        except BlockingIOError:
+            return
+        except (http.HeadTooLarge, http.BadRequest) as exc:
+            self._reject(entry, "head", f"bad upgrade head ({exc})", exc.status)
+            return
+        except ssl.SSLError as exc:
+            self._reject(entry, "tls", f"TLS handshake failed: {exc.reason or exc}")
+            return
+        except OSError as exc:
+            self._reject(entry, "failed", f"connection failed during the upgrade: {reason(exc)}")
+            return
+        self._request(entry, request)
+
+    def _too_slow(self, entry: Head) -> None:
+        self._warn.warning("timeout", "rejected client %s: no whole upgrade head within %g s", entry.peer,
+                           HEAD_TIMEOUT)
+        self._answer(entry.sock, http.error_response(408))
+
+    def _reject(self, entry: Head, kind: str, why: str, status: int = 0) -> None:
+        self._warn.warning(kind, "rejected client %s: %s", entry.peer, why)
+        if status:
+            self._answer(entry.sock, http.error_response(status), last=True)
+        self.pending.end(entry)
+
+    def _answer(self, sock: socket.socket, response: bytes, *, last: bool = False) -> None:
+        """Send a small answer now. The ``last`` one goes out at once (no Nagle delay behind
+        TLS tickets) and what the peer sent that we did not read is taken first, so the close
+        that follows is no reset that would drop the answer."""
+        try:
+            if last:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for _ in range(4):  # bounded: the head's rest, never a peer's endless stream
+                    if not sock.recv(65536):
+                        break
+        except (OSError, ssl.SSLError):
+            pass
+        try:
+            sock.send(response)  # small, into an empty socket: it goes whole or the peer is gone
+        except (OSError, ssl.SSLError):
+            pass
+
+    def _request(self, entry: Head, request: http.Request) -> None:
+        route = request.route
+        if not http.authorized(request, self.config.token):
+            self._reject(entry, "token", "wrong token", 401)
+            return
+        if route is None:
+            self._reject(entry, "path", f"unknown path {request.path!r}", 404)
+            return
+        if route == "data" and self.channel is None:
+            self._reject(entry, "early", "data connection before any control channel", 404)
+            return
+        self._answer(entry.sock, http.accept_response(request.key))
+        self.pending.end(entry, close=False)
+        sock, peer = entry.sock, entry.peer
+        if route == "control":
+            self._control_up(sock, peer, request.rest)
+        elif self.mux:
+            self.sessions.add(sock, request.rest)
+        else:
+            self.websockets.add(WebSocket(self.reactor, sock, client=False, peer=f"client {peer}",
+                                          first=request.rest))
+
+    # --- the control channel --------------------------------------------------------------------
+    def _control_up(self, sock: socket.socket, peer: str, first: bytes) -> None:
+        ws = WebSocket(self.reactor, sock, client=False, peer=f"client {peer}", first=first)
+        if self.channel is not None:
+            # PROTOCOL.md 3.1: a second /channel resets the server; the client reconnects.
+            log.warning("client %s opened a second control channel: closing both (the one from %s too)",
+                        peer, self.channel.peer.removeprefix("client "))
+            self.channel.close(notify=True)
+            self._drop()
+            ws.close()
+            return
+        self._install(WebSocketCarrier(ws), peer, peer.rsplit(":", 1)[0], rtt_probe=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# client side
+
+_warned_unchecked = False
+
+
+def client_context(cfg: ClientConfig) -> ssl.SSLContext:
+    """TLS as the operator chose: like Go (no check, a warning once) unless tls_verify; a
+    pinned certificate is checked by its fingerprint after the handshake."""
+    global _warned_unchecked
+    if not (cfg.tls_verify or cfg.tls_pin or _warned_unchecked):
+        _warned_unchecked = True
+        log.warning("the server's certificate is not checked (as the Go client does): set tls_verify "
+                    "with tls_ca, or tls_pin, to know whom you talk to")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.set_alpn_protocols(["http/1.1"])  # never h2: the upgrade needs HTTP/1.1
+    if cfg.tls_verify:
+        # The name or the address of remote_addr must be the certificate's (an address is
+        # checked too; it is sent as no SNI, as Go does).
+        context.check_hostname = True
+        if cfg.tls_ca:
+            context.load_verify_locations(cfg.tls_ca)
+        else:
+            context.load_default_certs()
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def tls_reason(exc: OSError) -> str:
+    """What went wrong in a TLS handshake, as precisely as the ssl module says it."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"the server's certificate is refused: {exc.verify_message}"
+    return str(getattr(exc, "reason", None) or exc)
+
+
+def check_pin(sock: ssl.SSLSocket, pin: str) -> None:
+    if not pin:
+        return
+    der = sock.getpeercert(binary_form=True) or b""
+    if hashlib.sha256(der).hexdigest() != pin:
+        raise ProtocolError("the server's certificate does not match tls_pin")
+
+
+def request_head(cfg: ClientConfig, path_kind: str) -> tuple[bytes, str]:
+    """An upgrade request for the control channel or a data connection, and its key."""
+    raw_key, user_id = http.new_key_and_id(_RNG)
+    path = http.CONTROL_PATH if path_kind == "control" else http.data_path(user_id)
+    head = http.client_request(cfg.remote_addr, path, cfg.token, http.pick_user_agent(_RNG), user_id, raw_key)
+    return head, http.encode_key(raw_key)
+
+
+def dial_address(cfg: ClientConfig) -> tuple[str, int]:
+    """edge_ip (a CDN edge) when set: the TCP connection goes there, Host and SNI stay remote_addr."""
+    return (cfg.edge_ip or cfg.remote_host), cfg.remote_port
+
+
+def connect(core: ClientCore) -> WebSocketSession:
+    """Dial, TLS, upgrade to /channel; blocking, on the client's own thread."""
+    cfg = core.config
+    sock, addr = control_connection(cfg, *dial_address(cfg))
+    try:
+        if uses_tls(cfg.transport):
+            try:
+                sock = client_context(cfg).wrap_socket(sock, server_hostname=cfg.remote_host)
+            except (ssl.SSLError, OSError) as exc:
+                raise TransportError(f"TLS handshake failed: {tls_reason(exc)}") from None
+            check_pin(sock, cfg.tls_pin)
+        head, key = request_head(cfg, "control")
+        reader = http.ResponseReader()
+        try:
+            sock.sendall(head)
+            response = None
+            while response is None:
+                data = sock.recv(16384)
+                if not data:
+                    raise ProtocolError("the server closed the connection during the upgrade")
+                response = reader.feed(data)
+        except TimeoutError:
+            raise ProtocolError("no upgrade answer from the server in time") from None
+        except OSError as exc:
+            raise TransportError(f"upgrade failed: {reason(exc)}") from None
+        http.check_accept(response, key)
+        sock.setblocking(False)
+        return WebSocketSession(core, sock, response.rest, addr)
+    except BaseException:
+        sock.close()
+        raise
+
+
+class UpgradeDial:
+    """One data connection on the reactor: connect, TLS, upgrade to /tunnel/<N>; ``done(sock,
+    first, "")`` or ``done(None, b"", reason)`` once, within dial_timeout."""
+
+    def __init__(self, core: ClientCore, addr: tuple[str, int], done: Callable[[socket.socket | None, bytes, str], None]
+                 ) -> None:
+        self.core = core
+        self.cfg = core.config
+        self.reactor = core.reactor
+        self.done = done
+        self.sock: socket.socket | None = None
+        self.head, self.key = request_head(self.cfg, "data")
+        self.reader = http.ResponseReader()
+        self.tls_done = False
+        self.timer = self.reactor.call_later(self.cfg.dial_timeout, self._fail, "the upgrade timed out")
+        dial(self.reactor, core.resolver, addr[0], addr[1], self.cfg.dial_timeout, self._connected)
+
+    def _connected(self, sock: socket.socket | None, error: str) -> None:
+        if self.done is None:
+            if sock is not None:
+                self.reactor.close_socket(sock)
+            return
+        if sock is None:
+            self._fail(error)
+            return
+        cfg = self.cfg
+        tune(sock, nodelay=True, keepalive=cfg.keepalive_period, mss=cfg.mss, rcvbuf=cfg.so_rcvbuf,
+             sndbuf=cfg.so_sndbuf)
+        self.reactor.forget(sock)
+        if uses_tls(cfg.transport):
+            sock = client_context(cfg).wrap_socket(sock, server_hostname=cfg.remote_host,
+                                                   do_handshake_on_connect=False)
+        self.sock = sock
+        self._step(0)
+
+    def _step(self, _mask: int) -> None:
+        sock = self.sock
+        assert sock is not None
+        try:
+            if isinstance(sock, ssl.SSLSocket) and not self.tls_done:
+                sock.do_handshake()
+                self.tls_done = True
+                check_pin(sock, self.cfg.tls_pin)
+            if self.head:
+                sent = sock.send(self.head)
+                self.head = self.head[sent:]
+                if self.head:
+                    self.reactor.watch(sock, WRITE, self._step)
+                    return
+            while True:
+                data = sock.recv(16384)
+                if not data:
+                    self._fail("the server closed the connection during the upgrade")
+                    return
+                response = self.reader.feed(data)
+                if response is not None:
+                    break
+        except ssl.SSLWantReadError:
+            self.reactor.watch(sock, READ, self._step)
+            return
+        except ssl.SSLWantWriteError:
+            self.reactor.watch(sock, WRITE, self._step)
+            return
+        except BlockingIOError:
+            self.reactor.watch(sock, READ, self._step)
+            return
+        except ProtocolError as exc:
+            self._fail(str(exc))
+            return
+        except ssl.SSLError as exc:
+            self._fail(f"TLS handshake failed: {tls_reason(exc)}")
+            return
+        except OSError as exc:
+            self._fail(f"upgrade failed: {reason(exc)}")
+            return
+        try:
+            http.check_accept(response, self.key)
+        except ProtocolError as exc:
+            self._fail(str(exc))
+            return
+        done, self.done = self.done, None
+        self.timer.cancel()
+        self.reactor.forget(sock)
+        assert done is not None
+        done(sock, response.rest, "")
+
+    def _fail(self, why: str) -> None:
+        done, self.done = self.done, None
+        if done is None:
+            return
+        self.timer.cancel()
+        if self.sock is not None:
+            self.reactor.close_socket(self.sock)
+        done(None, b"", why)
+
+
+class WebSocketSession:
+    """The client's end of a ws/wss control channel and the WebSockets it opened."""
+
+    def __init__(self, core: ClientCore, sock: socket.socket, first: bytes, server_addr: tuple[str, int]) -> None:
+        self.core = core
+        self.config = core.config
+        self.reactor = core.reactor
+        self.server_addr = server_addr
+        self.sock = sock
+        self.first = first
+        self.channel: ClientChannel | None = None
+        self.links: set[WebSocket] = set()
+        self.closed = False
+        self.pool = ClientPool(self.reactor, self.config.connection_pool, self.config.aggressive_pool,
+                               MAX_CLIENT_LINKS, "data connection",
+                               lambda: UpgradeDial(self.core, self.server_addr, self._dialed),
+                               idle=lambda: len(self.links), open_now=lambda: len(self.links))
+
+    def start(self) -> None:
+        if self.closed:
+            return
+        ws = WebSocket(self.reactor, self.sock, client=True, peer="the server", first=self.first)
+        self.channel = ClientChannel(self.reactor, WebSocketCarrier(ws), rtt_echo=False, heartbeat_echo=True,
+                                     on_links=self.pool.requested, on_lost=self._lost)
+        self.channel.start()
+        if not self.closed:
+            self.pool.start(self.config.connection_pool)
+
+    def _lost(self, reason: str, _goodbye: bool) -> None:
+        self.close(reason, notify=False)
+
+    def _dialed(self, sock: socket.socket | None, first: bytes, error: str) -> None:
+        self.pool.opened(error)
+        if sock is None:
+            return
+        if self.closed:
+            sock.close()
+            return
+        ws = WebSocket(self.reactor, sock, client=True, peer="the server", first=first)
+        self.links.add(ws)
+        ws.messages(lambda message: self._message(ws, message), lambda _why: self.links.discard(ws))
+
+    def _message(self, ws: WebSocket, message: bytes | str) -> None:
+        """An idle link's first message that is not a ping names its target (PROTOCOL.md 3.3)."""
+        if message == bytes((SG_PING,)):
+            return
+        self.links.discard(ws)
+        target = message if isinstance(message, str) else message.decode("utf-8", "replace")
+        # From now on the websocket is a stream: the data behind the target is the user's.
+        self.core.carry(WebSocketLink(self.reactor, ws, WebSocketStream(ws)), target)
+
+    def close(self, reason: str, *, notify: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.channel is not None:
+            self.channel.close(notify=notify)
+        else:
+            self.sock.close()  # never started
+        self.pool.stop()
+        for ws in list(self.links):
+            ws.close()
+        self.links.clear()
+        self.core.session_ended(self, reason)
+
+
+def connect_mux(core: ClientCore) -> MuxClientSession:
+    """wsmux: the control channel as ws; every session is an upgraded connection carrying smux."""
+    control = connect(core)
+
+    def upgrade(done: Callable[[socket.socket | None, str, bytes], None]) -> None:
+        UpgradeDial(core, control.server_addr, lambda sock, first, error: done(sock, error, first))
+
+    ws = WebSocket(core.reactor, control.sock, client=True, peer="the server", first=control.first)
+    return MuxClientSession(core, WebSocketCarrier(ws), control.server_addr, heartbeat_echo=True,
+                            dial_session=upgrade)
+
+
+def _connect(core: ClientCore) -> WebSocketSession | MuxClientSession:
+    if uses_mux(core.config.transport):
+        return connect_mux(core)
+    return connect(core)
+
+
+SERVER = UpgradePort
+CONNECT = _connect

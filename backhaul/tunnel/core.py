@@ -1,0 +1,109 @@
+"""The small interfaces between the tunnel core (server.py, client.py) and the transports.
+
+A *link* carries one user connection through the tunnel: a TCP socket (tcp), an smux stream
+(tcpmux, wsmux), a WebSocket (ws) or a UDP flow. The server core asks its transport for a link,
+sends the target through it and attaches the user socket; the client core gets a link with its
+target from the transport, dials the target and attaches that socket. Everything here runs on
+the reactor thread unless it says otherwise.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from backhaul.config import ClientConfig, ServerConfig
+    from backhaul.reactor import Reactor
+    from backhaul.resolver import Resolver
+
+
+class Relaying(Protocol):
+    """A running relay (splice or stream): ``abort`` tears it down from outside."""
+
+    def abort(self) -> None: ...
+
+
+OnRelayClosed = Callable[[Relaying], None]
+
+
+class ServerLink(Protocol):
+    """The server's end of one link, fresh from the transport's pool."""
+
+    def peer(self) -> tuple[str, int]:
+        """The client's address of the tunnel connection under it (OSError when it is gone)."""
+
+    def send_header(self, target: str, proxy: bytes) -> bool:
+        """Send the target header (and a PROXY v2 header when ``proxy``); False: the link is dead."""
+
+    def attach(self, user: socket.socket, on_close: OnRelayClosed) -> Relaying:
+        """Relay between ``user`` and this link until both directions end."""
+
+    def close(self) -> None: ...
+
+
+class ClientLink(Protocol):
+    """The client's end of one link whose target header has arrived."""
+
+    def attach(self, target: socket.socket, on_close: OnRelayClosed) -> Relaying:
+        """Relay between this link and the ``target`` socket until both directions end."""
+
+    def close(self) -> None: ...
+
+
+class ServerCore(Protocol):
+    """What a server transport may ask of the core."""
+
+    config: ServerConfig
+    reactor: Reactor
+
+    def link_available(self) -> None:
+        """A link is ready: give it to the oldest waiting user."""
+
+
+class ClientCore(Protocol):
+    """What a client transport may ask of the core."""
+
+    config: ClientConfig
+    reactor: Reactor
+    resolver: Resolver
+
+    def carry(self, link: ClientLink, target: str) -> None:
+        """Dial the target a link was assigned to and relay between them."""
+
+    def session_ended(self, session: ClientSession, reason: str) -> None:
+        """The session closed (``reason`` empty when we closed it on purpose)."""
+
+
+class ServerTransport(Protocol):
+    """The tunnel port of one transport: handshakes, the control channel and the link pool."""
+
+    def open(self) -> None:
+        """Bind the tunnel port (TransportError names it when that fails); main thread."""
+
+    def start(self) -> None:
+        """Start accepting clients."""
+
+    def user_arrived(self) -> None:
+        """A user connection was accepted: ask for what the pool policy wants."""
+
+    def take_link(self) -> ServerLink | None:
+        """A ready link, taken out of the pool, or None. It may still be watched for reading:
+        attach or close it before control returns to the reactor."""
+
+    def close(self) -> None:
+        """Tell the client we are going and close every socket of the transport."""
+
+
+class ClientSession(Protocol):
+    """One control channel with the server and the links it opened."""
+
+    def start(self) -> None:
+        """Listen on the control channel and open the first links."""
+
+    def close(self, reason: str, *, notify: bool) -> None:
+        """End the session (sending the closing signal when ``notify``)."""
+
+
+ClientConnect = Callable[[ClientCore], ClientSession]

@@ -1,0 +1,105 @@
+"""Connections whose first words are being read (a token handshake, an HTTP upgrade head).
+
+Capped in all and per source address, each with a deadline. When the cap is reached the oldest
+silent connection makes room: a real client speaks at once, so a flood of silent connections
+must not keep it out.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from backhaul.log import Throttles
+from backhaul.reactor import Reactor, Timer
+
+log = logging.getLogger("backhaul.acceptor")
+
+MAX_PENDING = 256        # connections being read at once
+PENDING_PER_SOURCE = 64  # of which one address may hold this many
+
+
+class Pending:
+    """One connection being read: who it is, whether it spoke, and its deadline."""
+
+    __slots__ = ("sock", "peer", "ip", "timer", "heard", "state")
+
+    def __init__(self, sock: socket.socket, peer: str, ip: str, state: object = None) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.ip = ip
+        self.timer: Timer | None = None
+        self.heard = False       # any byte arrived: not a silent connection
+        self.state = state       # what the reader of this kind keeps (a frame reader, a TLS step...)
+
+
+P = TypeVar("P", bound=Pending)
+
+
+class PendingSet(Generic[P]):
+    """The pending connections of one port, in arrival order; reactor thread only."""
+
+    def __init__(self, reactor: Reactor, what: str, timeout: float, on_expired: Callable[[P], None],
+                 max_pending: int = MAX_PENDING, per_source: int = PENDING_PER_SOURCE) -> None:
+        self.reactor = reactor
+        self.what = what                  # "handshakes", "upgrade heads": for log lines
+        self.timeout = timeout
+        self.on_expired = on_expired      # called before the entry is ended and closed
+        self.max_pending = max_pending
+        self.per_source = per_source
+        self.trusted_ip = ""              # the control channel's address: no per-source share
+        self.entries: dict[socket.socket, P] = {}   # insertion order = age
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.evicted = 0                  # metric-ready count of connections that made room
+        self.warn = Throttles(log)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, entry: P) -> None:
+        """Track ``entry``, making room first; the deadline starts now."""
+        self._make_room(entry.ip)
+        entry.timer = self.reactor.call_later(self.timeout, self._expired, entry)
+        self.entries[entry.sock] = entry
+        self.per_ip[entry.ip] += 1
+
+    def _make_room(self, ip: str) -> None:
+        if self.per_ip[ip] >= self.per_source and ip != self.trusted_ip:
+            victim = next(e for e in self.entries.values() if e.ip == ip)
+            self._evict(victim, f"{self.per_source} {self.what} from {ip} already pending")
+        elif len(self.entries) >= self.max_pending:
+            victim = next((e for e in self.entries.values() if not e.heard), None)
+            victim = victim or next(iter(self.entries.values()))
+            self._evict(victim, f"{self.max_pending} {self.what} already pending")
+
+    def _evict(self, entry: P, why: str) -> None:
+        self.evicted += 1
+        self.warn.warning("pending", "closed the oldest pending connection %s to make room: %s", entry.peer, why)
+        self.end(entry)
+
+    def _expired(self, entry: P) -> None:
+        if entry.sock in self.entries:
+            self.on_expired(entry)
+            self.end(entry)
+
+    def end(self, entry: P, close: bool = True) -> bool:
+        """Stop tracking ``entry`` (closing its socket unless told not to); False if it was not."""
+        if self.entries.pop(entry.sock, None) is None:
+            return False
+        self.per_ip[entry.ip] -= 1
+        if not self.per_ip[entry.ip]:
+            del self.per_ip[entry.ip]
+        if entry.timer is not None:
+            entry.timer.cancel()
+        if close:
+            self.reactor.close_socket(entry.sock)
+        else:
+            self.reactor.forget(entry.sock)
+        return True
+
+    def close(self) -> None:
+        for entry in list(self.entries.values()):
+            self.end(entry)

@@ -1,0 +1,748 @@
+"""One established WebSocket on a non-blocking socket, driven by the reactor with wsproto
+(PROTOCOL.md 3.2-3.3). Our own HTTP upgrade code does the handshake; what it read past the head
+is handed in as ``first``.
+
+A ``WebSocket`` runs in one of two modes, chosen by its user:
+
+* **messages**: ``messages(on_message, on_lost)`` hands up each whole message (``bytes`` for a
+  binary one, ``str`` for a text one), at most ``max_message`` bytes; ``send_binary`` and
+  ``send_text`` send whole messages. The control channel (``WebSocketCarrier``, 1-byte binary
+  messages) and the idle and assignment phase of a data websocket use it.
+* **stream**: ``WebSocketStream(ws)`` is the ``Stream`` of backhaul/relay/stream.py: message
+  payloads, binary or text, are one byte stream (message boundaries mean nothing), and what is
+  written leaves as binary messages of at most 64 KiB. A websocket can go from messages to stream
+  mode at any time, also from inside ``on_message``: what is buffered behind the message at hand
+  (the data behind the target text message) becomes the start of the stream, nothing is lost.
+
+Both ways are bounded: at most ``out_limit`` bytes wait for the socket (a stream write accepts
+less, ``stream_writable`` follows when the socket drained; a message sender past it loses the
+websocket), and a stream stops reading its socket while ``in_limit`` received bytes wait to be
+read (TCP backpressure).
+
+Ping frames are answered with Pong, a Close frame with a Close, then the socket is closed; we
+never start a close handshake ourselves (neither does Backhaul in Go). An error or a protocol
+violation simply closes the socket.
+
+Half-close. WebSocket has none, and a Close frame ends both directions (wsproto refuses data after
+it; gorilla's reader returns an error and Backhaul closes both sockets). Go's Backhaul closes
+everything at the first EOF either way, which loses the answer to a request whose sender
+half-closed. We do better without leaving the protocol: ``shutdown_write`` sends a Ping frame
+carrying ``FIN_PING`` and sends no data after it, keeping the websocket open:
+
+* a Python peer takes that Ping (and only in stream mode) as the end of our data: its stream
+  reads EOF, its relay shuts the target's write side, the answer flows back, and when both
+  directions ended the last one closes the TCP connection, which the other side reads as EOF.
+  It does not answer this one Ping, so nothing ever arrives after our FIN and closing never
+  meets unread bytes (which would turn the close into a reset and drop our last data);
+* a Go peer answers it with a Pong like any Ping and goes on relaying: the answer still comes
+  back, and the connection ends when its target closes. Its target never sees our EOF (Go cannot
+  carry it), so one that waits for it before answering waits until it gives up, as with Go alone.
+
+The alternatives lose: a Close frame, or a TCP half-close of the websocket's socket, makes a Go
+peer close both its sockets at once (the answer is lost); keeping the websocket open without
+telling the peer deadlocks two Python peers whose both ends half-closed (neither closes).
+
+In stream mode the peer's end of data is that Ping, its Close frame, or TCP EOF (a Go peer closes
+its socket at its first EOF): ``read`` then returns None once the buffered bytes are read. A
+clean ``close`` (our FIN sent and the peer's read) sends what is still queued (for at most
+``LINGER`` seconds) and closes (TLS: after our close_notify); any other ``close`` resets the TCP
+connection (SO_LINGER 0), so the peer's stream fails.
+
+TLS (wss): ``sock`` may be an ``ssl.SSLSocket`` past its handshake. SSL_read and SSL_write
+wants are handled (a blocked write is retried with the very same buffer), and bytes already
+decrypted inside the SSL object (``pending()``, which epoll cannot see) are read without waiting
+for an event. Python's SSL read returns b"" for a TCP reset as for any EOF without close_notify
+when ragged EOFs are suppressed, so we turn that off: only the peer's close_notify (Go's
+``tls.Conn.Close`` sends one) reads as the end of its data, a bare FIN or a reset is a broken
+link; at a clean end we send our close_notify before closing.
+
+Reactor thread only, for every method of every class here; stream listeners are called through
+``reactor.call_soon``, never from inside a stream method.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.utilities import LocalProtocolError
+
+from backhaul.net import reason
+from backhaul.protocol.chunks import ChunkQueue, advance
+from backhaul.reactor import READ, WRITE, Reactor, Timer
+from backhaul.relay.stream import StreamListener
+from backhaul.tunnel.carrier import CONTROL_BACKLOG, OnData, OnLost
+
+log = logging.getLogger("backhaul.ws")
+
+MESSAGE_SIZE = 64 * 1024        # payload of one binary message a stream sends
+FIN_PING = b"backhaul:eof"      # Ping payload: no more data from this side (see the module text)
+ROUNDS = 4                      # socket reads per event before other connections get a turn
+IOV_MAX = 1024                  # buffers one sendmsg may take (Linux)
+LINGER = 10.0                   # seconds a clean close waits for the socket to take the rest
+PONG_SLACK = 64 * 1024          # pongs may queue this far past out_limit (a full stream's)
+TLS_READ = 64 * 1024            # one TLS recv (it returns at most one 16 KiB record anyway)
+_RESET = struct.pack("ii", 1, 0)
+
+OnMessage = Callable[[bytes | str], None]
+
+_IDLE, _MESSAGES, _STREAM = 0, 1, 2
+
+
+class WebSocket:
+    """One open WebSocket (no HTTP handshake here); reactor thread only.
+
+    ``client``: we are the client (we mask what we send, the peer must not). ``peer`` names the
+    other end in reasons. ``first``: bytes read after the HTTP head, fed before anything else.
+    ``read_size``: one socket read. Attributes for measurement: ``buffered_in`` (stream bytes
+    received and not read), ``buffered_out`` (bytes waiting for the socket).
+    """
+
+    __slots__ = ("reactor", "sock", "client", "peer", "max_message", "read_size", "out_limit", "in_limit",
+                 "_tls", "_conn", "_mode", "_mask", "_out", "_out_size", "_parts", "_part_size", "_inbox",
+                 "_eof", "_paused", "_closed", "_failure", "_ended_why",
+                 "_on_message", "_on_lost", "_stream", "_read_wants_write", "_write_wants_read",
+                 "_resume_posted", "_lingering", "_linger_timer")
+
+    def __init__(self, reactor: Reactor, sock: socket.socket, *, client: bool, peer: str, first: bytes = b"",
+                 max_message: int = 1 << 20, read_size: int = 256 * 1024, out_limit: int = 1 << 20,
+                 in_limit: int = 1 << 20) -> None:
+        self.reactor = reactor
+        self.sock = sock
+        self.client = client
+        self.peer = peer
+        self.max_message = max_message
+        self.read_size = read_size
+        self.out_limit = out_limit
+        self.in_limit = in_limit
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._conn = Connection(ConnectionType.CLIENT if client else ConnectionType.SERVER)
+        self._conn.receive_data(first)  # only buffered: parsed once a mode is chosen
+        self._mode = _IDLE
+        self._mask = 0
+        self._out: list[bytes | bytearray | memoryview] = []  # frames for the socket, in order
+        self._out_size = 0
+        self._parts: list[bytes | str] = []   # pieces of the message being received (messages mode)
+        self._part_size = 0
+        self._inbox = ChunkQueue()            # stream bytes received, not read yet
+        self._eof = False                     # the peer sends no more data (stream mode)
+        self._paused = False                  # not reading the socket: the inbox is full
+        self._closed = False                  # the socket is closed
+        self._failure = ""                    # why the link broke; set: every call raises
+        self._ended_why = ""                  # why we can no longer send (the peer closed)
+        self._on_message: OnMessage | None = None
+        self._on_lost: Callable[[str], None] | None = None
+        self._stream: WebSocketStream | None = None
+        self._read_wants_write = False        # TLS: a read needs the socket writable first
+        self._write_wants_read = False        # TLS: a write needs the socket readable first
+        self._resume_posted = False
+        self._lingering = False               # a clean close waits for the socket to take the rest
+        self._linger_timer: Timer | None = None
+        if sock.gettimeout() != 0.0:
+            sock.setblocking(False)
+        if self._tls:
+            # Python's SSL read reports a reset, like any TCP EOF without close_notify, as b""
+            # when ragged EOFs are suppressed (its SSL_read_ex error mapping): only a peer's
+            # close_notify may read as the end of its data, anything else is a broken link.
+            sock.suppress_ragged_eofs = False  # type: ignore[attr-defined]
+
+    # --- public -------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def buffered_out(self) -> int:
+        return self._out_size
+
+    @property
+    def buffered_in(self) -> int:
+        return self._inbox.size
+
+    @property
+    def reading(self) -> bool:
+        """The socket is being read (False while the inbox is full, after EOF, when closed)."""
+        return bool(self._mask & READ)
+
+    def messages(self, on_message: OnMessage, on_lost: Callable[[str], None]) -> None:
+        """Deliver whole messages to ``on_message`` from now on; ``on_lost(reason)`` once when the
+        websocket is gone (EOF, error, Close frame, a message past ``max_message``). Both run
+        from socket events, ``on_lost`` also from inside ``send_*`` (as SocketCarrier does)."""
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._mode = _MESSAGES
+        if self._closed:
+            if self._failure:
+                self.reactor.call_soon(self._tell_lost)
+            return
+        self._post_resume()  # ``first`` may hold whole messages already
+        self._update()
+
+    def send_binary(self, *payloads: bytes | bytearray | memoryview) -> None:
+        """Send each payload as one binary message; ignored once closed. A peer that leaves more
+        than ``out_limit`` bytes unread loses the websocket."""
+        if self._closed:
+            return
+        conn = self._conn
+        try:
+            for payload in payloads:
+                self._queue(conn.send(BytesMessage(data=payload)))
+        except LocalProtocolError as exc:
+            self._fail(f"websocket to {self.peer}: {exc}")
+            return
+        self._flush_checked()
+
+    def send_text(self, text: str) -> None:
+        """Send one text message (the target, on a data websocket); ignored once closed."""
+        if self._closed:
+            return
+        try:
+            self._queue(self._conn.send(TextMessage(data=text)))
+        except LocalProtocolError as exc:
+            self._fail(f"websocket to {self.peer}: {exc}")
+            return
+        self._flush_checked()
+
+    def fail(self, why: str) -> None:
+        """Drop the connection now (a reset) and report it as lost: ``on_lost`` or
+        ``stream_failed`` follows, as if the connection broke."""
+        if self._closed:
+            return
+        self._set_reset()
+        self._fail(why)
+
+    def close(self) -> None:
+        """Send what is queued if the socket takes it at once, then close; no callback after it.
+        Idempotent; the socket never stays in the reactor."""
+        if self._closed:
+            return
+        try:
+            self._write_out()
+        except OSError:
+            pass
+        self._close_socket()
+
+    def abort(self) -> None:
+        """Close with a reset (SO_LINGER 0): nothing queued is sent; idempotent, no callback."""
+        if self._closed:
+            return
+        self._set_reset()
+        self._close_socket()
+
+    # --- sending --------------------------------------------------------------------------------
+    def _queue(self, frame: bytes | bytearray) -> None:
+        self._out.append(frame)
+        self._out_size += len(frame)
+
+    def _write_out(self) -> None:
+        """Send what is queued until the socket is full; OSError when the connection broke.
+
+        A TLS write that could not finish is retried with the very same buffer, as OpenSSL
+        requires (Python's SSL sockets never write part of a buffer)."""
+        out = self._out
+        sock = self.sock
+        self._write_wants_read = False
+        try:
+            if self._tls:
+                while out:
+                    buf = out[0]
+                    sent = sock.send(buf)
+                    self._out_size -= sent
+                    if sent < len(buf):
+                        out[0] = memoryview(buf)[sent:]
+                    else:
+                        del out[0]
+            else:
+                while out:
+                    sent = sock.sendmsg(out[:IOV_MAX])
+                    self._out_size -= sent
+                    advance(out, sent)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            pass
+        except ssl.SSLWantReadError:
+            self._write_wants_read = True
+
+    def _flush(self) -> None:
+        """Write what is queued; an error loses the websocket. Then: a lingering close ends when
+        everything went, a stream that was refused bytes hears it has room."""
+        if self._out:
+            try:
+                self._write_out()
+            except OSError as exc:
+                self._fail(f"websocket to {self.peer} failed: {reason(exc)}")
+                return
+        if self._lingering:
+            if not self._out:
+                self._goodbye()
+                return
+        else:
+            stream = self._stream
+            if stream is not None and stream._want_write and self._out_size <= self.out_limit // 2:
+                stream._notify_writable()
+        self._update()
+
+    def _flush_checked(self) -> None:
+        """Flush whole messages; a backlog past ``out_limit`` loses the websocket."""
+        self._flush()
+        if not self._closed and self._out_size > self.out_limit:
+            self._fail(f"{self.peer} does not read its websocket ({self._out_size} bytes waiting)")
+
+    def _send_stream(self, data: bytes | memoryview, count: int) -> None:
+        """``data[:count]`` as binary messages of at most MESSAGE_SIZE bytes; wsproto copies
+        (and, on a client, masks) each one."""
+        conn = self._conn
+        view = memoryview(data)
+        for offset in range(0, count, MESSAGE_SIZE):
+            self._queue(conn.send(BytesMessage(data=view[offset:min(count, offset + MESSAGE_SIZE)])))
+
+    # --- receiving ------------------------------------------------------------------------------
+    def _reading_wanted(self) -> bool:
+        return (self._mode != _IDLE and not self._closed and not self._eof and not self._paused
+                and not self._lingering)
+
+    def _event(self, mask: int) -> None:
+        if mask & WRITE or (mask & READ and self._write_wants_read):
+            self._flush()
+            if self._closed:
+                return
+        if (mask & READ or (mask & WRITE and self._read_wants_write)) and self._reading_wanted():
+            self._read()
+            if self._closed:
+                return
+        self._update()
+
+    def _read(self) -> None:
+        """Read up to ROUNDS batches of ``read_size`` bytes, each fed to wsproto and handled."""
+        for _ in range(ROUNDS):
+            if self._mode == _STREAM and self._inbox.size >= self.in_limit:
+                self._paused = True
+                return
+            got, status = self._recv_batch()
+            if got or status == "eof":
+                self._process()  # at EOF too: ``first`` may still be waiting in wsproto
+                if self._closed:
+                    return
+            if status == "eof":
+                self._peer_eof()
+                return
+            if status == "drained" or not self._reading_wanted():
+                return
+        # Cut short by ROUNDS: the kernel's bytes bring another event, the SSL object's do not.
+        if self._tls and self.sock.pending():
+            self._post_resume()
+
+    def _recv_batch(self) -> tuple[int, str]:
+        """Feed wsproto up to ``read_size`` bytes: one recv (TCP), or records until that many
+        (TLS: each recv returns at most one record). Status: "more", "drained", "eof" or "error"
+        (the websocket is lost then)."""
+        sock, conn, size = self.sock, self._conn, self.read_size
+        chunk = min(size, TLS_READ) if self._tls else size
+        got = 0
+        self._read_wants_write = False
+        while got < size:
+            try:
+                data = sock.recv(chunk)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return got, "drained"
+            except ssl.SSLWantWriteError:
+                self._read_wants_write = True
+                return got, "drained"
+            except OSError as exc:
+                self._process()  # what arrived before the error still counts
+                self._fail(f"websocket to {self.peer} failed: {reason(exc)}")
+                return 0, "error"
+            if not data:
+                return got, "eof"
+            conn.receive_data(data)
+            got += len(data)
+            if not self._tls:
+                return got, ("drained" if got < size else "more")
+        return got, "more"
+
+    def _process(self) -> None:
+        """Handle what wsproto parsed. The mode is looked up per event: ``on_message`` may switch
+        to stream mode, and the rest of this batch then belongs to the stream."""
+        conn = self._conn
+        try:
+            for event in conn.events():
+                if isinstance(event, Message):
+                    self._data(event.data, event.message_finished)
+                elif isinstance(event, Ping):
+                    if event.payload == FIN_PING and self._mode == _STREAM:
+                        self._peer_eof()
+                    else:
+                        self._queue(conn.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    self._close_frame(event)
+                    return
+                if self._closed:
+                    return
+        except LocalProtocolError as exc:
+            self._fail(f"websocket with {self.peer}: {exc}")
+            return
+        if self._out:
+            self._flush()  # pongs
+            if not self._closed and self._out_size > self.out_limit + PONG_SLACK:
+                self._fail(f"{self.peer} pings but does not read its websocket ({self._out_size} bytes waiting)")
+
+    def _data(self, data: bytes | str, finished: bool) -> None:
+        if self._mode == _STREAM:
+            if isinstance(data, str):
+                data = data.encode()
+            if data:
+                self._inbox.append(data)
+                if self._stream is not None:
+                    self._stream._notify_readable()
+            return
+        if data:
+            self._parts.append(data)
+            self._part_size += len(data) if isinstance(data, bytes) else len(data.encode())
+            if self._part_size > self.max_message:
+                self._fail(f"{self.peer} sent a websocket message of more than {self.max_message} bytes "
+                           f"({self._part_size} so far)")
+                return
+        if finished:
+            parts = self._parts
+            message = ("" if isinstance(data, str) else b"").join(parts)  # type: ignore[arg-type]
+            self._parts = []
+            self._part_size = 0
+            assert self._on_message is not None
+            self._on_message(message)
+
+    def _close_frame(self, event: CloseConnection) -> None:
+        conn = self._conn
+        if conn.state is not ConnectionState.REMOTE_CLOSING:
+            # wsproto reports a frame it cannot parse as a Close it made up (code 1002 or 1007).
+            self._fail(f"{self.peer} broke the websocket protocol: {event.reason}")
+            return
+        try:
+            self._queue(conn.send(event.response()))
+            self._write_out()
+        except (LocalProtocolError, OSError):
+            pass
+        why = f"{self.peer} closed the websocket (code {int(event.code)}{': ' + event.reason if event.reason else ''})"
+        if self._mode == _STREAM:
+            self._ended_why = why
+            self._eof = True
+            self._close_socket()
+            if self._stream is not None:
+                self._stream._notify_readable()  # what is buffered is read, then EOF
+        else:
+            self._fail(why)
+
+    def _peer_eof(self) -> None:
+        """The peer ends its data: TCP EOF, or FIN_PING on a stream."""
+        if self._mode != _STREAM:
+            self._fail(f"{self.peer} closed the websocket connection")
+            return
+        self._eof = True
+        if self._stream is not None:
+            self._stream._notify_readable()
+
+    def _take(self, limit: int) -> bytes | memoryview:
+        """Up to ``limit`` bytes of the inbox; reading resumes when it has room again."""
+        data = self._inbox.take(limit)
+        if self._paused and self._inbox.size < self.in_limit:
+            self._paused = False
+            self._post_resume()
+        return data
+
+    def _post_resume(self) -> None:
+        if not self._resume_posted:
+            self._resume_posted = True
+            self.reactor.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        """Handle what wsproto holds already, then read on (bytes inside an SSL object or the
+        kernel's, after the inbox had been full)."""
+        self._resume_posted = False
+        if self._closed or self._mode == _IDLE:
+            return
+        self._process()
+        if self._reading_wanted():
+            self._read()
+        if not self._closed:
+            self._update()
+
+    # --- the end --------------------------------------------------------------------------------
+    def _fail(self, why: str) -> None:
+        """The websocket is lost: close the socket, then tell the user (once)."""
+        if self._closed:
+            return
+        log.debug("websocket %s lost: %s", self.peer, why)
+        self._failure = why
+        self._close_socket()
+        if self._mode == _MESSAGES:
+            self._tell_lost()
+        elif self._stream is not None:
+            self._stream._notify_failed()
+
+    def _tell_lost(self) -> None:
+        on_lost = self._on_lost
+        self._on_message = self._on_lost = None
+        if on_lost is not None:
+            on_lost(self._failure)
+
+    def _set_reset(self) -> None:
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        except OSError:
+            pass
+
+    def _close_after_flush(self) -> None:
+        """The clean end of a stream: what is queued goes first, for at most LINGER seconds."""
+        if self._closed:
+            return
+        try:
+            self._write_out()
+        except OSError:
+            self._close_socket()
+            return
+        if not self._out:
+            self._goodbye()
+            return
+        self._lingering = True
+        self._linger_timer = self.reactor.call_later(LINGER, self.abort)
+        self._update()
+
+    def _goodbye(self) -> None:
+        """Close at the clean end. On TLS our close_notify goes first: the peer reads it as the end
+        of our data, where a bare TCP FIN would read as a broken link (see __init__). We do not
+        wait for the peer's."""
+        if self._tls:
+            try:
+                self.sock.unwrap()  # type: ignore[attr-defined]
+            except (OSError, ValueError):
+                pass  # SSLWantReadError: ours is sent, the peer's is not here yet
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._mask = 0
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        self.reactor.close_socket(self.sock)
+        self._out = []
+        self._out_size = 0
+        self._parts = []
+        if self._failure:
+            self._inbox.clear()
+
+    def _update(self) -> None:
+        if self._closed:
+            return
+        mask = ((READ if self._reading_wanted() or self._write_wants_read else 0)
+                | (WRITE if self._out or self._read_wants_write else 0))
+        if mask != self._mask:
+            self.reactor.watch(self.sock, mask, self._event)
+            self._mask = mask
+
+
+class WebSocketStream:
+    """A websocket in stream mode: the ``Stream`` of backhaul/relay/stream.py.
+
+    Made from a websocket in messages mode (or fresh), it takes over at once: a message being
+    received and everything behind it become stream bytes. Until ``listen`` they wait in the
+    inbox, which stops the socket's reading when full. ``shutdown_write`` sends FIN_PING (see the
+    module text); ``close`` after both directions ended sends what is queued and closes, any
+    other ``close`` resets the connection.
+    """
+
+    __slots__ = ("ws", "listener", "_want_read", "_want_write", "_shut", "_saw_eof", "_closed", "_told_failure")
+
+    def __init__(self, ws: WebSocket) -> None:
+        if ws._mode == _STREAM:
+            raise RuntimeError("this websocket is a stream already")
+        self.ws = ws
+        self.listener: StreamListener | None = None
+        self._want_read = True
+        self._want_write = False
+        self._shut = False
+        self._saw_eof = False
+        self._closed = False
+        self._told_failure = False
+        ws._stream = self
+        ws._on_message = ws._on_lost = None
+        ws._mode = _STREAM
+        for part in ws._parts:  # a message half received: its bytes so far start the stream
+            data = part.encode() if isinstance(part, str) else part
+            if data:
+                ws._inbox.append(data)
+        ws._parts = []
+        ws._part_size = 0
+        if not ws._closed:
+            ws._post_resume()
+            ws._update()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def buffered_in(self) -> int:
+        return self.ws._inbox.size
+
+    @property
+    def buffered_out(self) -> int:
+        return self.ws._out_size
+
+    # --- the Stream contract ----------------------------------------------------------------------
+    def listen(self, listener: StreamListener) -> None:
+        self.listener = listener
+        self._want_read = True
+        # Data or EOF may be waiting already: a notification too many is harmless.
+        self.ws.reactor.call_soon(self._deliver_failed if self.ws._failure else self._deliver_readable)
+
+    def read(self, limit: int) -> bytes | None:
+        ws = self.ws
+        if ws._failure:
+            raise ConnectionResetError(errno.ECONNRESET, ws._failure)
+        if ws._inbox:
+            return ws._take(limit)
+        if ws._eof:
+            self._saw_eof = True
+            return None
+        self._want_read = True
+        return b""
+
+    def write(self, data: bytes | memoryview) -> int:
+        ws = self.ws
+        if ws._failure:
+            raise ConnectionResetError(errno.ECONNRESET, ws._failure)
+        if self._shut:
+            raise BrokenPipeError(errno.EPIPE, "write after shutdown_write")
+        if ws._closed:
+            raise BrokenPipeError(errno.EPIPE, ws._ended_why or "the websocket is closed")
+        size = len(data)
+        count = min(size, max(0, ws.out_limit - ws._out_size))
+        try:
+            if count:
+                ws._send_stream(data, count)
+        except LocalProtocolError as exc:
+            raise BrokenPipeError(errno.EPIPE, str(exc)) from None
+        if count < size:
+            self._want_write = True
+        ws._flush()
+        return count
+
+    def shutdown_write(self) -> None:
+        ws = self.ws
+        if ws._failure:
+            raise ConnectionResetError(errno.ECONNRESET, ws._failure)
+        if self._shut:
+            return
+        self._shut = True
+        if ws._closed or ws._eof:
+            return  # the peer has ended: our close is all it needs (the relay's is next)
+        try:
+            ws._queue(ws._conn.send(Ping(payload=FIN_PING)))
+        except LocalProtocolError as exc:
+            raise BrokenPipeError(errno.EPIPE, str(exc)) from None
+        ws._flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.listener = None
+        ws = self.ws
+        if self._shut and self._saw_eof and not ws._failure and not ws._inbox:
+            ws._close_after_flush()
+        else:
+            ws.abort()
+
+    # --- from the websocket -----------------------------------------------------------------------
+    def _notify_readable(self) -> None:
+        if self._want_read and self.listener is not None:
+            self._want_read = False
+            self.ws.reactor.call_soon(self._deliver_readable)
+
+    def _notify_writable(self) -> None:
+        if self.listener is not None:
+            self._want_write = False
+            self.ws.reactor.call_soon(self._deliver_writable)
+
+    def _notify_failed(self) -> None:
+        if self.listener is not None:
+            self.ws.reactor.call_soon(self._deliver_failed)
+
+    def _deliver_readable(self) -> None:
+        if self.listener is not None and not self._told_failure:
+            self.listener.stream_readable()
+
+    def _deliver_writable(self) -> None:
+        if self.listener is not None and not self._told_failure:
+            self.listener.stream_writable()
+
+    def _deliver_failed(self) -> None:
+        listener = self.listener
+        if listener is None or self._told_failure:
+            return
+        self._told_failure = True
+        self.listener = None
+        listener.stream_failed(self.ws._failure)
+
+
+class WebSocketCarrier:
+    """The control channel on a websocket (PROTOCOL.md 3.2): every message is one byte.
+
+    Each message's payload goes to ``on_data``; an empty or a text message is a protocol error
+    (the Go peer would panic on the former) and loses the carrier. ``send`` sends each byte as its
+    own binary message, as the Go peer reads ``payload[0]`` of each. More than ``backlog`` bytes
+    of frames waiting for a peer that does not read lose the carrier, as with SocketCarrier.
+    """
+
+    __slots__ = ("ws", "peer", "backlog", "_on_data", "_on_lost")
+
+    def __init__(self, ws: WebSocket, backlog: int = CONTROL_BACKLOG) -> None:
+        self.ws = ws
+        self.peer = ws.peer
+        self.backlog = backlog
+        self._on_data: OnData | None = None
+        self._on_lost: OnLost | None = None
+
+    def start(self, on_data: OnData, on_lost: OnLost) -> None:
+        self._on_data = on_data
+        self._on_lost = on_lost
+        self.ws.messages(self._message, self._lost)
+
+    def send(self, data: bytes) -> None:
+        ws = self.ws
+        if ws.closed or not data:
+            return
+        ws.send_binary(*(data[i:i + 1] for i in range(len(data))))
+        if not ws.closed and ws.buffered_out > self.backlog:
+            self._lose(f"{self.peer} does not read its control channel ({ws.buffered_out} bytes waiting)")
+
+    def close(self) -> None:
+        self._on_data = self._on_lost = None
+        self.ws.close()
+
+    def _message(self, message: bytes | str) -> None:
+        if isinstance(message, str):
+            self._lose(f"{self.peer} sent a text control message")
+        elif not message:
+            self._lose(f"{self.peer} sent an empty control message")
+        elif self._on_data is not None:
+            self._on_data(message)
+
+    def _lost(self, why: str) -> None:
+        on_lost = self._on_lost
+        self._on_data = self._on_lost = None
+        if on_lost is not None:
+            on_lost(why)
+
+    def _lose(self, why: str) -> None:
+        on_lost = self._on_lost
+        self.close()
+        if on_lost is not None:
+            on_lost(why)

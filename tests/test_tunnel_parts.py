@@ -1,0 +1,199 @@
+"""Parts of the tunnel core in this process, on real sockets: the control carrier's bound, name
+lookups that never hold the relay workers, and the pipe pool's budget and sizes."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from backhaul import pipes as pipes_module
+from backhaul import resolver as resolver_module
+from backhaul.pipes import SMALL, PipePool
+from backhaul.reactor import Reactor
+from backhaul.relay.splice import Relay
+from backhaul.resolver import Resolver
+from backhaul.tunnel.carrier import SocketCarrier
+from backhaul.tunnel.control import ServerChannel
+from tests.harness import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def reactor() -> Iterator[Reactor]:
+    r = Reactor(workers=2)
+    r.start()
+    yield r
+    r.stop()
+    r.close()
+
+
+def on_reactor(reactor: Reactor, fn):
+    """Run ``fn`` on the reactor thread and return its result."""
+    done = threading.Event()
+    box = []
+    reactor.call_soon(lambda: (box.append(fn()), done.set()))
+    assert done.wait(5)
+    return box[0]
+
+
+# --- the control channel's output bound -------------------------------------------------------
+
+def test_link_requests_to_a_client_that_never_reads_end_the_channel_at_the_bound(reactor: Reactor) -> None:
+    """Every byte to the client, 0x01 requests included, goes through the one bounded carrier."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    lost: list[str] = []
+    backlog = 4096
+    carrier = SocketCarrier(reactor, ours, "client test", backlog=backlog)
+    channel = ServerChannel(reactor, carrier, 3600, rtt_probe=True, on_lost=lambda reason, _g: lost.append(reason))
+    on_reactor(reactor, channel.start)
+    try:
+        for _ in range(200):  # far past the socket buffers: the peer never reads
+            on_reactor(reactor, lambda: channel.request_links(4096))
+            if lost:
+                break
+        wait_until(lambda: lost, 5, "the channel to be dropped")
+        assert "does not read its control channel" in lost[0]
+        assert on_reactor(reactor, lambda: len(carrier._out)) == 0  # released with the socket
+        assert ours.fileno() == -1
+    finally:
+        theirs.close()
+        if ours.fileno() >= 0:
+            on_reactor(reactor, carrier.close)
+
+
+# --- name lookups -----------------------------------------------------------------------------
+
+def tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    outer = socket.create_connection(listener.getsockname()[:2], timeout=10)
+    inner, _ = listener.accept()
+    return outer, inner
+
+
+def test_slow_lookups_never_stall_a_running_relay(reactor: Reactor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More stuck lookups than the pool has workers, and a bulk transfer (which needs the workers)
+    still completes before any lookup returns."""
+    release = threading.Event()
+    real_resolve = resolver_module.resolve
+
+    def stuck_resolve(host: str, port: int):
+        release.wait(30)
+        return real_resolve("127.0.0.1", port)
+
+    monkeypatch.setattr(resolver_module, "resolve", stuck_resolve)
+    resolver = Resolver(reactor)
+    answers: list[object] = []
+    for i in range(6):
+        on_reactor(reactor, lambda i=i: resolver.lookup(f"slow{i}.example", 80, 30,
+                                                        lambda result, _r: answers.append(result)))
+    listener = socket.create_server(("127.0.0.1", 0))
+    user, near = tcp_pair(listener)
+    far, target = tcp_pair(listener)
+    closed = threading.Event()
+    try:
+        relay = Relay(reactor, near, far, on_close=lambda _r: closed.set())
+        reactor.call_soon(relay.start)
+        data = random.Random(7).randbytes(32 << 20)
+        sender = threading.Thread(target=lambda: (user.sendall(data), user.shutdown(socket.SHUT_WR)))
+        sender.start()
+        digest, got = hashlib.sha256(), 0
+        target.settimeout(10)
+        while True:
+            chunk = target.recv(1 << 20)
+            if not chunk:
+                break
+            digest.update(chunk)
+            got += len(chunk)
+        sender.join(10)
+        assert got == len(data) and digest.digest() == hashlib.sha256(data).digest()
+        assert not answers, "a lookup finished before the transfer: the test proves nothing"
+    finally:
+        release.set()
+        wait_until(lambda: len(answers) == 6, 10, "the lookups to answer")
+        resolver.close()
+        target.close()
+        user.close()
+        listener.close()
+        wait_until(closed.is_set, 10, "the relay to close")
+
+
+def test_a_lookup_that_outlives_its_timeout_answers_once_with_a_reason(reactor: Reactor,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    monkeypatch.setattr(resolver_module, "resolve", lambda host, port: (release.wait(10), None)[1])
+    resolver = Resolver(reactor)
+    answers: list[tuple[object, str]] = []
+    try:
+        on_reactor(reactor, lambda: resolver.lookup("slow.example", 80, 0.3,
+                                                    lambda result, reason: answers.append((result, reason))))
+        wait_until(lambda: answers, 5, "the timeout to answer")
+        assert answers == [(None, "lookup of slow.example timed out after 0.3 s")]
+    finally:
+        release.set()
+        resolver.close()
+    on_reactor(reactor, lambda: None)  # a late result would have been queued by now
+    assert len(answers) == 1
+
+
+# --- pipes ------------------------------------------------------------------------------------
+
+def test_pipes_report_the_size_the_kernel_gave_and_refusals_once(caplog: pytest.LogCaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fcntl = pipes_module.fcntl.fcntl
+
+    def refusing(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == pipes_module._F_SETPIPE_SZ:  # as for an unprivileged user past its pipe pages
+            raise PermissionError(1, "Operation not permitted")
+        return real_fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(pipes_module.fcntl, "fcntl", refusing)
+    pool = PipePool()
+    pipes = [pool.get() for _ in range(3)]
+    try:
+        assert all(p.size >= 4096 for p in pipes)
+        assert pool.refused == 3
+        assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
+    finally:
+        for p in pipes:
+            pool.discard(p)
+        pool.close()
+
+
+def test_past_the_pinned_budget_directions_take_small_bites() -> None:
+    pool = PipePool(budget=2 << 20)
+    pipe = pool.get()
+    try:
+        assert pool.bite(pipe) == pipe.size
+        pool.pin(2 << 20)
+        assert pool.bite(pipe) == min(pipe.size, SMALL)
+        pool.pin(-(2 << 20))
+        assert pool.bite(pipe) == pipe.size
+    finally:
+        pool.discard(pipe)
+        pool.close()
+
+
+# --- timers -----------------------------------------------------------------------------------
+
+def test_cancelled_timers_are_swept_and_live_ones_still_run(reactor: Reactor) -> None:
+    """A dial's timeout is cancelled at once: thousands of them must not pile up in the heap,
+    and a live timer among them still fires, once."""
+    fired: list[int] = []
+
+    def schedule() -> None:
+        for _ in range(5000):
+            reactor.call_later(60, fired.append, -1).cancel()
+        reactor.call_later(0.05, fired.append, 1)
+        for _ in range(5000):
+            reactor.call_later(60, fired.append, -1).cancel()
+
+    on_reactor(reactor, schedule)
+    wait_until(lambda: fired, 5, "the live timer to fire")
+    assert fired == [1]
+    assert on_reactor(reactor, lambda: len(reactor._heap.entries)) < 3000
