@@ -2,10 +2,11 @@
 
 Each session has one demux thread that only reads its socket and hands the bytes to the reactor;
 the reactor feeds the state machine, dispatches what happened to the streams and writes the
-frames. Frames are written whole, in order, coalesced, by the reactor alone. The thread reads no
-more while the reactor holds two unprocessed chunks or the session's receive buffer is full
-(TCP backpressure, as smux does). Nothing here knows how the socket was made (tcpmux dials it;
-wsmux upgrades it from HTTP first).
+frames. Frames are written whole, in order, by the reactor alone, once per turn of its loop: what
+every stream queued in that turn leaves in one gathered write. Reads wait in an inbox until the
+reactor takes them all at once; the thread reads no more while the inbox holds IN_FLIGHT bytes or
+the session's receive buffer is full (TCP backpressure, as smux does). Nothing here knows how
+the socket was made (tcpmux dials it; wsmux upgrades it from HTTP first).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from backhaul.relay.stream import StreamListener
 log = logging.getLogger("backhaul.mux")
 
 READ_SIZE = 1024 * 1024   # one read of the session socket by its demux thread
-CHUNKS_IN_FLIGHT = 2      # read chunks the reactor has not processed yet
+IN_FLIGHT = 1024 * 1024   # bytes read that the reactor has not taken yet
 POLL_MS = 1000            # how often an idle demux thread looks whether its session closed
 IOV_MAX = 1024            # buffers one sendmsg may take (Linux)
 TLS_WRITE = 256 * 1024    # bytes joined into one TLS write
@@ -70,12 +71,15 @@ class MuxConnection:
             self.address = ("0.0.0.0", 0)  # gone already: the demux thread will say so
         self._pending: list[bytes | memoryview] = []  # frames taken from the session, not yet sent
         self._writing = False                  # watching the socket for room
+        self._flush_posted = False             # a flush is due at the end of this reactor turn
         self._blocked: set[MuxStream] = set()  # streams whose write met a full outbox
-        # Chunks read and chunks processed, each counted by one thread only; the reader waits
-        # (and is woken) only when it is that far ahead or the receive buffer is full, so the
-        # common case costs no wake-up at all.
-        self._posted = 0                       # demux thread
-        self._done = 0                         # reactor
+        # Reads wait here until the reactor takes them, all at once: one hand-off serves every
+        # read the thread made meanwhile. The reader waits (and is woken) only when IN_FLIGHT bytes
+        # wait or the receive buffer is full, so the common case costs no wake-up at all.
+        self._inbox: list[bytes] = []
+        self._inbox_bytes = 0
+        self._inbox_posted = False
+        self._inbox_lock = threading.Lock()
         self._full = False                     # reactor: the unread bytes fill the receive buffer
         self._waiting = False                  # demux thread: asleep on _wake
         self._wake = threading.Event()
@@ -87,8 +91,7 @@ class MuxConnection:
         """Begin; ``first`` holds session bytes read before (behind an HTTP 101 on wsmux)."""
         self.sock.setblocking(False)
         if first:
-            self._posted += 1  # processed like any chunk the demux thread reads (not started yet)
-            self.reactor.call_soon(self._received, first)
+            self._post(first)  # processed like any chunk the demux thread reads (not started yet)
         self._thread.start()
         self._schedule()
 
@@ -125,8 +128,7 @@ class MuxConnection:
             if not got:
                 why = "the peer closed the connection"
                 break
-            self._posted += 1
-            self.reactor.call_soon(self._received, scratch[:got].tobytes())
+            self._post(scratch[:got].tobytes())
         if why:
             self.reactor.call_soon(self.fail, why)
 
@@ -153,7 +155,27 @@ class MuxConnection:
         with self._tls_lock:
             return self.sock.pending()  # type: ignore[attr-defined]
 
+    def _post(self, chunk: bytes) -> None:
+        """Demux thread: queue a read for the reactor, waking it only if nothing waits yet."""
+        with self._inbox_lock:
+            self._inbox.append(chunk)
+            self._inbox_bytes += len(chunk)
+            if self._inbox_posted:
+                return
+            self._inbox_posted = True
+        self.reactor.call_soon(self._take_inbox)
+
     # --- input ---------------------------------------------------------------------------------
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            chunks, self._inbox = self._inbox, []
+            self._inbox_posted = False
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._received(data)
+        with self._inbox_lock:
+            self._inbox_bytes -= len(data)
+        self._give_credit()
+
     def _received(self, data: bytes) -> None:
         if self.closed:
             return
@@ -179,16 +201,16 @@ class MuxConnection:
             if self.closed:
                 return
         self.flush()
-        self._give_credit()
 
     def _must_wait(self) -> bool:
-        """Demux thread: the reactor is CHUNKS_IN_FLIGHT behind, or has no room for more."""
-        return self._full or self._posted - self._done >= CHUNKS_IN_FLIGHT
+        """Demux thread: IN_FLIGHT bytes wait for the reactor, or it has no room for more."""
+        return self._full or self._inbox_bytes >= IN_FLIGHT
 
     def _give_credit(self) -> None:
-        """One chunk processed: let the demux thread read on, unless the unread bytes fill the
+        """Reads were processed: let the demux thread read on, unless the unread bytes fill the
         receive buffer (TCP backpressure, as smux does)."""
-        self._done += 1
+        if self.closed:
+            return
         self._full = not self.session.wants_input
         if self._waiting and not self._full:
             self._wake.set()
@@ -208,7 +230,15 @@ class MuxConnection:
 
     # --- output --------------------------------------------------------------------------------
     def flush(self) -> None:
+        """Write what the session has queued at the end of this reactor turn, together with
+        what other streams queue until then: one gathered write instead of one per frame."""
+        if not self._flush_posted and not self.closed:
+            self._flush_posted = True
+            self.reactor.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
         """Write what the session has queued; what the socket does not take waits for room."""
+        self._flush_posted = False
         if self.closed:
             return
         pending = self._pending
@@ -252,7 +282,7 @@ class MuxConnection:
             return self.sock.send(pending[0])
 
     def _room(self, _mask: int) -> None:
-        self.flush()
+        self._flush_now()
 
     # --- streams -------------------------------------------------------------------------------
     def open_stream(self) -> MuxStream:

@@ -269,11 +269,13 @@ class StreamRelay:
 
     def _end_down(self) -> None:
         self.down_ended = True
+        if self.up_ended:
+            self.close()  # both ways done: the close sends the FIN, no shutdown call needed
+            return
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the socket is gone; its next read reports it
-        self._maybe_done()
 
     def _maybe_done(self) -> None:
         if self.up_ended and self.down_ended:
