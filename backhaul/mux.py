@@ -1,11 +1,15 @@
 """smux sessions at run time: the protocol state machine (protocol/smux.py) on a TCP socket.
 
-Each session has one demux thread that only reads its socket and hands the bytes to the reactor;
-the reactor feeds the state machine, dispatches what happened to the streams and writes the
-frames. Frames are written whole, in order, by the reactor alone, once per turn of its loop: what
-every stream queued in that turn leaves in one gathered write. Reads wait in an inbox until the
-reactor takes them all at once; the thread reads no more while the inbox holds IN_FLIGHT bytes or
-the session's receive buffer is full (TCP backpressure, as smux does). Nothing here knows how
+Each session has one demux thread for bulk reads. Small traffic (requests, replies, opens and
+closes of streams) is read by the reactor itself, inline, as the splice relay does its first
+rounds: a hand-off between threads costs more than such a read (and under the GIL, two busy
+threads take turns at every system call). When an inline read fills its buffer the session is
+moving bulk data: the demux thread takes the socket over, reads it in parallel with the reactor's
+work and gives it back once it has been quiet for QUIET_MS. Either way the reactor feeds the state
+machine, dispatches what happened to the streams and writes the frames, whole, in order, once per
+turn of its loop: what every stream queued in that turn leaves in one gathered write. The thread's
+reads wait in an inbox until the reactor takes them all at once; it reads no more while the inbox
+holds IN_FLIGHT bytes or the session's receive buffer is full (TCP backpressure, as smux does). Nothing here knows how
 the socket was made (tcpmux dials it; wsmux upgrades it from HTTP first).
 """
 
@@ -24,12 +28,14 @@ from backhaul.errors import ProtocolError
 from backhaul.net import reason
 from backhaul.protocol.chunks import advance
 from backhaul.protocol.smux import Session, StreamData, StreamEnded, StreamOpened, StreamWritable
-from backhaul.reactor import WRITE, Reactor, Timer
+from backhaul.reactor import READ, WRITE, Reactor, Timer
 from backhaul.relay.stream import StreamListener
 
 log = logging.getLogger("backhaul.mux")
 
 READ_SIZE = 1024 * 1024   # one read of the session socket by its demux thread
+INLINE_READ = 64 * 1024   # one read by the reactor; a full one hands the socket to the thread
+QUIET_MS = 1              # the thread gives the socket back after this long without bytes
 IN_FLIGHT = 1024 * 1024   # bytes read that the reactor has not taken yet
 POLL_MS = 1000            # how often an idle demux thread looks whether its session closed
 IOV_MAX = 1024            # buffers one sendmsg may take (Linux)
@@ -71,6 +77,8 @@ class MuxConnection:
             self.address = ("0.0.0.0", 0)  # gone already: the demux thread will say so
         self._pending: list[bytes | memoryview] = []  # frames taken from the session, not yet sent
         self._writing = False                  # watching the socket for room
+        self._inline = True                    # the reactor reads the socket (else the thread does)
+        self._mask = 0                         # what the reactor watches the socket for
         self._flush_posted = False             # a flush is due at the end of this reactor turn
         self._blocked: set[MuxStream] = set()  # streams whose write met a full outbox
         # Reads wait here until the reactor takes them, all at once: one hand-off serves every
@@ -83,6 +91,7 @@ class MuxConnection:
         self._full = False                     # reactor: the unread bytes fill the receive buffer
         self._waiting = False                  # demux thread: asleep on _wake
         self._wake = threading.Event()
+        self._turn = threading.Event()         # set while the thread owns the reads
         self._timer: Timer | None = None
         self._tls_lock = threading.Lock() if isinstance(sock, ssl.SSLSocket) else None
         self._thread = threading.Thread(target=self._demux, name="backhaul-demux", daemon=True)
@@ -91,13 +100,15 @@ class MuxConnection:
         """Begin; ``first`` holds session bytes read before (behind an HTTP 101 on wsmux)."""
         self.sock.setblocking(False)
         if first:
-            self._post(first)  # processed like any chunk the demux thread reads (not started yet)
+            self.reactor.call_soon(self._take_chunk, first)
         self._thread.start()
+        self._update()
         self._schedule()
 
     # --- the demux thread ----------------------------------------------------------------------
     def _demux(self) -> None:
-        """Read the socket and hand the bytes to the reactor; never touches the session."""
+        """While it owns the reads: read the socket and hand the bytes to the reactor; never
+        touches the session. Gives the socket back to the reactor when it goes quiet."""
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         # One buffer for this thread's reads; what is handed on is a bytes object of the size
@@ -106,6 +117,9 @@ class MuxConnection:
         scratch = memoryview(mmap.mmap(-1, READ_SIZE))
         why = ""
         while not self.closed:
+            if not self._turn.is_set():
+                self._turn.wait()
+                continue
             if self._must_wait():
                 self._wake.clear()
                 self._waiting = True
@@ -115,8 +129,10 @@ class MuxConnection:
                 continue
             try:
                 # Bytes TLS decrypted already are invisible to poll: read them first.
-                while not self.closed and not self._tls_pending() and not poller.poll(POLL_MS):
-                    pass
+                if not self._tls_pending() and not poller.poll(QUIET_MS):
+                    self._turn.clear()
+                    self.reactor.call_soon(self._read_inline_again)
+                    continue
                 if self.closed:
                     break
                 got = self.sock.recv_into(scratch) if self._tls_lock is None else self._recv_tls(scratch)
@@ -155,6 +171,11 @@ class MuxConnection:
         with self._tls_lock:
             return self.sock.pending()  # type: ignore[attr-defined]
 
+    def _read_inline_again(self) -> None:
+        """The thread gave the socket back (after what it read, which comes first)."""
+        self._inline = True
+        self._update()
+
     def _post(self, chunk: bytes) -> None:
         """Demux thread: queue a read for the reactor, waking it only if nothing waits yet."""
         with self._inbox_lock:
@@ -166,6 +187,35 @@ class MuxConnection:
         self.reactor.call_soon(self._take_inbox)
 
     # --- input ---------------------------------------------------------------------------------
+    def _on_socket(self, mask: int) -> None:
+        if mask & WRITE:
+            self._flush_now()
+        if mask & READ and self._inline and not self.closed:
+            self._read_now()
+
+    def _read_now(self) -> None:
+        """One inline read; a full buffer means bulk: the demux thread reads on from here."""
+        scratch = _inline_buffer()
+        try:
+            got = self.sock.recv_into(scratch) if self._tls_lock is None else self._recv_tls(scratch)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except OSError as exc:
+            self.fail(f"connection failed: {reason(exc)}")
+            return
+        if not got:
+            self.fail("the peer closed the connection")
+            return
+        if got == len(scratch):
+            self._inline = False
+            self._update()
+            self._turn.set()
+        self._take_chunk(scratch[:got].tobytes())
+
+    def _take_chunk(self, data: bytes) -> None:
+        self._received(data)
+        self._give_credit()
+
     def _take_inbox(self) -> None:
         with self._inbox_lock:
             chunks, self._inbox = self._inbox, []
@@ -211,18 +261,31 @@ class MuxConnection:
         receive buffer (TCP backpressure, as smux does)."""
         if self.closed:
             return
-        self._full = not self.session.wants_input
-        if self._waiting and not self._full:
+        full = not self.session.wants_input
+        if full != self._full:
+            self._full = full
+            self._update()
+        if self._waiting and not full:
             self._wake.set()
 
     def consumed(self) -> None:
         """A stream read bytes: send the window updates, and read on if we had stopped."""
         if self._full and self.session.wants_input:
             self._full = False
+            self._update()
             if self._waiting:
                 self._wake.set()
         if self.session.has_outgoing:
             self.flush()
+
+    def _update(self) -> None:
+        """Watch the socket for what the reactor wants of it now."""
+        if self.closed:
+            return
+        mask = (READ if self._inline and not self._full else 0) | (WRITE if self._writing else 0)
+        if mask != self._mask:
+            self._mask = mask
+            self.reactor.watch(self.sock, mask, self._on_socket)
 
     def stream_closed(self, stream: MuxStream) -> None:
         if self.on_stream_closed is not None:
@@ -256,14 +319,14 @@ class MuxConnection:
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             if not self._writing:
                 self._writing = True
-                self.reactor.watch(self.sock, WRITE, self._room)
+                self._update()
             return
         except OSError as exc:
             self.fail(f"connection failed: {reason(exc)}")
             return
         if self._writing:
             self._writing = False
-            self.reactor.watch(self.sock, 0)
+            self._update()
         if self._blocked:
             blocked, self._blocked = self._blocked, set()
             for stream in blocked:
@@ -280,9 +343,6 @@ class MuxConnection:
             pending[:take] = [b"".join(pending[:take])]
         with self._tls_lock:  # type: ignore[union-attr]
             return self.sock.send(pending[0])
-
-    def _room(self, _mask: int) -> None:
-        self._flush_now()
 
     # --- streams -------------------------------------------------------------------------------
     def open_stream(self) -> MuxStream:
@@ -339,11 +399,23 @@ class MuxConnection:
         except OSError:
             pass
         self._wake.set()
+        self._turn.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(POLL_MS / 1000 + 1)
         self.reactor.close_socket(self.sock)
         self._pending = []
         self._blocked.clear()
+
+
+_inline_buffers = threading.local()
+
+
+def _inline_buffer() -> memoryview:
+    """The reactor thread's buffer for inline reads (one per thread, shared by every session)."""
+    buf = getattr(_inline_buffers, "buf", None)
+    if buf is None:
+        buf = _inline_buffers.buf = memoryview(bytearray(INLINE_READ))
+    return buf
 
 
 class MuxStream:
