@@ -105,7 +105,7 @@ class WebSocket:
     """
 
     __slots__ = ("reactor", "sock", "client", "peer", "max_message", "read_size", "out_limit", "in_limit",
-                 "_tls", "_conn", "_mode", "_mask", "_out", "_out_size", "_parts", "_part_size", "_inbox",
+                 "_tls", "_conn", "_mode", "_mask", "_unparsed", "_out", "_out_size", "_parts", "_part_size", "_inbox",
                  "_eof", "_paused", "_closed", "_failure", "_ended_why",
                  "_on_message", "_on_lost", "_stream", "_read_wants_write", "_write_wants_read",
                  "_resume_posted", "_lingering", "_linger_timer")
@@ -124,8 +124,13 @@ class WebSocket:
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._conn = Connection(ConnectionType.CLIENT if client else ConnectionType.SERVER)
         self._conn.receive_data(first)  # only buffered: parsed once a mode is chosen
+        self._unparsed = bool(first)          # wsproto holds bytes not parsed yet
         self._mode = _IDLE
-        self._mask = 0
+        # A socket still watched (from its upgrade) is taken over as it is: _update changes the
+        # events only if they must change, and an idle websocket's first event drops them.
+        self._mask = reactor.watched(sock)
+        if self._mask:
+            reactor.watch(sock, self._mask, self._event)
         self._out: list[bytes | bytearray | memoryview] = []  # frames for the socket, in order
         self._out_size = 0
         self._parts: list[bytes | str] = []   # pieces of the message being received (messages mode)
@@ -181,7 +186,8 @@ class WebSocket:
             if self._failure:
                 self.reactor.call_soon(self._tell_lost)
             return
-        self._post_resume()  # ``first`` may hold whole messages already
+        if self._unparsed or (self._tls and self.sock.pending()):
+            self._post_resume()  # ``first`` may hold whole messages already
         self._update()
 
     def send_binary(self, *payloads: bytes | bytearray | memoryview) -> None:
@@ -369,6 +375,7 @@ class WebSocket:
         """Handle what wsproto parsed. The mode is looked up per event: ``on_message`` may switch
         to stream mode, and the rest of this batch then belongs to the stream."""
         conn = self._conn
+        self._unparsed = False
         try:
             for event in conn.events():
                 if isinstance(event, Message):
@@ -580,7 +587,11 @@ class WebSocketStream:
         ws._parts = []
         ws._part_size = 0
         if not ws._closed:
-            ws._post_resume()
+            # Only a websocket fresh from its upgrade holds bytes nobody parsed: in messages
+            # mode every read is parsed at once, and what follows the message at hand in the
+            # same read is parsed by the loop that runs this (the stream's now).
+            if ws._unparsed or (ws._tls and ws.sock.pending()):
+                ws._post_resume()
             ws._update()
 
     @property
@@ -599,8 +610,12 @@ class WebSocketStream:
     def listen(self, listener: StreamListener) -> None:
         self.listener = listener
         self._want_read = True
-        # Data or EOF may be waiting already: a notification too many is harmless.
-        self.ws.reactor.call_soon(self._deliver_failed if self.ws._failure else self._deliver_readable)
+        ws = self.ws
+        if ws._failure:
+            ws.reactor.call_soon(self._deliver_failed)
+        elif ws._inbox or ws._eof or ws._closed:
+            ws.reactor.call_soon(self._deliver_readable)
+        # Otherwise the first data or EOF to arrive notifies (``_want_read`` is set).
 
     def read(self, limit: int) -> bytes | None:
         ws = self.ws
