@@ -69,9 +69,7 @@ import ssl
 import struct
 from collections.abc import Callable
 
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
-from wsproto.utilities import LocalProtocolError
+from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from backhaul.net import reason
 from backhaul.protocol.chunks import ChunkQueue, advance
@@ -93,6 +91,7 @@ _RESET = struct.pack("ii", 1, 0)
 OnMessage = Callable[[bytes | str], None]
 
 _IDLE, _MESSAGES, _STREAM = 0, 1, 2
+_BINARY, _TEXT, _PING, _PONG, _CLOSE = Opcode.BINARY, Opcode.TEXT, Opcode.PING, Opcode.PONG, Opcode.CLOSE
 
 
 class WebSocket:
@@ -105,7 +104,7 @@ class WebSocket:
     """
 
     __slots__ = ("reactor", "sock", "client", "peer", "max_message", "read_size", "out_limit", "in_limit",
-                 "_tls", "_conn", "_mode", "_mask", "_unparsed", "_out", "_out_size", "_parts", "_part_size", "_inbox",
+                 "_tls", "_proto", "_mode", "_mask", "_unparsed", "_out", "_out_size", "_parts", "_part_size", "_inbox",
                  "_eof", "_paused", "_closed", "_failure", "_ended_why",
                  "_on_message", "_on_lost", "_stream", "_read_wants_write", "_write_wants_read",
                  "_resume_posted", "_lingering", "_linger_timer")
@@ -122,8 +121,11 @@ class WebSocket:
         self.out_limit = out_limit
         self.in_limit = in_limit
         self._tls = isinstance(sock, ssl.SSLSocket)
-        self._conn = Connection(ConnectionType.CLIENT if client else ConnectionType.SERVER)
-        self._conn.receive_data(first)  # only buffered: parsed once a mode is chosen
+        # wsproto's frame engine itself: its Connection only wraps each frame in an event object
+        # and each send in a state check, which the states of this class make redundant (we
+        # never start a close; a Close frame received ends the websocket at once).
+        self._proto = FrameProtocol(client, [])
+        self._proto.receive_bytes(first)      # only buffered: parsed once a mode is chosen
         self._unparsed = bool(first)          # wsproto holds bytes not parsed yet
         self._mode = _IDLE
         # A socket still watched (from its upgrade) is taken over as it is: _update changes the
@@ -195,24 +197,16 @@ class WebSocket:
         than ``out_limit`` bytes unread loses the websocket."""
         if self._closed:
             return
-        conn = self._conn
-        try:
-            for payload in payloads:
-                self._queue(conn.send(BytesMessage(data=payload)))
-        except LocalProtocolError as exc:
-            self._fail(f"websocket to {self.peer}: {exc}")
-            return
+        send_data = self._proto.send_data
+        for payload in payloads:
+            self._queue(send_data(payload, True))
         self._flush_checked()
 
     def send_text(self, text: str) -> None:
         """Send one text message (the target, on a data websocket); ignored once closed."""
         if self._closed:
             return
-        try:
-            self._queue(self._conn.send(TextMessage(data=text)))
-        except LocalProtocolError as exc:
-            self._fail(f"websocket to {self.peer}: {exc}")
-            return
+        self._queue(self._proto.send_data(text, True))
         self._flush_checked()
 
     def fail(self, why: str) -> None:
@@ -302,10 +296,13 @@ class WebSocket:
     def _send_stream(self, data: bytes | memoryview, count: int) -> None:
         """``data[:count]`` as binary messages of at most MESSAGE_SIZE bytes; wsproto copies
         (and, on a client, masks) each one."""
-        conn = self._conn
+        send_data = self._proto.send_data
+        if count <= MESSAGE_SIZE:
+            self._queue(send_data(data if count == len(data) else memoryview(data)[:count], True))
+            return
         view = memoryview(data)
         for offset in range(0, count, MESSAGE_SIZE):
-            self._queue(conn.send(BytesMessage(data=view[offset:min(count, offset + MESSAGE_SIZE)])))
+            self._queue(send_data(view[offset:min(count, offset + MESSAGE_SIZE)], True))
 
     # --- receiving ------------------------------------------------------------------------------
     def _reading_wanted(self) -> bool:
@@ -347,7 +344,7 @@ class WebSocket:
         """Feed wsproto up to ``read_size`` bytes: one recv (TCP), or records until that many
         (TLS: each recv returns at most one record). Status: "more", "drained", "eof" or "error"
         (the websocket is lost then)."""
-        sock, conn, size = self.sock, self._conn, self.read_size
+        sock, proto, size = self.sock, self._proto, self.read_size
         chunk = min(size, TLS_READ) if self._tls else size
         got = 0
         self._read_wants_write = False
@@ -365,33 +362,42 @@ class WebSocket:
                 return 0, "error"
             if not data:
                 return got, "eof"
-            conn.receive_data(data)
+            proto.receive_bytes(data)
             got += len(data)
             if not self._tls:
                 return got, ("drained" if got < size else "more")
         return got, "more"
 
     def _process(self) -> None:
-        """Handle what wsproto parsed. The mode is looked up per event: ``on_message`` may switch
-        to stream mode, and the rest of this batch then belongs to the stream."""
-        conn = self._conn
+        """Handle the frames wsproto parsed. The mode is looked up per frame: ``on_message`` may
+        switch to stream mode, and the rest of this batch then belongs to the stream. A data
+        frame's opcode is its message's (wsproto tracks continuations), its payload ``bytes``
+        for a binary message and ``str`` for a text one; a frame may be part of one."""
+        proto = self._proto
         self._unparsed = False
         try:
-            for event in conn.events():
-                if isinstance(event, Message):
-                    self._data(event.data, event.message_finished)
-                elif isinstance(event, Ping):
-                    if event.payload == FIN_PING and self._mode == _STREAM:
+            for frame in proto.received_frames():
+                opcode = frame.opcode
+                if opcode is _BINARY and self._mode == _STREAM:  # the bulk of the traffic
+                    if frame.payload:
+                        self._inbox.append(frame.payload)  # type: ignore[arg-type]
+                        if self._stream is not None:
+                            self._stream._notify_readable()
+                    continue
+                if opcode is _BINARY or opcode is _TEXT:
+                    self._data(frame.payload, frame.message_finished)  # type: ignore[arg-type]
+                elif opcode is _PING:
+                    if frame.payload == FIN_PING and self._mode == _STREAM:
                         self._peer_eof()
                     else:
-                        self._queue(conn.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    self._close_frame(event)
+                        self._queue(proto.pong(frame.payload))  # type: ignore[arg-type]
+                elif opcode is _CLOSE:
+                    self._close_frame(*frame.payload)  # type: ignore[misc]
                     return
                 if self._closed:
                     return
-        except LocalProtocolError as exc:
-            self._fail(f"websocket with {self.peer}: {exc}")
+        except ParseFailed as exc:
+            self._fail(f"{self.peer} broke the websocket protocol: {exc}")
             return
         if self._out:
             self._flush()  # pongs
@@ -422,18 +428,14 @@ class WebSocket:
             assert self._on_message is not None
             self._on_message(message)
 
-    def _close_frame(self, event: CloseConnection) -> None:
-        conn = self._conn
-        if conn.state is not ConnectionState.REMOTE_CLOSING:
-            # wsproto reports a frame it cannot parse as a Close it made up (code 1002 or 1007).
-            self._fail(f"{self.peer} broke the websocket protocol: {event.reason}")
-            return
+    def _close_frame(self, code: int, why: str) -> None:
+        """The peer's Close frame: answered with the same code and reason, as RFC 6455 asks."""
         try:
-            self._queue(conn.send(event.response()))
+            self._queue(self._proto.close(code, why))
             self._write_out()
-        except (LocalProtocolError, OSError):
+        except OSError:
             pass
-        why = f"{self.peer} closed the websocket (code {int(event.code)}{': ' + event.reason if event.reason else ''})"
+        why = f"{self.peer} closed the websocket (code {int(code)}{': ' + why if why else ''})"
         if self._mode == _STREAM:
             self._ended_why = why
             self._eof = True
@@ -639,11 +641,8 @@ class WebSocketStream:
             raise BrokenPipeError(errno.EPIPE, ws._ended_why or "the websocket is closed")
         size = len(data)
         count = min(size, max(0, ws.out_limit - ws._out_size))
-        try:
-            if count:
-                ws._send_stream(data, count)
-        except LocalProtocolError as exc:
-            raise BrokenPipeError(errno.EPIPE, str(exc)) from None
+        if count:
+            ws._send_stream(data, count)
         if count < size:
             self._want_write = True
         ws._flush()
@@ -658,10 +657,7 @@ class WebSocketStream:
         self._shut = True
         if ws._closed or ws._eof:
             return  # the peer has ended: our close is all it needs (the relay's is next)
-        try:
-            ws._queue(ws._conn.send(Ping(payload=FIN_PING)))
-        except LocalProtocolError as exc:
-            raise BrokenPipeError(errno.EPIPE, str(exc)) from None
+        ws._queue(ws._proto.ping(FIN_PING))
         ws._flush()
 
     def close(self) -> None:
