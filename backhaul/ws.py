@@ -87,6 +87,9 @@ LINGER = 10.0                   # seconds a clean close waits for the socket to 
 PONG_SLACK = 64 * 1024          # pongs may queue this far past out_limit (a full stream's)
 TLS_READ = 64 * 1024            # one TLS recv (it returns at most one 16 KiB record anyway)
 _RESET = struct.pack("ii", 1, 0)
+CACHED_FRAME = 125              # messages up to this size (a control frame's limit) ...
+CACHED_FRAMES = 256             # ... and this many of them are framed once (see _message_frame)
+_SERVER_FRAMES: dict[bytes | str, bytes] = {}
 
 OnMessage = Callable[[bytes | str], None]
 
@@ -197,16 +200,15 @@ class WebSocket:
         than ``out_limit`` bytes unread loses the websocket."""
         if self._closed:
             return
-        send_data = self._proto.send_data
         for payload in payloads:
-            self._queue(send_data(payload, True))
+            self._queue(self._message_frame(payload))
         self._flush_checked()
 
     def send_text(self, text: str) -> None:
         """Send one text message (the target, on a data websocket); ignored once closed."""
         if self._closed:
             return
-        self._queue(self._proto.send_data(text, True))
+        self._queue(self._message_frame(text))
         self._flush_checked()
 
     def fail(self, why: str) -> None:
@@ -236,6 +238,21 @@ class WebSocket:
         self._close_socket()
 
     # --- sending --------------------------------------------------------------------------------
+    def _message_frame(self, payload: bytes | bytearray | memoryview | str) -> bytes | bytearray:
+        """One whole message as wsproto frames it. A server's frame is the same bytes whenever
+        the payload is (it is not masked): small ones are framed once per process, since the
+        same few (a link request, a target) go out on every connection."""
+        if self.client or len(payload) > CACHED_FRAME:
+            return self._proto.send_data(payload, True)
+        key = payload if isinstance(payload, str | bytes) else bytes(payload)
+        frame = _SERVER_FRAMES.get(key)
+        if frame is None:
+            frame = bytes(self._proto.send_data(payload, True))
+            if len(_SERVER_FRAMES) >= CACHED_FRAMES:
+                _SERVER_FRAMES.clear()  # many different messages: not the usual few
+            _SERVER_FRAMES[key] = frame
+        return frame
+
     def _queue(self, frame: bytes | bytearray) -> None:
         self._out.append(frame)
         self._out_size += len(frame)
