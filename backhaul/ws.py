@@ -56,8 +56,9 @@ when ragged EOFs are suppressed, so we turn that off: only the peer's close_noti
 ``tls.Conn.Close`` sends one) reads as the end of its data, a bare FIN or a reset is a broken
 link; at a clean end we send our close_notify before closing.
 
-Reactor thread only, for every method of every class here; stream listeners are called through
-``reactor.call_soon``, never from inside a stream method.
+Reactor thread only, for every method of every class here. A stream's listener is never called
+from inside a stream method: what a socket event brings is told when the event's handling is
+done, anything else through ``reactor.call_soon``.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class WebSocket:
                  "_tls", "_proto", "_mode", "_mask", "_unparsed", "_out", "_out_size", "_parts", "_part_size", "_inbox",
                  "_eof", "_paused", "_closed", "_failure", "_ended_why",
                  "_on_message", "_on_lost", "_stream", "_read_wants_write", "_write_wants_read",
-                 "_resume_posted", "_lingering", "_linger_timer")
+                 "_resume_posted", "_lingering", "_linger_timer", "_dispatching", "_due")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, *, client: bool, peer: str, first: bytes = b"",
                  max_message: int = 1 << 20, read_size: int = 256 * 1024, out_limit: int = 1 << 20,
@@ -154,6 +155,8 @@ class WebSocket:
         self._resume_posted = False
         self._lingering = False               # a clean close waits for the socket to take the rest
         self._linger_timer: Timer | None = None
+        self._dispatching = False             # in our own socket event or resume
+        self._due = 0                         # READ / WRITE: the stream's listener hears it after that
         if sock.gettimeout() != 0.0:
             sock.setblocking(False)
         if self._tls:
@@ -327,6 +330,13 @@ class WebSocket:
                 and not self._lingering)
 
     def _event(self, mask: int) -> None:
+        self._dispatching = True
+        self._handle(mask)
+        self._dispatching = False
+        if self._due:
+            self._deliver_due()
+
+    def _handle(self, mask: int) -> None:
         if mask & WRITE or (mask & READ and self._write_wants_read):
             self._flush()
             if self._closed:
@@ -336,6 +346,17 @@ class WebSocket:
             if self._closed:
                 return
         self._update()
+
+    def _deliver_due(self) -> None:
+        """Tell the stream's listener what a socket event brought, now that this websocket is
+        done with it (not from inside a stream method: the reactor called us)."""
+        due, self._due = self._due, 0
+        stream = self._stream
+        if stream is not None:
+            if due & READ:
+                stream._deliver_readable()
+            if due & WRITE:
+                stream._deliver_writable()
 
     def _read(self) -> None:
         """Read up to ROUNDS batches of ``read_size`` bytes, each fed to wsproto and handled."""
@@ -490,11 +511,15 @@ class WebSocket:
         self._resume_posted = False
         if self._closed or self._mode == _IDLE:
             return
+        self._dispatching = True
         self._process()
         if self._reading_wanted():
             self._read()
         if not self._closed:
             self._update()
+        self._dispatching = False
+        if self._due:
+            self._deliver_due()
 
     # --- the end --------------------------------------------------------------------------------
     def _fail(self, why: str) -> None:
@@ -689,15 +714,25 @@ class WebSocketStream:
             ws.abort()
 
     # --- from the websocket -----------------------------------------------------------------------
+    # Inside the websocket's own socket event (or resume) a notification is delivered when that
+    # is done with (``_deliver_due``); from anywhere else, such as a write, it is posted.
     def _notify_readable(self) -> None:
         if self._want_read and self.listener is not None:
             self._want_read = False
-            self.ws.reactor.call_soon(self._deliver_readable)
+            ws = self.ws
+            if ws._dispatching:
+                ws._due |= READ
+            else:
+                ws.reactor.call_soon(self._deliver_readable)
 
     def _notify_writable(self) -> None:
         if self.listener is not None:
             self._want_write = False
-            self.ws.reactor.call_soon(self._deliver_writable)
+            ws = self.ws
+            if ws._dispatching:
+                ws._due |= WRITE
+            else:
+                ws.reactor.call_soon(self._deliver_writable)
 
     def _notify_failed(self) -> None:
         if self.listener is not None:
