@@ -447,9 +447,10 @@ class UpgradeDial:
             if self.head:
                 sent = sock.send(self.head)
                 self.head = self.head[sent:]
-                if self.head:
-                    self.reactor.watch(sock, WRITE, self._step)
-                    return
+                # The answer cannot be here before the server has read the head: wait for it
+                # instead of a read that fails.
+                self.reactor.watch(sock, WRITE if self.head else READ, self._step)
+                return
             while True:
                 data = sock.recv(16384)
                 if not data:
