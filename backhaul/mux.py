@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from backhaul.buffers import scratch as thread_scratch
 from backhaul.errors import ProtocolError
 from backhaul.net import reason
 from backhaul.protocol.chunks import advance
@@ -195,7 +196,7 @@ class MuxConnection:
 
     def _read_now(self) -> None:
         """One inline read; a full buffer means bulk: the demux thread reads on from here."""
-        scratch = _inline_buffer()
+        scratch = thread_scratch(INLINE_READ)
         try:
             got = self.sock.recv_into(scratch) if self._tls_lock is None else self._recv_tls(scratch)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -405,17 +406,6 @@ class MuxConnection:
         self.reactor.close_socket(self.sock)
         self._pending = []
         self._blocked.clear()
-
-
-_inline_buffers = threading.local()
-
-
-def _inline_buffer() -> memoryview:
-    """The reactor thread's buffer for inline reads (one per thread, shared by every session)."""
-    buf = getattr(_inline_buffers, "buf", None)
-    if buf is None:
-        buf = _inline_buffers.buf = memoryview(bytearray(INLINE_READ))
-    return buf
 
 
 class MuxStream:

@@ -13,10 +13,10 @@ import logging
 import os
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable
 
+from backhaul.buffers import scratch
 from backhaul.pipes import SMALL, Pipe, PipePool
 from backhaul.reactor import READ, WRITE, Reactor
 
@@ -45,16 +45,6 @@ def choose_mode() -> str:
 
 
 MODE = choose_mode()
-
-
-_buffers = threading.local()
-
-
-def _thread_buffer() -> memoryview:
-    buf = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = memoryview(bytearray(COPY_CHUNK))
-    return buf
 
 
 class Direction:
@@ -161,7 +151,7 @@ class Direction:
 
     def _pump_copy(self, rounds: int) -> int:
         src, dst = self.src, self.dst
-        buf = _thread_buffer()
+        buf = scratch(COPY_CHUNK)
         pending: memoryview | bytes = self.stuck
         self.stuck = b""
         try:
