@@ -1,4 +1,4 @@
-"""Command line: ``backhaul -c config.toml``.
+"""Command line: ``backhaul -c config.toml`` runs it, ``backhaul check -c config.toml`` explains it.
 
 Exit codes: 0 after a clean stop, 1 when a port cannot be bound, 78 (EX_CONFIG) for a bad config.
 """
@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from backhaul import __version__
+from backhaul import __version__, summary
 from backhaul import log as logs
 from backhaul.app import App, raise_open_files_limit, refusals
 from backhaul.config import Config, load, python_log_level
@@ -29,9 +29,12 @@ def parser() -> argparse.ArgumentParser:
         prog="backhaul",
         description="Reverse tunnel through NAT and firewalls, wire-compatible with Backhaul v0.7.2.",
     )
+    p.add_argument("command", nargs="?", choices=["check"], metavar="check",
+                   help="validate the config, print the settings in effect (token redacted) and the "
+                        "addresses it would listen on and dial, and exit")
     p.add_argument("-c", "--config", required=True, metavar="FILE",
                    help="TOML file with a [server] and/or a [client] section")
-    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--check", action="store_true", help="validate the config, print one line and exit")
     p.add_argument("-v", "--version", action="version", version=f"backhaul {__version__}")
     return p
 
@@ -48,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"backhaul: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "check":
+        print(summary.describe(config), end="")
+        return EXIT_OK
     if args.check:
         print(f"backhaul: {args.config}: ok")
         return EXIT_OK
@@ -91,6 +97,5 @@ def _describe(config: Config) -> None:
     assert config.server is not None and config.client is not None
     for mapping in config.server.ports:
         host, port = mapping.listen_addr
-        target = config.client.forward_target(mapping.target)
-        dialed = target if ":" in target else f"127.0.0.1:{target}"
+        dialed = summary.dial_text(mapping.target, config.client)
         print(f"{host}:{port} -> tunnel {config.server.bind_addr} -> {dialed}", flush=True)

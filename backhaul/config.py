@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import logging
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any
 
 try:
     import tomllib
@@ -56,79 +58,93 @@ class PortMapping:
         return (self.listen_host or "0.0.0.0", self.listen_port)
 
 
+def setting(default: Any, doc: str, *, secret: bool = False) -> Any:
+    """A key of the file: its default (REQUIRED: none) and the line the man page says about it.
+
+    The description sits beside the key so that adding a key documents it in the same place.
+    """
+    return field(default=default, repr=not secret, metadata={"doc": doc})
+
+
+REQUIRED: Any = MISSING
+_TRANSPORT_DOC = f"tunnel transport, the same on both sides: {', '.join(TRANSPORTS)}"
+_TOKEN_DOC = f'shared secret, the same on both sides; unset: "{DEFAULT_TOKEN}" (a warning is logged)'
+_LOG_LEVEL_DOC = f"least severe level logged: {', '.join(LOG_LEVELS)}"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The ``[server]`` table."""
 
-    bind_addr: str
-    bind_host: str
-    bind_port: int
-    transport: str = "tcp"
-    token: str = field(default=DEFAULT_TOKEN, repr=False)
+    bind_addr: str = setting(REQUIRED, 'tunnel listen address, host:port (e.g. "0.0.0.0:3080"); clients dial it')
+    bind_host: str = ""
+    bind_port: int = 0
+    transport: str = setting("tcp", _TRANSPORT_DOC)
+    token: str = setting(DEFAULT_TOKEN, _TOKEN_DOC, secret=True)
     token_is_default: bool = True
-    nodelay: bool = False
-    keepalive_period: int = 75
-    channel_size: int = 2048
-    connection_pool: int = 8
-    mux_session: int = 1
-    log_level: str = "info"
-    ports: tuple[PortMapping, ...] = ()
-    heartbeat: int = DEFAULT_HEARTBEAT
-    mux_con: int = 8
-    mux_version: int = 1
-    mux_framesize: int = 32768
-    mux_recievebuffer: int = 4194304
-    mux_streambuffer: int = 65536
-    accept_udp: bool = False
-    proxy_protocol: bool = False
-    tls_cert: str = ""
-    tls_key: str = ""
-    sniffer: bool = False
-    web_port: int = 0
-    sniffer_log: str = "backhaul.json"
-    skip_optz: bool = False
-    pprof: bool = False
-    mss: int = 0
-    so_rcvbuf: int = 0
-    so_sndbuf: int = 0
+    nodelay: bool = setting(False, "TCP_NODELAY on tunnel and user connections")
+    keepalive_period: int = setting(75, "seconds between TCP keepalive probes on tunnel connections")
+    channel_size: int = setting(2048, "bound of the queues of waiting user connections and of idle data connections")
+    connection_pool: int = setting(8, "idle data connections kept ready for the next users")
+    mux_session: int = setting(1, "accepted for compatibility; the client decides how many sessions it opens")
+    log_level: str = setting("info", _LOG_LEVEL_DOC)
+    ports: tuple[PortMapping, ...] = setting((), "public listeners and the target each sends to the client (see PORTS)")
+    heartbeat: int = setting(DEFAULT_HEARTBEAT, "seconds between heartbeats on the control channel (0: the default)")
+    mux_con: int = setting(8, "tcpmux, wsmux: streams per smux session before the client is asked for another")
+    mux_version: int = setting(1, "smux protocol version, 1 or 2, the same on both sides (2: per-stream windows)")
+    mux_framesize: int = setting(32768, "largest smux frame sent and accepted, in bytes")
+    mux_recievebuffer: int = setting(4194304, "unread bytes per smux session before its socket is no longer read")
+    mux_streambuffer: int = setting(65536, "smux version 2: the window granted to each stream, in bytes")
+    accept_udp: bool = setting(False, "also carry UDP on the public ports (tcp transport); not in this version yet")
+    proxy_protocol: bool = setting(False, "send a PROXY v2 header to the target before the user's bytes")
+    tls_cert: str = setting("", "wss, wssmux: the server certificate, a PEM file (required by those transports)")
+    tls_key: str = setting("", "wss, wssmux: the certificate's private key, a PEM file (required by those transports)")
+    sniffer: bool = setting(False, "usage statistics for the status page; not in this version yet")
+    web_port: int = setting(0, "port of the status page (0: off); not in this version yet")
+    sniffer_log: str = setting("backhaul.json", "file the usage statistics are written to")
+    skip_optz: bool = setting(False, "accepted for compatibility; the host's settings are never changed")
+    pprof: bool = setting(False, "accepted for compatibility; logs that it has no effect")
+    mss: int = setting(0, "TCP maximum segment size on tunnel and user sockets (0: the OS default)")
+    so_rcvbuf: int = setting(0, "SO_RCVBUF on tunnel and user sockets, in bytes (0: the OS default)")
+    so_sndbuf: int = setting(0, "SO_SNDBUF on tunnel sockets, in bytes (0: the OS default)")
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     """The ``[client]`` table."""
 
-    remote_addr: str
-    remote_host: str
-    remote_port: int
-    transport: str = "tcp"
-    token: str = field(default=DEFAULT_TOKEN, repr=False)
+    remote_addr: str = setting(REQUIRED, "the server's bind_addr as reachable from here, host:port")
+    remote_host: str = ""
+    remote_port: int = 0
+    transport: str = setting("tcp", _TRANSPORT_DOC)
+    token: str = setting(DEFAULT_TOKEN, _TOKEN_DOC, secret=True)
     token_is_default: bool = True
-    connection_pool: int = 8
-    aggressive_pool: bool = False
-    retry_interval: int = 1
-    dial_timeout: int = 10
-    nodelay: bool = False
-    keepalive_period: int = 75
-    log_level: str = "info"
-    pprof: bool = False
-    mux_version: int = 1
-    mux_framesize: int = 32768
-    mux_recievebuffer: int = 4194304
-    mux_streambuffer: int = 65536
-    mux_session: int = 1
-    edge_ip: str = ""
-    tls_verify: bool = False
-    tls_ca: str = ""
-    tls_pin: str = ""
-    sniffer: bool = False
-    web_port: int = 0
-    sniffer_log: str = "backhaul.json"
-    skip_optz: bool = False
-    mss: int = 0
-    so_rcvbuf: int = 0
-    so_sndbuf: int = 0
-    heartbeat: int = DEFAULT_HEARTBEAT
-    forwarder: tuple[tuple[str, str], ...] = ()
+    connection_pool: int = setting(8, "data connections (mux: sessions) opened right after the handshake")
+    aggressive_pool: bool = setting(False, "grow the pool of data connections faster under load")
+    retry_interval: int = setting(1, "seconds between attempts to reach the server, forever")
+    dial_timeout: int = setting(10, "seconds allowed for a connection to the server or to a target")
+    nodelay: bool = setting(False, "TCP_NODELAY on data connections (the control channel and targets always have it)")
+    keepalive_period: int = setting(75, "seconds between TCP keepalive probes on tunnel and target connections")
+    log_level: str = setting("info", _LOG_LEVEL_DOC)
+    pprof: bool = setting(False, "accepted for compatibility; logs that it has no effect")
+    mux_version: int = setting(1, "smux protocol version, 1 or 2, the same on both sides (2: per-stream windows)")
+    mux_framesize: int = setting(32768, "largest smux frame sent and accepted, in bytes")
+    mux_recievebuffer: int = setting(4194304, "unread bytes per smux session before its socket is no longer read")
+    mux_streambuffer: int = setting(65536, "smux version 2: the window granted to each stream, in bytes")
+    mux_session: int = setting(1, "tcpmux, wsmux: smux sessions kept open at least")
+    edge_ip: str = setting("", "ws transports: connect to this IP address (a CDN edge); Host and SNI stay remote_addr")
+    tls_verify: bool = setting(False, "wss, wssmux: check the server's certificate against tls_ca or the system's CAs")
+    tls_ca: str = setting("", "wss, wssmux: a PEM file of the certificate authorities to trust")
+    tls_pin: str = setting("", "wss, wssmux: sha256 fingerprint of the server's certificate (64 hex digits)")
+    sniffer: bool = setting(False, "usage statistics for the status page; not in this version yet")
+    web_port: int = setting(0, "port of the status page (0: off); not in this version yet")
+    sniffer_log: str = setting("backhaul.json", "file the usage statistics are written to")
+    skip_optz: bool = setting(False, "accepted for compatibility; the host's settings are never changed")
+    mss: int = setting(0, "TCP maximum segment size on tunnel sockets (0: the OS default)")
+    so_rcvbuf: int = setting(0, "SO_RCVBUF on tunnel sockets, in bytes (0: the OS default)")
+    so_sndbuf: int = setting(0, "SO_SNDBUF on tunnel sockets, in bytes (0: the OS default)")
+    heartbeat: int = setting(DEFAULT_HEARTBEAT, "accepted; the silence limit follows the server's heartbeats")
+    forwarder: tuple[tuple[str, str], ...] = setting((), '"TARGET=HOST:PORT": dial HOST:PORT for the target TARGET')
 
     def forward_target(self, target: str) -> str:
         """The address to dial for ``target``: a forwarder's right side, or ``target`` itself."""
@@ -147,10 +163,38 @@ class Config:
     client: ClientConfig | None
 
 
-# Keys computed from others, never read from the file.
+# Fields computed from others, never read from the file.
 _DERIVED = {"bind_host", "bind_port", "remote_host", "remote_port", "token_is_default"}
-_SERVER_KEYS = tuple(f.name for f in fields(ServerConfig) if f.name not in _DERIVED)
-_CLIENT_KEYS = tuple(f.name for f in fields(ClientConfig) if f.name not in _DERIVED)
+
+
+def file_keys(side: type[ServerConfig] | type[ClientConfig]) -> tuple[Field[Any], ...]:
+    """The fields of ``side`` that are keys of the file, in the order the man page lists them."""
+    return tuple(f for f in fields(side) if f.name not in _DERIVED)
+
+
+def file_value(side: ServerConfig | ClientConfig, name: str) -> object:
+    """The value of key ``name`` in effect, as it would be written in the file."""
+    value = getattr(side, name)
+    if name == "ports":
+        return list(dict.fromkeys(mapping.entry for mapping in value))  # a range is one entry
+    if name == "forwarder":
+        return [f"{left}={right}" for left, right in value]
+    return value
+
+
+def toml_value(value: object) -> str:
+    """``value`` (a string, integer, boolean or a sequence of strings) written as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    return str(value)
+
+
+_SERVER_KEYS = tuple(f.name for f in file_keys(ServerConfig))
+_CLIENT_KEYS = tuple(f.name for f in file_keys(ClientConfig))
 
 
 def python_log_level(name: str) -> int:
@@ -580,7 +624,8 @@ def _ports_without_target(text: str) -> list[tuple[str, int, str]]:
     return [("", port, str(port)) for port in range(start, end + 1)]
 
 
-def _address_text(host: str, port: int) -> str:
+def address_text(host: str, port: int) -> str:
+    """``host:port`` as an operator writes it: all interfaces for no host, IPv6 in brackets."""
     shown = host or "0.0.0.0"
     return f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"
 
@@ -605,7 +650,7 @@ def parse_ports(
             slot = ((host or "0.0.0.0").lower(), port)
             if slot in owners:
                 first, text = owners[slot]
-                problem = f"listen address {_address_text(host, port)} is already used by {key}[{first}] ({text!r})"
+                problem = f"listen address {address_text(host, port)} is already used by {key}[{first}] ({text!r})"
                 raise ConfigError(source, where, problem, entry)
             owners[slot] = (index, entry)
             mappings.append(

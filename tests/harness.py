@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -26,6 +25,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from backhaul.config import toml_value
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -69,21 +70,9 @@ def free_port(host: str = HOST) -> int:
         return sock.getsockname()[1]
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
-
-
 def toml_section(name: str, values: dict[str, object]) -> str:
     lines = [f"[{name}]"]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
 
 
