@@ -23,6 +23,8 @@ TRANSPORTS = ("tcp", "tcpmux", "ws", "wss", "wsmux", "wssmux", "udp")
 LOG_LEVELS = ("panic", "fatal", "error", "warn", "warning", "info", "debug", "trace")
 
 DEFAULT_HEARTBEAT = 40
+DEFAULT_WEB_ADDR = "127.0.0.1"   # ours: the status page is local unless asked otherwise
+DEFAULT_DRAIN = 10               # ours: seconds open user connections get to finish on SIGTERM
 MAX_TOKEN_BYTES = 0xFFFF  # the handshake's u16 length
 MAX_RANGE_PORTS = 1000
 _INT_MAX = 2**31 - 1
@@ -86,6 +88,8 @@ class ServerConfig:
     sniffer: bool = False
     web_port: int = 0
     sniffer_log: str = "backhaul.json"
+    web_addr: str = DEFAULT_WEB_ADDR
+    drain_timeout: int = DEFAULT_DRAIN
     skip_optz: bool = False
     pprof: bool = False
     mss: int = 0
@@ -123,6 +127,8 @@ class ClientConfig:
     sniffer: bool = False
     web_port: int = 0
     sniffer_log: str = "backhaul.json"
+    web_addr: str = DEFAULT_WEB_ADDR
+    drain_timeout: int = DEFAULT_DRAIN
     skip_optz: bool = False
     mss: int = 0
     so_rcvbuf: int = 0
@@ -151,6 +157,15 @@ class Config:
 _DERIVED = {"bind_host", "bind_port", "remote_host", "remote_port", "token_is_default"}
 _SERVER_KEYS = tuple(f.name for f in fields(ServerConfig) if f.name not in _DERIVED)
 _CLIENT_KEYS = tuple(f.name for f in fields(ClientConfig) if f.name not in _DERIVED)
+
+
+def changed_keys(old: ServerConfig | ClientConfig, new: ServerConfig | ClientConfig) -> list[str]:
+    """The keys of the file whose values differ between two configs of one side (a reload)."""
+    keys = _SERVER_KEYS if isinstance(old, ServerConfig) else _CLIENT_KEYS
+    changed = [name for name in keys if getattr(old, name) != getattr(new, name)]
+    if "token" not in changed and old.token_is_default != new.token_is_default:
+        changed.append("token")
+    return changed
 
 
 def python_log_level(name: str) -> int:
@@ -200,6 +215,14 @@ def parse(text: str, source: str = "<config>") -> Config:
         if "client" in document
         else None
     )
+    if server is not None and client is not None and server.web_port and server.web_port == client.web_port \
+            and server.web_addr == client.web_addr:
+        raise ConfigError(source, "client.web_port", f"{client.web_addr}:{client.web_port} is already the "
+                          "server's status page; give each side its own port", client.web_port)
+    if server is not None and client is not None and server.sniffer and client.sniffer \
+            and server.sniffer_log == client.sniffer_log:
+        raise ConfigError(source, "client.sniffer_log", "the server writes its usage to this file already; "
+                          "give each side its own file", client.sniffer_log)
     return Config(source=source, server=server, client=client)
 
 
@@ -327,7 +350,9 @@ def _common(reader: _Reader) -> dict[str, object]:
         "heartbeat": heartbeat,
         "sniffer": reader.boolean("sniffer"),
         "web_port": reader.integer("web_port", 0, 0, 65535),
-        "sniffer_log": reader.string("sniffer_log", "backhaul.json"),
+        "sniffer_log": _sniffer_log(reader),
+        "web_addr": _web_addr(reader),
+        "drain_timeout": reader.integer("drain_timeout", DEFAULT_DRAIN, 0, 3600),
         "skip_optz": reader.boolean("skip_optz"),
         "pprof": reader.boolean("pprof"),
         "mss": _mss(reader),
@@ -336,6 +361,24 @@ def _common(reader: _Reader) -> dict[str, object]:
     }
     values.update(_mux(reader))
     return values
+
+
+def _web_addr(reader: _Reader) -> str:
+    """The address the status page binds: an IP address, never a name (no lookup at start)."""
+    text = reader.string("web_addr", DEFAULT_WEB_ADDR)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise reader.error("web_addr", 'expected an IP address to serve the status page on, e.g. "127.0.0.1" '
+                           'or "::1"', text) from None
+    return text
+
+
+def _sniffer_log(reader: _Reader) -> str:
+    text = reader.string("sniffer_log", "backhaul.json")
+    if not text or text.endswith("/"):
+        raise reader.error("sniffer_log", "expected the path of a file to write the usage to", text)
+    return text
 
 
 def _mss(reader: _Reader) -> int:
