@@ -139,6 +139,13 @@ class WebServer:
             return
         if conn.timer is not None:
             conn.timer.cancel()
+        try:
+            # Unread bytes would turn the close into a reset that can drop our answer (431).
+            for _ in range(4):
+                if not conn.sock.recv(65536):
+                    break
+        except OSError:
+            pass
         self.reactor.close_socket(conn.sock)
 
 

@@ -36,10 +36,12 @@ class NotifySocket:
     def __init__(self, address: str | bytes) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(address)
+        self.unread: list[tuple[float, str]] = []   # arrived behind the one ``wait_for`` returned
 
     def messages(self, seconds: float) -> list[tuple[float, str]]:
-        """Every message that arrives within ``seconds``, with the time it arrived."""
-        got = []
+        """Every message not read yet and every one that arrives within ``seconds``, with the time
+        it arrived."""
+        got, self.unread = self.unread, []
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             self.sock.settimeout(left)
@@ -52,8 +54,10 @@ class NotifySocket:
     def wait_for(self, field: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            for _, message in self.messages(min(left, 0.2)):
+            batch = self.messages(min(left, 0.2))
+            for index, (_, message) in enumerate(batch):
                 if field in message.split("\n"):
+                    self.unread = batch[index + 1:]
                     return message
         pytest.fail(f"no {field} within {timeout:g} s")
 
