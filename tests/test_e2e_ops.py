@@ -417,7 +417,7 @@ def test_metrics_follow_the_exposition_format_and_count_the_traffic(served: tupl
         assert closed_by_peer(intruder, timeout=5)
 
     def settled() -> dict | None:
-        status, content_type, body = http_get(server_web, "/metrics")
+        status, _type, body = http_get(server_web, "/metrics")
         samples = parse_exposition(body)
         done = sample(samples, "backhaul_connections_total", side="server", port=public) == len(SIZES)
         idle = sample(samples, "backhaul_connections_active", side="server", port=public) == 0
