@@ -139,9 +139,10 @@ class Server:
                 port = self.ports[addr] = added[addr]
                 port.listener.start()
                 log.info("forwarding %s:%d -> client target %s", *addr, mapping.target)
-            elif port.mapping != mapping:
+            else:
+                if port.mapping.target != mapping.target:
+                    log.info("forwarding %s:%d -> client target %s (new connections)", *addr, mapping.target)
                 port.mapping = mapping
-                log.info("forwarding %s:%d -> client target %s (new connections)", *addr, mapping.target)
         tunnel = [key for key in changed_keys(old, new) if key not in LIVE_KEYS]
         if tunnel:
             self._restart_tunnel(tunnel)

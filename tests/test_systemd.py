@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,9 +130,15 @@ def test_watchdog_pings_stop_while_the_reactor_is_wedged(notify_socket: tuple[st
         pings = [t for t, m in listener.messages(1.0) if m == "WATCHDOG=1"]
         assert len(pings) >= 5, f"expected a ping every 0.1 s, got {len(pings)} in 1 s"
 
-        app.reactor.call_soon(time.sleep, 1.5)   # a handler that hangs the event loop
-        time.sleep(0.15)                          # a ping already on its way may still come
-        listener.messages(0.0)
+        wedged = threading.Event()
+
+        def hang() -> None:   # a handler that hangs the event loop
+            wedged.set()
+            time.sleep(1.5)
+
+        app.reactor.call_soon(hang)
+        assert wedged.wait(5)
+        listener.messages(0.05)   # pings sent before it hung are queued already: drop them
         during = [m for _, m in listener.messages(1.1) if m == "WATCHDOG=1"]
         assert during == [], f"pings went on while the reactor was wedged: {len(during)}"
         after = [m for _, m in listener.messages(1.0) if m == "WATCHDOG=1"]
