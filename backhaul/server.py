@@ -79,13 +79,12 @@ class Server:
         try:
             self.transport.open()
             for mapping in self.config.ports:
-                self.ports[mapping.listen_addr] = self._listen(mapping)
+                self.ports[mapping.listen_addr] = self._listen(mapping, self.config)
         except TransportError:
             self.close()
             raise
 
-    def _listen(self, mapping: PortMapping) -> PublicPort:
-        cfg = self.config
+    def _listen(self, mapping: PortMapping, cfg: ServerConfig) -> PublicPort:
         sock = listen(*mapping.listen_addr, mss=cfg.mss, rcvbuf=cfg.so_rcvbuf)
         tune(sock, nodelay=cfg.nodelay)  # users inherit it
         name = "port {}:{}".format(*mapping.listen_addr)
@@ -118,7 +117,7 @@ class Server:
         try:
             for mapping in new.ports:
                 if mapping.listen_addr not in old:
-                    added[mapping.listen_addr] = self._listen(mapping)
+                    added[mapping.listen_addr] = self._listen(mapping, new)
         except TransportError:
             for port in added.values():
                 port.listener.close()
