@@ -25,6 +25,8 @@ TRANSPORTS = ("tcp", "tcpmux", "ws", "wss", "wsmux", "wssmux", "udp")
 LOG_LEVELS = ("panic", "fatal", "error", "warn", "warning", "info", "debug", "trace")
 
 DEFAULT_HEARTBEAT = 40
+DEFAULT_WEB_ADDR = "127.0.0.1"   # ours: the status page is local unless asked otherwise
+DEFAULT_DRAIN = 10               # ours: seconds open user connections get to finish on SIGTERM
 MAX_TOKEN_BYTES = 0xFFFF  # the handshake's u16 length
 MAX_RANGE_PORTS = 1000
 _INT_MAX = 2**31 - 1
@@ -99,9 +101,11 @@ class ServerConfig:
     proxy_protocol: bool = setting(False, "send a PROXY v2 header to the target before the user's bytes")
     tls_cert: str = setting("", "wss, wssmux: the server certificate, a PEM file (required by those transports)")
     tls_key: str = setting("", "wss, wssmux: the certificate's private key, a PEM file (required by those transports)")
-    sniffer: bool = setting(False, "usage statistics for the status page; not in this version yet")
-    web_port: int = setting(0, "port of the status page (0: off); not in this version yet")
-    sniffer_log: str = setting("backhaul.json", "file the usage statistics are written to")
+    sniffer: bool = setting(False, "write the per-port usage to sniffer_log every few seconds")
+    web_port: int = setting(0, "port of the status page, /metrics and /healthz (0: off)")
+    sniffer_log: str = setting("backhaul.json", "file the per-port usage is written to (JSON) when sniffer is on")
+    web_addr: str = setting(DEFAULT_WEB_ADDR, "address the status page listens on (ours)")
+    drain_timeout: int = setting(DEFAULT_DRAIN, "seconds open connections may take to finish after SIGTERM (ours)")
     skip_optz: bool = setting(False, "accepted for compatibility; the host's settings are never changed")
     pprof: bool = setting(False, "accepted for compatibility; logs that it has no effect")
     mss: int = setting(0, "TCP maximum segment size on tunnel and user sockets (0: the OS default)")
@@ -136,9 +140,11 @@ class ClientConfig:
     tls_verify: bool = setting(False, "wss, wssmux: check the server's certificate against tls_ca or the system's CAs")
     tls_ca: str = setting("", "wss, wssmux: a PEM file of the certificate authorities to trust")
     tls_pin: str = setting("", "wss, wssmux: sha256 fingerprint of the server's certificate (64 hex digits)")
-    sniffer: bool = setting(False, "usage statistics for the status page; not in this version yet")
-    web_port: int = setting(0, "port of the status page (0: off); not in this version yet")
-    sniffer_log: str = setting("backhaul.json", "file the usage statistics are written to")
+    sniffer: bool = setting(False, "write the per-port usage to sniffer_log every few seconds")
+    web_port: int = setting(0, "port of the status page, /metrics and /healthz (0: off)")
+    sniffer_log: str = setting("backhaul.json", "file the per-port usage is written to (JSON) when sniffer is on")
+    web_addr: str = setting(DEFAULT_WEB_ADDR, "address the status page listens on (ours)")
+    drain_timeout: int = setting(DEFAULT_DRAIN, "seconds open connections may take to finish after SIGTERM (ours)")
     skip_optz: bool = setting(False, "accepted for compatibility; the host's settings are never changed")
     mss: int = setting(0, "TCP maximum segment size on tunnel sockets (0: the OS default)")
     so_rcvbuf: int = setting(0, "SO_RCVBUF on tunnel sockets, in bytes (0: the OS default)")
@@ -197,6 +203,15 @@ _SERVER_KEYS = tuple(f.name for f in file_keys(ServerConfig))
 _CLIENT_KEYS = tuple(f.name for f in file_keys(ClientConfig))
 
 
+def changed_keys(old: ServerConfig | ClientConfig, new: ServerConfig | ClientConfig) -> list[str]:
+    """The keys of the file whose values differ between two configs of one side (a reload)."""
+    keys = _SERVER_KEYS if isinstance(old, ServerConfig) else _CLIENT_KEYS
+    changed = [name for name in keys if getattr(old, name) != getattr(new, name)]
+    if "token" not in changed and old.token_is_default != new.token_is_default:
+        changed.append("token")
+    return changed
+
+
 def python_log_level(name: str) -> int:
     """Map a logrus level name (any case) onto a :mod:`logging` level."""
     try:
@@ -244,6 +259,14 @@ def parse(text: str, source: str = "<config>") -> Config:
         if "client" in document
         else None
     )
+    if server is not None and client is not None and server.web_port and server.web_port == client.web_port \
+            and server.web_addr == client.web_addr:
+        raise ConfigError(source, "client.web_port", f"{client.web_addr}:{client.web_port} is already the "
+                          "server's status page; give each side its own port", client.web_port)
+    if server is not None and client is not None and server.sniffer and client.sniffer \
+            and server.sniffer_log == client.sniffer_log:
+        raise ConfigError(source, "client.sniffer_log", "the server writes its usage to this file already; "
+                          "give each side its own file", client.sniffer_log)
     return Config(source=source, server=server, client=client)
 
 
@@ -371,7 +394,9 @@ def _common(reader: _Reader) -> dict[str, object]:
         "heartbeat": heartbeat,
         "sniffer": reader.boolean("sniffer"),
         "web_port": reader.integer("web_port", 0, 0, 65535),
-        "sniffer_log": reader.string("sniffer_log", "backhaul.json"),
+        "sniffer_log": _sniffer_log(reader),
+        "web_addr": _web_addr(reader),
+        "drain_timeout": reader.integer("drain_timeout", DEFAULT_DRAIN, 0, 3600),
         "skip_optz": reader.boolean("skip_optz"),
         "pprof": reader.boolean("pprof"),
         "mss": _mss(reader),
@@ -380,6 +405,24 @@ def _common(reader: _Reader) -> dict[str, object]:
     }
     values.update(_mux(reader))
     return values
+
+
+def _web_addr(reader: _Reader) -> str:
+    """The address the status page binds: an IP address, never a name (no lookup at start)."""
+    text = reader.string("web_addr", DEFAULT_WEB_ADDR)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise reader.error("web_addr", 'expected an IP address to serve the status page on, e.g. "127.0.0.1" '
+                           'or "::1"', text) from None
+    return text
+
+
+def _sniffer_log(reader: _Reader) -> str:
+    text = reader.string("sniffer_log", "backhaul.json")
+    if not text or text.endswith("/"):
+        raise reader.error("sniffer_log", "expected the path of a file to write the usage to", text)
+    return text
 
 
 def _mss(reader: _Reader) -> int:

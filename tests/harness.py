@@ -195,22 +195,29 @@ class Launcher:
         path.write_text(text)
         return path
 
-    def start(self, name: str, config_text: str, wrap: tuple[str, ...] = ()) -> Backhaul:
-        return self.start_file(name, self.write_config(name, config_text), wrap)
+    def start(self, name: str, config_text: str, wrap: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> Backhaul:
+        return self.start_file(name, self.write_config(name, config_text), wrap, env)
 
-    def start_file(self, name: str, config: Path, wrap: tuple[str, ...] = ()) -> Backhaul:
-        """Start ``python -m backhaul -c config``; ``wrap`` is a command that runs it (prlimit, setpriv)."""
+    def start_file(self, name: str, config: Path, wrap: tuple[str, ...] = (),
+                   env: dict[str, str] | None = None) -> Backhaul:
+        """Start ``python -m backhaul -c config``; ``wrap`` is a command that runs it (prlimit, setpriv),
+        ``env`` adds to its environment."""
         self._serial += 1
         log_path = self.directory / f"{name}.{self._serial}.stderr"
         out_path = self.directory / f"{name}.{self._serial}.stdout"
-        env = dict(os.environ)
-        env.pop("JOURNAL_STREAM", None)
-        env.pop("BACKHAUL_RELAY", None)
+        environ = dict(os.environ)
+        for name_ in ("JOURNAL_STREAM", "BACKHAUL_RELAY", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            environ.pop(name_, None)
         if self.relay_mode == "copy":
-            env["BACKHAUL_RELAY"] = "copy"
+            environ["BACKHAUL_RELAY"] = "copy"
+        environ.update(env or {})
         with open(log_path, "wb") as err, open(out_path, "wb") as out:
+            if "JOURNAL_STREAM" in environ and environ["JOURNAL_STREAM"] == "":  # stderr is "the journal"
+                st = os.fstat(err.fileno())
+                environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
             proc = subprocess.Popen([*wrap, sys.executable, "-m", "backhaul", "-c", str(config)], cwd=REPO,
-                                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+                                    env=environ, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         bh = Backhaul(name, config, log_path, proc)
         self.procs.append(bh)
         return bh

@@ -50,7 +50,7 @@ MODE = choose_mode()
 class Direction:
     """One way of a relay: bytes from ``src`` to ``dst``, and what is stuck between them."""
 
-    __slots__ = ("src", "dst", "pipes", "splice", "pipe", "queued", "held", "stuck", "state")
+    __slots__ = ("src", "dst", "pipes", "splice", "pipe", "queued", "held", "stuck", "state", "moved")
 
     def __init__(self, src: socket.socket, dst: socket.socket, pipes: PipePool | None) -> None:
         self.src = src
@@ -62,6 +62,7 @@ class Direction:
         self.held = 0            # of which counted as pinned while the receiver does not read
         self.stuck = b""         # bytes not yet written, outside any pipe
         self.state = WANT_READ
+        self.moved = 0           # bytes read from src: one addition per read, read by the status page
 
     def pump(self, rounds: int, inline: bool = False) -> int:
         """Move bytes for at most ``rounds`` reads; returns why it stopped.
@@ -105,6 +106,7 @@ class Direction:
             if got == 0:
                 return EOF
             self.queued = got
+            self.moved += got
             if got < bite:
                 break
         if self.queued and not self._drain_pipe(pipe.r, dst):
@@ -162,6 +164,7 @@ class Direction:
                 got = src.recv_into(buf)
                 if got == 0:
                     return EOF
+                self.moved += got
                 pending = buf[:got]
                 if got < len(buf):  # drained: asking again would only raise EAGAIN
                     break
@@ -221,6 +224,7 @@ class Relay:
         if first is not None:
             direction = self.ab if first is self.a else self.ba
             direction.stuck = early
+            direction.moved += len(early)
             self._run_inline(direction)
             if self._closed:
                 return
@@ -319,6 +323,14 @@ class Relay:
         done = all(s in (EOF, FAILED) for s in states)
         if done or self._failed:
             self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def counts(self) -> tuple[int, int]:
+        """Bytes read so far from ``a`` (towards ``b``) and from ``b``; any thread."""
+        return self.ab.moved, self.ba.moved
 
     def close(self) -> None:
         """Close both sockets now; reactor thread only, never while a worker pumps."""

@@ -124,6 +124,10 @@ class StreamRelay:
     def closed(self) -> bool:
         return self._closed
 
+    def counts(self) -> tuple[int, int]:
+        """Bytes read from the socket so far, and written to it."""
+        return self.up_bytes, self.down_bytes
+
     def start(self) -> None:
         """Arm the socket and listen to the stream; reactor thread only."""
         if self._closed:

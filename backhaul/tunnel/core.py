@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 class Relaying(Protocol):
     """A running relay (splice or stream): ``abort`` tears it down from outside."""
 
+    @property
+    def closed(self) -> bool: ...
+
+    def counts(self) -> tuple[int, int]:
+        """Bytes read from the user's (or target's) socket so far, and written to it."""
+
     def abort(self) -> None: ...
 
 
@@ -87,6 +93,9 @@ class ServerTransport(Protocol):
 
     def user_arrived(self) -> None:
         """A user connection was accepted: ask for what the pool policy wants."""
+
+    def peer(self) -> str:
+        """The client's address while its control channel is up, else ""."""
 
     def take_link(self) -> ServerLink | None:
         """A ready link, taken out of the pool, or None. It may still be watched for reading:
