@@ -45,10 +45,13 @@ def settings(side: ServerConfig | ClientConfig) -> list[str]:
 
 
 def listens(config: Config) -> list[str]:
-    """The server's tunnel port and public ports; a client listens on nothing."""
+    """The server's tunnel port and public ports, and the status page of either side."""
+    pages = [f"tcp {address_text(side.web_addr, side.web_port)}  status page, /metrics, /healthz ({name})"
+             for name, side in (("server", config.server), ("client", config.client))
+             if side is not None and side.web_port]
     server = config.server
     if server is None:
-        return []
+        return pages
     tunnel = "udp" if server.transport == "udp" else "tcp"
     public = "udp" if server.transport == "udp" else "tcp+udp" if server.accept_udp else "tcp"
     lines = [f"{tunnel} {address_text(server.bind_host, server.bind_port)}  tunnel ({server.transport})"]
@@ -57,7 +60,7 @@ def listens(config: Config) -> list[str]:
         where = address_text(*first.listen_addr) + (f"-{last.listen_port}" if last is not first else "")
         lines.append(f"{public} {where}  public, ports entry {toml_value(entry)}: "
                      f"the client dials {_dials_for(mappings, config)}")
-    return lines
+    return lines + pages
 
 
 def dials(config: Config) -> list[str]:

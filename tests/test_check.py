@@ -94,6 +94,16 @@ def test_client_report_names_the_server_and_the_forwarder(tmp_path: Path, capsys
     ]
 
 
+def test_a_status_page_is_among_what_a_side_listens_on(tmp_path: Path, capsys) -> None:
+    """Catches: the status page's address left out of what the process would listen on."""
+    path = tmp_path / "client.toml"
+    path.write_text(toml_section("client", {"remote_addr": "203.0.113.1:3080", "web_port": 8080}))
+    code, out, err = check(path, capsys)
+    assert code == 0, err
+    listens = out.split("# listens on:\n", 1)[1].split("# dials:\n", 1)[0]
+    assert listens.splitlines() == ["#   tcp 127.0.0.1:8080  status page, /metrics, /healthz (client)"]
+
+
 def test_edge_ip_is_what_a_ws_client_dials(tmp_path: Path, capsys) -> None:
     """Catches: a ws client reported as dialing remote_addr when it connects to its CDN edge."""
     pytest.importorskip("wsproto")
