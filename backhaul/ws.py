@@ -44,9 +44,9 @@ telling the peer deadlocks two Python peers whose both ends half-closed (neither
 
 In stream mode the peer's end of data is that Ping, its Close frame, or TCP EOF (a Go peer closes
 its socket at its first EOF): ``read`` then returns None once the buffered bytes are read. A
-clean ``close`` (our FIN sent and the peer's read) sends what is still queued (for at most
-``LINGER`` seconds) and closes (TLS: after our close_notify); any other ``close`` resets the TCP
-connection (SO_LINGER 0), so the peer's stream fails.
+clean ``close`` (our FIN sent and the peer's read) sends what is still queued (as long as the
+peer takes some of it every ``LINGER`` seconds) and closes (TLS: after our close_notify); any
+other ``close`` resets the TCP connection (SO_LINGER 0), so the peer's stream fails.
 
 TLS (wss): ``sock`` may be an ``ssl.SSLSocket`` past its handshake. SSL_read and SSL_write
 wants are handled (a blocked write is retried with the very same buffer), and bytes already
@@ -85,7 +85,7 @@ MESSAGE_SIZE = 64 * 1024        # payload of one binary message a stream sends
 FIN_PING = b"backhaul:eof"      # Ping payload: no more data from this side (see the module text)
 ROUNDS = 4                      # socket reads per event before other connections get a turn
 IOV_MAX = 1024                  # buffers one sendmsg may take (Linux)
-LINGER = 10.0                   # seconds a clean close waits for the socket to take the rest
+LINGER = 10.0                   # seconds a clean close waits for the socket to take more of the rest
 PONG_SLACK = 64 * 1024          # pongs may queue this far past out_limit (a full stream's)
 TLS_READ = 64 * 1024            # one TLS recv (it returns at most one 16 KiB record anyway)
 _RESET = struct.pack("ii", 1, 0)
@@ -108,7 +108,7 @@ class WebSocket:
                  "_tls", "_conn", "_mode", "_mask", "_out", "_out_size", "_parts", "_part_size", "_inbox",
                  "_eof", "_paused", "_closed", "_failure", "_ended_why",
                  "_on_message", "_on_lost", "_stream", "_read_wants_write", "_write_wants_read",
-                 "_resume_posted", "_lingering", "_linger_timer")
+                 "_resume_posted", "_lingering", "_linger_timer", "_linger_left")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, *, client: bool, peer: str, first: bytes = b"",
                  max_message: int = 1 << 20, read_size: int = 256 * 1024, out_limit: int = 1 << 20,
@@ -144,6 +144,7 @@ class WebSocket:
         self._resume_posted = False
         self._lingering = False               # a clean close waits for the socket to take the rest
         self._linger_timer: Timer | None = None
+        self._linger_left = 0                 # bytes queued at the last look of a lingering close
         if sock.gettimeout() != 0.0:
             sock.setblocking(False)
         if self._tls:
@@ -496,7 +497,9 @@ class WebSocket:
             pass
 
     def _close_after_flush(self) -> None:
-        """The clean end of a stream: what is queued goes first, for at most LINGER seconds."""
+        """The clean end of a stream: what is queued goes first, while the peer keeps taking it.
+        A busy machine may drain a full queue slowly; only a peer that takes nothing for LINGER
+        seconds loses the rest (a reset)."""
         if self._closed:
             return
         try:
@@ -508,8 +511,18 @@ class WebSocket:
             self._goodbye()
             return
         self._lingering = True
-        self._linger_timer = self.reactor.call_later(LINGER, self.abort)
+        self._linger_left = self._out_size
+        self._linger_timer = self.reactor.call_later(LINGER, self._linger_check)
         self._update()
+
+    def _linger_check(self) -> None:
+        if self._closed:
+            return
+        if self._out_size < self._linger_left:
+            self._linger_left = self._out_size
+            self._linger_timer = self.reactor.call_later(LINGER, self._linger_check)
+        else:
+            self.abort()
 
     def _goodbye(self) -> None:
         """Close at the clean end. On TLS our close_notify goes first: the peer reads it as the end
