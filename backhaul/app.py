@@ -37,9 +37,6 @@ def refusals(config: Config) -> list[str]:
         if side.sniffer or side.web_port:
             problems.append(f"{config.source}: {name}.sniffer/web_port: the status page is not "
                             "available in this version yet")
-    if config.server is not None and config.server.accept_udp:
-        problems.append(f"{config.source}: server.accept_udp: UDP over the tunnel is not available "
-                        "in this version yet")
     return problems
 
 

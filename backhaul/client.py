@@ -13,14 +13,18 @@ import threading
 from backhaul.config import ClientConfig
 from backhaul.errors import BackhaulError, ProtocolError
 from backhaul.log import Throttle
+from backhaul.metrics import METRICS
 from backhaul.net import dial, tune
 from backhaul.protocol.target import resolve_target
 from backhaul.reactor import Reactor
 from backhaul.resolver import Resolver
 from backhaul.transport import client_connect
 from backhaul.tunnel.core import ClientLink, ClientSession, Relaying
+from backhaul.udp import ConnectedPeer, open_udp
 
 log = logging.getLogger("backhaul.client")
+
+FLOWS = METRICS.gauge("backhaul_udp_flows", "UDP flows open, by side", ("side",))
 
 
 class Client:
@@ -32,6 +36,8 @@ class Client:
         self.resolver = Resolver(reactor)
         self.connect = client_connect(config.transport)
         self.relays: set[Relaying] = set()
+        self.flows: set[Relaying] = set()
+        self._unwatch = FLOWS.watch(lambda: [(("client",), len(self.flows))])
         self.session: ClientSession | None = None
         self._stopping = threading.Event()
         self._ended = threading.Event()
@@ -107,6 +113,29 @@ class Client:
 
         dial(self.reactor, self.resolver, host, port, cfg.dial_timeout, dialed)
 
+    def carry_flow(self, link: ClientLink, target: str) -> None:
+        """Open a UDP socket to the target of a UDP flow and relay datagrams; reactor thread."""
+        cfg = self.config
+        wanted = cfg.forward_target(target)
+        try:
+            host, port = resolve_target(wanted)
+        except ProtocolError as exc:
+            self._target_failed(str(exc))
+            link.close()
+            return
+
+        def opened(sock: socket.socket | None, error: str) -> None:
+            if sock is None:
+                self._target_failed(f"UDP target {wanted} unusable: {error}")
+                link.close()
+                return
+            peer = ConnectedPeer(self.reactor, sock, f"UDP target {wanted}")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("tunnel UDP flow -> target %s (%s:%d)", target, host, port)
+            self.flows.add(link.attach_flow(peer, self.flows.discard))
+
+        open_udp(self.reactor, self.resolver, host, port, cfg.dial_timeout, opened)
+
     def _target_failed(self, message: str) -> None:
         self._target_errors.warning("%s", message)
 
@@ -123,6 +152,7 @@ class Client:
     def _close_all(self) -> None:
         if self.session is not None:
             self.session.close("", notify=True)
-        for relay in list(self.relays):
+        for relay in [*self.relays, *self.flows]:
             relay.abort()
+        self._unwatch()
         self._closed.set()

@@ -80,6 +80,7 @@ class ServerConfig:
     mux_recievebuffer: int = 4194304
     mux_streambuffer: int = 65536
     accept_udp: bool = False
+    udp_max_flows: int = 4096    # ours: UDP flows the server keeps at once, all ports together
     proxy_protocol: bool = False
     tls_cert: str = ""
     tls_key: str = ""
@@ -373,6 +374,7 @@ def _server(table: dict[str, object], source: str) -> ServerConfig:
         channel_size=reader.integer("channel_size", 2048, 1, 1_000_000),
         mux_con=reader.integer("mux_con", 8, 1, 65535),
         accept_udp=reader.boolean("accept_udp"),
+        udp_max_flows=reader.integer("udp_max_flows", 4096, 1, 1_000_000),
         proxy_protocol=reader.boolean("proxy_protocol"),
         tls_cert=_readable_file(reader, "tls_cert", required=_uses_tls(reader)),
         tls_key=_readable_file(reader, "tls_key", required=_uses_tls(reader)),

@@ -1,7 +1,8 @@
 """What every server transport shares: the public port listeners, the queue of user
 connections waiting for the tunnel (3 s, bounded by channel_size) and the running relays.
 
-A transport supplies links; ``Server`` decides which user connection gets one.
+A transport supplies links; ``Server`` decides which user connection gets one. A UDP flow
+(accept_udp on tcp, every port on udp) waits in the same queue and takes a link the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import socket
 
 from backhaul.config import PortMapping, ServerConfig
 from backhaul.errors import TransportError
+from backhaul.flows import Flow, UdpPorts, open_ports
 from backhaul.listener import Listener
 from backhaul.log import Throttles
 from backhaul.net import listen, peer_of, tune
@@ -26,14 +28,32 @@ USER_WAIT = 3.0     # a user connection not matched with a tunnel link by then i
 
 
 class Waiting:
-    """A user connection that has no tunnel link yet."""
+    """A user connection, or a UDP flow, that has no tunnel link yet."""
 
-    __slots__ = ("sock", "mapping", "timer")
+    __slots__ = ("sock", "flow", "mapping", "timer")
 
-    def __init__(self, sock: socket.socket, mapping: PortMapping) -> None:
+    def __init__(self, sock: socket.socket | None, mapping: PortMapping, flow: Flow | None = None) -> None:
         self.sock = sock
+        self.flow = flow
         self.mapping = mapping
         self.timer: Timer | None = None
+
+    @property
+    def user(self) -> str:
+        if self.flow is not None:
+            return self.flow.name
+        assert self.sock is not None
+        return f"user connection {peer_of(self.sock)} on port {self.mapping.listen_port}"
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.flow is not None:
+            self.flow.on_closed = None
+            self.flow.close()
+        else:
+            assert self.sock is not None
+            self.sock.close()
 
 
 class Server:
@@ -44,6 +64,7 @@ class Server:
         self.reactor = reactor
         self.transport = server_transport(config.transport, self)
         self.listeners: list[tuple[Listener, PortMapping]] = []
+        self.udp: UdpPorts | None = None
         self.waiting: collections.deque[Waiting] = collections.deque()
         self.relays: set[Relaying] = set()
         self._warn = Throttles(log)
@@ -53,7 +74,11 @@ class Server:
         cfg = self.config
         try:
             self.transport.open()
-            for mapping in cfg.ports:
+            if cfg.transport == "udp" or (cfg.accept_udp and cfg.transport == "tcp"):
+                self.udp = open_ports(self.reactor, cfg, self._flow)
+            elif cfg.accept_udp:
+                log.warning("accept_udp has no effect with transport %s (only tcp carries it)", cfg.transport)
+            for mapping in cfg.ports if cfg.transport != "udp" else ():
                 sock = listen(*mapping.listen_addr, mss=cfg.mss, rcvbuf=cfg.so_rcvbuf)
                 tune(sock, nodelay=cfg.nodelay)  # users inherit it
                 name = "port {}:{}".format(*mapping.listen_addr)
@@ -69,6 +94,8 @@ class Server:
         for listener, mapping in self.listeners:
             listener.start()
             log.info("forwarding %s:%d -> client target %s", *mapping.listen_addr, mapping.target)
+        if self.udp is not None:
+            self.udp.start()
 
     def _accepted(self, user: socket.socket, mapping: PortMapping) -> None:
         user.setblocking(False)
@@ -76,31 +103,53 @@ class Server:
         if self.waiting or not self._carry(user, mapping):
             self._enqueue(user, mapping)
 
-    def _enqueue(self, user: socket.socket, mapping: PortMapping) -> None:
+    def _flow(self, flow: Flow) -> None:
+        """A datagram from a new address on a public UDP port."""
+        self.transport.user_arrived()
+        if self.waiting or not self._carry_flow(flow):
+            self._enqueue(None, flow.mapping, flow)
+
+    def _enqueue(self, user: socket.socket | None, mapping: PortMapping, flow: Flow | None = None) -> None:
+        entry = Waiting(user, mapping, flow)
         if len(self.waiting) >= self.config.channel_size:
-            self._warn.warning("overflow", "refused user connection %s on port %d: %d connections already "
-                               "wait for the tunnel (channel_size)", peer_of(user), mapping.listen_port,
-                               len(self.waiting))
-            user.close()
+            self._warn.warning("overflow", "refused %s: %d already wait for the tunnel (channel_size)",
+                               entry.user, len(self.waiting))
+            entry.close()
             return
-        entry = Waiting(user, mapping)
         entry.timer = self.reactor.call_later(USER_WAIT, self._expire, entry)
+        if flow is not None:  # a flow closed while it waits (made room for another) leaves the queue
+            flow.on_closed = lambda _f: self._leave(entry)
         self.waiting.append(entry)
+
+    def _leave(self, entry: Waiting) -> None:
+        try:
+            self.waiting.remove(entry)
+        except ValueError:
+            return
+        if entry.timer is not None:
+            entry.timer.cancel()
 
     def _expire(self, entry: Waiting) -> None:
         try:
             self.waiting.remove(entry)
         except ValueError:
             return
-        self._warn.warning("expired", "closed user connection %s on port %d: no tunnel connection within "
-                           "%g s", peer_of(entry.sock), entry.mapping.listen_port, USER_WAIT)
-        entry.sock.close()
+        self._warn.warning("expired", "closed %s: no tunnel connection within %g s", entry.user, USER_WAIT)
+        entry.close()
 
     def link_available(self) -> None:
         """The transport has a new link: hand it to the oldest waiting user; reactor thread."""
         while self.waiting:
             entry = self.waiting[0]
-            if not self._carry(entry.sock, entry.mapping):
+            if entry.flow is not None:
+                entry.flow.on_closed = None
+                carried = self._carry_flow(entry.flow)
+                if not carried:
+                    entry.flow.on_closed = lambda _f, e=entry: self._leave(e)
+            else:
+                assert entry.sock is not None
+                carried = self._carry(entry.sock, entry.mapping)
+            if not carried:
                 return
             self.waiting.popleft()
             assert entry.timer is not None
@@ -136,16 +185,31 @@ class Server:
             self.relays.add(link.attach(user, self.relays.discard))
             return True
 
+    def _carry_flow(self, flow: Flow) -> bool:
+        """Send a UDP flow through a ready link; False when there is none."""
+        while True:
+            link = self.transport.take_link()
+            if link is None:
+                return False
+            relay = link.attach_flow(flow, self.relays.discard, self.transport.rtt_ms)
+            if relay is None:
+                link.close()
+                continue
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s -> tunnel, target %s", flow.name, flow.mapping.target)
+            self.relays.add(relay)
+            return True
+
     def close(self) -> None:
         """Stop everything this server owns; reactor thread (or before start)."""
         for listener, _ in self.listeners:
             listener.close()
         self.listeners.clear()
         while self.waiting:
-            entry = self.waiting.popleft()
-            if entry.timer is not None:
-                entry.timer.cancel()
-            entry.sock.close()
+            self.waiting.popleft().close()
         for relay in list(self.relays):
             relay.abort()
+        if self.udp is not None:
+            self.udp.close()
+            self.udp = None
         self.transport.close()

@@ -1,0 +1,148 @@
+"""The server's public UDP ports: one flow per user address, within ``udp_max_flows``.
+
+A flow starts with the first datagram from a new address and is handed to the server core like a
+user connection. Flows are capped in all and per port; at a cap the flow idle longest (of the
+port that holds the most) makes room, so a flood of new source addresses costs old silent flows,
+never descriptors or memory past the cap, and flows in use keep working.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+
+from backhaul.config import PortMapping, ServerConfig
+from backhaul.errors import TransportError
+from backhaul.metrics import METRICS
+from backhaul.reactor import Reactor
+from backhaul.udp import WARN, AddressPeer, DatagramSocket, bind_udp, show
+
+log = logging.getLogger("backhaul.server")
+
+EVICTED = METRICS.counter("backhaul_udp_flows_evicted_total",
+                          "UDP flows closed to make room for a new one, by the limit reached", ("limit",))
+FLOWS = METRICS.gauge("backhaul_udp_flows", "UDP flows open, by side", ("side",))
+
+
+class Flow(AddressPeer):
+    """One user address on a public UDP port."""
+
+    __slots__ = ("port", "on_closed")
+
+    def __init__(self, port: UdpPort, addr: tuple) -> None:
+        super().__init__(port.socket, addr, f"user {show(addr)} on UDP port {port.mapping.listen_port}")
+        self.port = port
+        self.on_closed: Callable[[Flow], None] | None = None   # the core's, while the flow waits
+
+    @property
+    def mapping(self) -> PortMapping:
+        return self.port.mapping
+
+    def deliver(self, data: bytes) -> None:
+        self.port.flows.move_to_end(self)   # most recently heard: the last to make room
+        super().deliver(data)
+
+    def retire(self) -> None:
+        """The user's next datagram starts a new flow; this one lives on until it is closed."""
+        self.forget()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        self.port.removed(self)
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            on_closed(self)
+
+
+class UdpPort:
+    """One public UDP port: its socket and its flows, the one heard from longest ago first."""
+
+    def __init__(self, owner: UdpPorts, mapping: PortMapping) -> None:
+        self.owner = owner
+        self.mapping = mapping
+        host, port = mapping.listen_addr
+        name = f"UDP port {host}:{port}"
+        self.socket = DatagramSocket(owner.reactor, bind_udp(host, port), name, self._new)
+        self.flows: collections.OrderedDict[Flow, None] = collections.OrderedDict()
+
+    def _new(self, addr: tuple, data: bytes) -> None:
+        self.owner.make_room(self)
+        flow = Flow(self, addr)
+        self.flows[flow] = None
+        self.owner.total += 1
+        flow.deliver(data)
+        self.owner.on_flow(flow)
+
+    def removed(self, flow: Flow) -> None:
+        if flow in self.flows:
+            del self.flows[flow]
+            self.owner.total -= 1
+
+    def evict(self, limit: str, why: str) -> None:
+        flow = next(iter(self.flows))
+        EVICTED.inc(1, limit)
+        WARN.warning(f"evict-{limit}", "closed the UDP flow of %s, idle longest, to make room: %s",
+                     show(flow.addr), why)
+        flow.lose(f"closed to make room ({why})")
+        if not flow.closed:   # its relay keeps it no longer than this
+            flow.close()
+
+
+class UdpPorts:
+    """Every public UDP port of the server, and the caps on their flows; reactor thread only."""
+
+    def __init__(self, reactor: Reactor, config: ServerConfig, on_flow: Callable[[Flow], None]) -> None:
+        self.reactor = reactor
+        self.max_flows = config.udp_max_flows
+        self.on_flow = on_flow
+        self.ports: list[UdpPort] = []
+        self.total = 0
+        self.per_port = self.max_flows
+        self._unwatch: Callable[[], None] | None = None
+
+    def open(self, mappings: tuple[PortMapping, ...]) -> None:
+        """Bind every port (TransportError names the first that fails; those bound stay for close)."""
+        for mapping in mappings:
+            self.ports.append(UdpPort(self, mapping))
+        # One port may hold every flow; with more, one port at most half, so a flood on one
+        # port leaves room for the others.
+        self.per_port = self.max_flows if len(self.ports) < 2 else max(1, self.max_flows // 2)
+        self._unwatch = FLOWS.watch(lambda: [(("server",), self.total)])
+
+    def start(self) -> None:
+        for port in self.ports:
+            port.socket.start()
+            log.info("forwarding UDP %s:%d -> client target %s", *port.mapping.listen_addr, port.mapping.target)
+
+    def make_room(self, port: UdpPort) -> None:
+        if len(port.flows) >= self.per_port:
+            port.evict("port", f"UDP port {port.mapping.listen_port} holds {len(port.flows)} flows, its share "
+                       f"of udp_max_flows ({self.max_flows})")
+        elif self.total >= self.max_flows:
+            fullest = max(self.ports, key=lambda p: len(p.flows))
+            fullest.evict("total", f"{self.total} flows open (udp_max_flows); the most are on UDP port "
+                          f"{fullest.mapping.listen_port}")
+
+    def close(self) -> None:
+        for port in self.ports:
+            port.socket.close()
+            for flow in list(port.flows):   # retired ones too: they are no peers of the socket
+                flow.lose("the server is closing")
+        self.ports.clear()
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+
+
+def open_ports(reactor: Reactor, config: ServerConfig, on_flow: Callable[[Flow], None]) -> UdpPorts:
+    """Bind the public UDP ports of ``config``; TransportError names the one that fails."""
+    ports = UdpPorts(reactor, config, on_flow)
+    try:
+        ports.open(config.ports)
+    except TransportError:
+        ports.close()
+        raise
+    return ports
