@@ -1,9 +1,10 @@
 """The server's public UDP ports: one flow per user address, within ``udp_max_flows``.
 
 A flow starts with the first datagram from a new address and is handed to the server core like a
-user connection. Flows are capped in all and per port; at a cap the flow idle longest (of the
-port that holds the most) makes room, so a flood of new source addresses costs old silent flows,
-never descriptors or memory past the cap, and flows in use keep working.
+user connection. Flows are capped in all and per port; at a cap a flow of the port that holds the
+most makes room: the oldest that has sent one datagram only, else the one idle longest. So a
+flood of new source addresses costs other such one-datagram flows, never descriptors or memory
+past the cap, and flows in use keep working.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from backhaul.config import PortMapping, ServerConfig
 from backhaul.errors import TransportError
 from backhaul.metrics import METRICS
 from backhaul.reactor import Reactor
-from backhaul.udp import WARN, AddressPeer, DatagramSocket, bind_udp, show
+from backhaul.udp import WARN, AddressPeer, DatagramSocket, Peer, bind_udp, show
 
 log = logging.getLogger("backhaul.server")
 
@@ -40,7 +41,12 @@ class Flow(AddressPeer):
         return self.port.mapping
 
     def deliver(self, data: bytes) -> None:
-        self.port.flows.move_to_end(self)   # most recently heard: the last to make room
+        port = self.port
+        if self in port.fresh:              # a second datagram: a flow in use, not a passing probe
+            del port.fresh[self]
+            port.flows[self] = None
+        else:
+            port.flows.move_to_end(self)    # most recently heard: the last to make room
         super().deliver(data)
 
     def retire(self) -> None:
@@ -58,7 +64,8 @@ class Flow(AddressPeer):
 
 
 class UdpPort:
-    """One public UDP port: its socket and its flows, the one heard from longest ago first."""
+    """One public UDP port: its socket and its flows, those with one datagram so far (oldest
+    first) apart from the others (the one heard from longest ago first)."""
 
     def __init__(self, owner: UdpPorts, mapping: PortMapping) -> None:
         self.owner = owner
@@ -66,26 +73,33 @@ class UdpPort:
         host, port = mapping.listen_addr
         name = f"UDP port {host}:{port}"
         self.socket = DatagramSocket(owner.reactor, bind_udp(host, port), name, self._new)
+        self.fresh: collections.OrderedDict[Flow, None] = collections.OrderedDict()
         self.flows: collections.OrderedDict[Flow, None] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.fresh) + len(self.flows)
 
     def _new(self, addr: tuple, data: bytes) -> None:
         self.owner.make_room(self)
         flow = Flow(self, addr)
-        self.flows[flow] = None
+        self.fresh[flow] = None
         self.owner.total += 1
-        flow.deliver(data)
+        Peer.deliver(flow, data)
         self.owner.on_flow(flow)
 
     def removed(self, flow: Flow) -> None:
-        if flow in self.flows:
-            del self.flows[flow]
-            self.owner.total -= 1
+        for table in (self.fresh, self.flows):
+            if flow in table:
+                del table[flow]
+                self.owner.total -= 1
+                return
 
     def evict(self, limit: str, why: str) -> None:
-        flow = next(iter(self.flows))
+        fresh = bool(self.fresh)
+        flow = next(iter(self.fresh or self.flows))
         EVICTED.inc(1, limit)
-        WARN.warning(f"evict-{limit}", "closed the UDP flow of %s, idle longest, to make room: %s",
-                     show(flow.addr), why)
+        WARN.warning(f"evict-{limit}", "closed the UDP flow of %s (%s) to make room: %s", show(flow.addr),
+                     "the oldest with one datagram" if fresh else "idle longest", why)
         flow.lose(f"closed to make room ({why})")
         if not flow.closed:   # its relay keeps it no longer than this
             flow.close()
@@ -118,18 +132,18 @@ class UdpPorts:
             log.info("forwarding UDP %s:%d -> client target %s", *port.mapping.listen_addr, port.mapping.target)
 
     def make_room(self, port: UdpPort) -> None:
-        if len(port.flows) >= self.per_port:
-            port.evict("port", f"UDP port {port.mapping.listen_port} holds {len(port.flows)} flows, its share "
+        if len(port) >= self.per_port:
+            port.evict("port", f"UDP port {port.mapping.listen_port} holds {len(port)} flows, its share "
                        f"of udp_max_flows ({self.max_flows})")
         elif self.total >= self.max_flows:
-            fullest = max(self.ports, key=lambda p: len(p.flows))
+            fullest = max(self.ports, key=len)
             fullest.evict("total", f"{self.total} flows open (udp_max_flows); the most are on UDP port "
                           f"{fullest.mapping.listen_port}")
 
     def close(self) -> None:
         for port in self.ports:
             port.socket.close()
-            for flow in list(port.flows):   # retired ones too: they are no peers of the socket
+            for flow in [*port.fresh, *port.flows]:   # retired ones too: they are no peers of the socket
                 flow.lose("the server is closing")
         self.ports.clear()
         if self._unwatch is not None:

@@ -103,13 +103,14 @@ class CongestionWatch:
     Go flags a flow when a frame is older than 3 RTTs by the two hosts' clocks, so any clock
     skew past that flags every flow (or none). We measure the age above the smallest age this flow
     has shown: queueing delay, whatever the skew. ``rtt_ms`` is the control channel's measured
-    RTT in whole ms; 0 (loopback, or not measured) means 100 ms, as in Go.
+    RTT in whole ms. Go takes 0 as 100 ms but 1 ms as 1 ms, so on a LAN a few ms of queueing
+    split a flow in two (its answers then reorder); we never flag below 3 x 100 ms.
     """
 
     __slots__ = ("limit", "base")
 
     def __init__(self, rtt_ms: int) -> None:
-        self.limit = CONGESTION_RTTS * (rtt_ms or DEFAULT_RTT_MS)
+        self.limit = CONGESTION_RTTS * max(rtt_ms, DEFAULT_RTT_MS)
         self.base: int | None = None
 
     def congested(self, stamp: int, now_ms: int) -> bool:
