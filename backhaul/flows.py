@@ -50,14 +50,17 @@ class Flow(AddressPeer):
         super().deliver(data)
 
     def retire(self) -> None:
-        """The user's next datagram starts a new flow; this one lives on until it is closed."""
+        """The user's next datagram starts a new flow; this one lives on until it is closed. The
+        new one is a flow in use from its first datagram, not a passing one."""
         self.forget()
+        self.port.retired.add(self.addr)
 
     def close(self) -> None:
         if self.closed:
             return
         super().close()
         self.port.removed(self)
+        self.port.retired.discard(self.addr)
         on_closed, self.on_closed = self.on_closed, None
         if on_closed is not None:
             on_closed(self)
@@ -75,6 +78,7 @@ class UdpPort:
         self.socket = DatagramSocket(owner.reactor, bind_udp(host, port), name, self._new)
         self.fresh: collections.OrderedDict[Flow, None] = collections.OrderedDict()
         self.flows: collections.OrderedDict[Flow, None] = collections.OrderedDict()
+        self.retired: set[tuple] = set()    # addresses whose flow was retired (congested) and lives on
 
     def __len__(self) -> int:
         return len(self.fresh) + len(self.flows)
@@ -82,7 +86,7 @@ class UdpPort:
     def _new(self, addr: tuple, data: bytes) -> None:
         self.owner.make_room(self)
         flow = Flow(self, addr)
-        self.fresh[flow] = None
+        (self.flows if addr in self.retired else self.fresh)[flow] = None
         self.owner.total += 1
         Peer.deliver(flow, data)
         self.owner.on_flow(flow)
@@ -100,6 +104,7 @@ class UdpPort:
         EVICTED.inc(1, limit)
         WARN.warning(f"evict-{limit}", "closed the UDP flow of %s (%s) to make room: %s", show(flow.addr),
                      "the oldest with one datagram" if fresh else "idle longest", why)
+        log.debug("closed the UDP flow of %s to make room", show(flow.addr))
         flow.lose(f"closed to make room ({why})")
         if not flow.closed:   # its relay keeps it no longer than this
             flow.close()

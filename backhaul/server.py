@@ -112,7 +112,7 @@ class Server:
     def _enqueue(self, user: socket.socket | None, mapping: PortMapping, flow: Flow | None = None) -> None:
         entry = Waiting(user, mapping, flow)
         if len(self.waiting) >= self.config.channel_size:
-            self._warn.warning("overflow", "refused %s: %d already wait for the tunnel (channel_size)",
+            self._warn.warning("overflow", "refused %s: %d connections already wait for the tunnel (channel_size)",
                                entry.user, len(self.waiting))
             entry.close()
             return

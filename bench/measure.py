@@ -468,9 +468,14 @@ class IperfUdp:
         self.port = self.sink.port
 
     def run(self, port: int, size: int, seconds: float, mbps: float = 0.0) -> dict[str, float]:
-        """One test at an offered rate (0: as fast as the sender goes); what the receiver got."""
+        """One test at an offered rate (0: as fast as the sender goes); what the receiver got.
+
+        A pause first: datagrams of the previous test still on their way would reach the next one
+        (iperf3's server takes the first source it hears as its client). Socket buffers of 4 MiB
+        at both ends, so that the receiver's own bursts are not what is measured."""
+        time.sleep(1.0)
         argv = [shutil.which("iperf3") or "iperf3", "-c", HOST, "-p", str(port), "-u", "-l", str(size),
-                "-b", str(int(mbps * 1e6)), "-t", str(seconds), "-J"]
+                "-b", str(int(mbps * 1e6)), "-w", "4M", "-t", str(seconds), "-J"]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
         report = json.loads(done.stdout or "{}")
         if "error" in report or done.returncode != 0:

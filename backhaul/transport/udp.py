@@ -8,13 +8,15 @@ target string, then datagrams are relayed one for one. The public ports are UDP 
 
 from __future__ import annotations
 
+import heapq
 import hmac
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 from backhaul.errors import TransportError
-from backhaul.flows import Flow
+from backhaul.flows import EVICTED, Flow
 from backhaul.log import Throttles
 from backhaul.net import reason
 from backhaul.protocol.framing import SG_PING
@@ -26,11 +28,13 @@ from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import handshake
 from backhaul.tunnel.pool import ClientPool, LinkPool
 from backhaul.tunnel.port import TunnelPort
-from backhaul.udp import AddressPeer, ConnectedPeer, DatagramSocket, Peer, bind_udp, connected_udp, drop, show
+from backhaul.udp import WARN, AddressPeer, ConnectedPeer, DatagramSocket, Peer, bind_udp, connected_udp, drop, show
 
 log = logging.getLogger("backhaul.udp")
 
-MAX_CLIENT_LINKS = 4096       # idle links on the client
+MAX_CLIENT_LINKS = 4096       # links on the client, idle or carrying a flow (two sockets each then)
+EVICT_SHARE = 8               # at that cap, an eighth of the flows makes room at once
+REAP_EVERY = 10.0             # seconds between looks for idle links the server no longer pings
 MAX_TARGET = 1024             # a datagram longer than this is no target string
 PING = bytes((SG_PING,))
 
@@ -183,15 +187,22 @@ class UdpTunnelPort(TunnelPort):
 class UdpClientLink:
     """The client's end of a link whose target arrived: its connected UDP socket to the server."""
 
-    __slots__ = ("reactor", "sock")
+    __slots__ = ("session", "sock")
 
-    def __init__(self, reactor: Reactor, sock: socket.socket) -> None:
-        self.reactor = reactor
+    def __init__(self, session: UdpSession, sock: socket.socket) -> None:
+        self.session = session
         self.sock = sock
 
     def attach_flow(self, target: Peer, on_close: OnRelayClosed) -> PairRelay:
-        tunnel = ConnectedPeer(self.reactor, self.sock, "the server's UDP tunnel port")
-        relay = PairRelay(self.reactor, tunnel, target, on_close)
+        flows = self.session.flows
+
+        def closed(relay: PairRelay) -> None:
+            flows.discard(relay)
+            on_close(relay)
+
+        tunnel = ConnectedPeer(self.session.reactor, self.sock, "the server's UDP tunnel port")
+        relay = PairRelay(self.session.reactor, tunnel, target, closed)
+        flows.add(relay)
         relay.start()
         return relay
 
@@ -216,11 +227,15 @@ class UdpSession:
         self.family = sock.family
         self.channel = ClientChannel(self.reactor, SocketCarrier(self.reactor, sock, "the server"), rtt_echo=True,
                                      on_links=self._links_requested, on_lost=self._lost)
-        self.links: set[socket.socket] = set()
+        self.links: dict[socket.socket, float] = {}    # idle links: when the server was last heard on each
+        # Flows carried on this session's links. The server never says that it dropped one (it
+        # may have, to make room), so they end only when idle: a cap keeps them bounded.
+        self.flows: set[PairRelay] = set()
         self.closed = False
         self.pool = ClientPool(self.reactor, self.config.connection_pool, self.config.aggressive_pool,
                                MAX_CLIENT_LINKS, "UDP link", self._open_link,
                                idle=lambda: len(self.links), open_now=lambda: len(self.links))
+        self._timer: Timer | None = None
 
     def start(self) -> None:
         if self.closed:
@@ -228,6 +243,7 @@ class UdpSession:
         self.channel.start()
         if not self.closed:
             self.pool.start(self.config.connection_pool)
+            self._timer = self.reactor.call_later(REAP_EVERY, self._reap)
 
     def _links_requested(self, count: int) -> None:
         self.pool.requested(count)
@@ -237,6 +253,9 @@ class UdpSession:
 
     def _open_link(self) -> None:
         """A new UDP socket to the server's port, announced by the token (no answer comes)."""
+        if len(self.links) + len(self.flows) >= MAX_CLIENT_LINKS and not self._make_room():
+            self.pool.opened(f"{MAX_CLIENT_LINKS} UDP links open (idle or carrying a flow), the most a client keeps")
+            return
         try:
             sock = connected_udp(self.family, self.server_addr)
             sock.send(self.config.token.encode())
@@ -244,7 +263,7 @@ class UdpSession:
             self.pool.opened(f"cannot open a UDP link to {show(self.server_addr)}: {reason(exc)}")
             return
         self.pool.opened()
-        self.links.add(sock)
+        self.links[sock] = time.monotonic()
         self.reactor.watch(sock, READ, lambda _m: self._link_event(sock))
 
     def _link_event(self, sock: socket.socket) -> None:
@@ -261,7 +280,8 @@ class UdpSession:
                 return
             if data != PING:
                 break
-        self.links.discard(sock)
+            self.links[sock] = time.monotonic()
+        del self.links[sock]
         self.reactor.watch(sock, 0)
         target = data.decode("utf-8", "replace")
         if len(data) > MAX_TARGET:
@@ -269,10 +289,40 @@ class UdpSession:
                         len(data))
             sock.close()
             return
-        self.core.carry_flow(UdpClientLink(self.reactor, sock), target)
+        self.core.carry_flow(UdpClientLink(self, sock), target)
+
+    def _make_room(self) -> bool:
+        """Close a share of the flows that carried one datagram from the server only, the oldest
+        first (a flood of new sources asks again and again); False when there is none such. A
+        flow in use is never closed to make room: it ends when idle."""
+        passing = [relay for relay in self.flows if relay.up <= 1]
+        victims = heapq.nsmallest(max(1, len(self.flows) // EVICT_SHARE), passing, key=lambda r: r.idle.last)
+        if not victims:
+            return False
+        EVICTED.inc(len(victims), "client")
+        WARN.warning("evict-client", "closed %d UDP flows that carried one datagram to make room: %d links "
+                     "open, the most a client keeps", len(victims), MAX_CLIENT_LINKS)
+        for relay in victims:
+            relay.close()
+        return True
+
+    def _reap(self) -> None:
+        """Close idle links the server stopped pinging: it forgets a link it has no room for, and
+        says nothing. Their silence is judged by the server's heartbeat, learnt on the control
+        channel (pings come as often); before it is known, no link is judged."""
+        limit = self.channel.machine.silence_limit
+        if limit is not None:
+            now = time.monotonic()
+            silent = [sock for sock, heard in self.links.items() if now - heard > limit]
+            if silent:
+                log.info("closed %d idle UDP links the server no longer pings (silent for %.0f s)", len(silent),
+                         limit)
+            for sock in silent:
+                self._drop(sock)
+        self._timer = self.reactor.call_later(REAP_EVERY, self._reap)
 
     def _drop(self, sock: socket.socket) -> None:
-        self.links.discard(sock)
+        del self.links[sock]
         self.reactor.close_socket(sock)
 
     def close(self, reason: str, *, notify: bool) -> None:
@@ -281,6 +331,8 @@ class UdpSession:
         self.closed = True
         self.channel.close(notify=notify)
         self.pool.stop()
+        if self._timer is not None:
+            self._timer.cancel()
         for sock in self.links:
             self.reactor.close_socket(sock)
         self.links.clear()
