@@ -346,21 +346,64 @@ def test_links_the_server_forgot_are_closed_by_the_client(launcher, udp_echo):
 # malformed frames on the tcp carrier
 
 @contextlib.contextmanager
-def fake_client(bind_port: int, token: str) -> Iterator[tuple[socket.socket, socket.socket]]:
-    """A client that speaks the handshake by hand: (control channel, one silent data connection)."""
+def fake_client(bind_port: int, token: str, links: int = 1) -> Iterator[tuple[socket.socket, list[socket.socket]]]:
+    """A client that speaks the handshake by hand: (control channel, silent data connections)."""
     control = socket.create_connection((HOST, bind_port), timeout=IO_TIMEOUT)
-    data = None
+    data: list[socket.socket] = []
     try:
         control.sendall(ltv(SG_CHAN, token.encode()))
         assert recv_exact(control, 3 + len(token)) == ltv(SG_CHAN, token.encode())
         assert recv_exact(control, 1) == bytes((SG_RTT,))
         control.sendall(bytes((SG_RTT,)))
-        data = socket.create_connection((HOST, bind_port), timeout=IO_TIMEOUT)
+        for _ in range(links):
+            data.append(socket.create_connection((HOST, bind_port), timeout=IO_TIMEOUT))
+            time.sleep(0.05)   # the server pools them in the order they come
         yield control, data
     finally:
         control.close()
-        if data is not None:
-            data.close()
+        for sock in data:
+            sock.close()
+
+
+def stamp(late_ms: int = 0) -> int:
+    """A frame's timestamp as the Go client makes it (unix ms mod 10 min), ``late_ms`` ago."""
+    return (time.time_ns() // 1_000_000 - late_ms) % 600_000
+
+
+def test_late_answers_move_the_user_to_a_new_flow(launcher):
+    """Catches: the congestion flag of PROTOCOL.md 4.1 missing (a flow whose answers come 3 RTTs
+    late keeps taking datagrams), or raised by a clock that differs between the hosts; and the old
+    flow dropped before its answers are in."""
+    bind_port, public = free_port(), free_port()
+    token = "e2e-token"
+    server = launcher.start("server", server_toml(bind_port, [f"{HOST}:{public}=7777"], token, accept_udp=True))
+    server.wait_for_log(f"tunnel listening on {HOST}:{bind_port}")
+    head = ltv(SG_UDP, b"7777")
+    with fake_client(bind_port, token, links=2) as (control, (first, second)), \
+            contextlib.closing(user_socket()) as user:
+        server.wait_for_log("connected: control channel up")
+        user.sendto(b"a", (HOST, public))
+        assert recv_exact(first, len(head) + 3) == head + b"\x00\x01a"
+        skew = 200_000   # this client's clock is 200 s behind: no congestion by itself
+        for late in (0, 40, 250):   # within 300 ms (3 x Go's 100 ms) of the fastest
+            first.sendall(struct.pack(">IH", stamp(skew + late), 2) + b"ok")
+            assert user.recv(100) == b"ok"
+        user.sendto(b"b", (HOST, public))
+        assert recv_exact(first, 3) == b"\x00\x01b", "the flow moved without being late"
+        first.sendall(struct.pack(">IH", stamp(skew + 1_000), 4) + b"late")   # 1 s late
+        assert user.recv(100) == b"late"
+        user.sendto(b"c", (HOST, public))
+        assert recv_exact(second, len(head) + 3) == head + b"\x00\x01c", "no new flow after late answers"
+        control.settimeout(5)
+        assert SG_CHAN in control.recv(100)
+        first.sendall(struct.pack(">IH", stamp(skew), 5) + b"after")   # the old flow still answers
+        assert user.recv(100) == b"after"
+        second.settimeout(0.5)
+        user.sendto(b"d", (HOST, public))
+        assert recv_exact(second, 3) == b"\x00\x01d"
+        first.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            first.recv(100)
 
 
 def test_a_lying_frame_from_the_client_ends_only_that_flow(launcher):
@@ -370,7 +413,7 @@ def test_a_lying_frame_from_the_client_ends_only_that_flow(launcher):
     token = "e2e-token"
     server = launcher.start("server", server_toml(bind_port, [f"{HOST}:{public}=7777"], token, accept_udp=True))
     server.wait_for_log(f"tunnel listening on {HOST}:{bind_port}")
-    with fake_client(bind_port, token) as (control, data), contextlib.closing(user_socket()) as user:
+    with fake_client(bind_port, token) as (control, (data,)), contextlib.closing(user_socket()) as user:
         server.wait_for_log("connected: control channel up")
         user.sendto(b"ping", (HOST, public))
         assert recv_exact(data, 3 + 4 + 2 + 4) == ltv(SG_UDP, b"7777") + b"\x00\x04ping"
