@@ -40,14 +40,14 @@ class Flow(AddressPeer):
     def mapping(self) -> PortMapping:
         return self.port.mapping
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, batch: list[bytes]) -> None:
         port = self.port
         if self in port.fresh:              # a second datagram: a flow in use, not a passing probe
             del port.fresh[self]
             port.flows[self] = None
         else:
             port.flows.move_to_end(self)    # most recently heard: the last to make room
-        super().deliver(data)
+        super().deliver(batch)
 
     def retire(self) -> None:
         """The user's next datagram starts a new flow; this one lives on until it is closed. The
@@ -88,7 +88,7 @@ class UdpPort:
         flow = Flow(self, addr)
         (self.flows if addr in self.retired else self.fresh)[flow] = None
         self.owner.total += 1
-        Peer.deliver(flow, data)
+        Peer.deliver(flow, [data])
         self.owner.on_flow(flow)
 
     def removed(self, flow: Flow) -> None:

@@ -96,21 +96,23 @@ class FramedRelay:
         self._update()
 
     # --- peer -> tunnel -----------------------------------------------------------------------
-    def _from_peer(self, data: bytes) -> None:
+    def _from_peer(self, batch: list[bytes]) -> None:
         if self._closed:
             return
+        out = self._out
         if self.server:
             assert self.idle is not None
             self.idle.last = time.monotonic()
-            frame = encode_down(data)
         else:
-            frame = encode_up(data, time.time_ns() // 1_000_000)
-        if len(self._out) + len(frame) > BACKLOG or not BUFFERED.take(len(frame)):
-            drop("backlog", "dropped a datagram from %s: %d bytes already wait for its tunnel connection",
-                 self.peer.name, len(self._out))
-            return
-        self._out += frame
-        self.up += 1
+            now_ms = time.time_ns() // 1_000_000
+        for data in batch:
+            frame = encode_down(data) if self.server else encode_up(data, now_ms)
+            if len(out) + len(frame) > BACKLOG or not BUFFERED.take(len(frame)):
+                drop("backlog", "dropped a datagram from %s: %d bytes already wait for its tunnel connection",
+                     self.peer.name, len(out))
+                continue
+            out += frame
+            self.up += 1
         # Datagrams read in one batch leave in one write, after the batch.
         if not self._flush_posted and not self._mask & WRITE:
             self._flush_posted = True
@@ -162,9 +164,8 @@ class FramedRelay:
             WARN.warning("malformed", "ended the UDP flow of %s: %s", self.peer.name, exc)
             self._end("")
             return
-        send = self.peer.send
-        for datagram in datagrams:
-            send(datagram)
+        if datagrams:
+            self.peer.send_many(datagrams)
         self.down += len(datagrams)
         if self.watch is not None and self.decoder.timestamps:
             now = time.time_ns() // 1_000_000
@@ -244,15 +245,15 @@ class PairRelay:
         if not self._closed:
             self.far.listen(self._from_far, self._lost)
 
-    def _from_near(self, data: bytes) -> None:
+    def _from_near(self, batch: list[bytes]) -> None:
         self.idle.last = time.monotonic()
-        self.up += 1
-        self.far.send(data)
+        self.up += len(batch)
+        self.far.send_many(batch)
 
-    def _from_far(self, data: bytes) -> None:
+    def _from_far(self, batch: list[bytes]) -> None:
         self.idle.last = time.monotonic()
-        self.down += 1
-        self.near.send(data)
+        self.down += len(batch)
+        self.near.send_many(batch)
 
     def _idle(self) -> None:
         self.idle.timer = None

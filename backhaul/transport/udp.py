@@ -133,12 +133,13 @@ class UdpLinks:
                                len(self.pool.idle))
             link.close()
             return
-        link.tunnel.listen(lambda _d: self._spoke(link), lambda _why: self._gone(link))
+        link.tunnel.listen(lambda batch: self._spoke(link, batch), lambda _why: self._gone(link))
         self.core.link_available()
 
-    def _spoke(self, link: UdpLink) -> None:
-        drop("idle_link", "dropped a datagram from idle %s: nothing is sent on a link before its target",
-             link.tunnel.name)
+    def _spoke(self, link: UdpLink, batch: list[bytes]) -> None:
+        for _ in batch:
+            drop("idle_link", "dropped a datagram from idle %s: nothing is sent on a link before its target",
+                 link.tunnel.name)
 
     def _gone(self, link: UdpLink) -> None:
         if self.pool.remove(link):
