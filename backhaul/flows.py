@@ -29,12 +29,13 @@ FLOWS = METRICS.gauge("backhaul_udp_flows", "UDP flows open, by side", ("side",)
 class Flow(AddressPeer):
     """One user address on a public UDP port."""
 
-    __slots__ = ("port", "on_closed")
+    __slots__ = ("port", "on_closed", "retired")
 
     def __init__(self, port: UdpPort, addr: tuple) -> None:
         super().__init__(port.socket, addr, f"user {show(addr)} on UDP port {port.mapping.listen_port}")
         self.port = port
         self.on_closed: Callable[[Flow], None] | None = None   # the core's, while the flow waits
+        self.retired = False
 
     @property
     def mapping(self) -> PortMapping:
@@ -52,15 +53,20 @@ class Flow(AddressPeer):
     def retire(self) -> None:
         """The user's next datagram starts a new flow; this one lives on until it is closed. The
         new one is a flow in use from its first datagram, not a passing one."""
-        self.forget()
-        self.port.retired.add(self.addr)
+        if not self.retired:
+            self.retired = True
+            self.forget()
+            self.port.retired[self.addr] += 1
 
     def close(self) -> None:
         if self.closed:
             return
         super().close()
         self.port.removed(self)
-        self.port.retired.discard(self.addr)
+        if self.retired:
+            self.port.retired[self.addr] -= 1
+            if not self.port.retired[self.addr]:
+                del self.port.retired[self.addr]
         on_closed, self.on_closed = self.on_closed, None
         if on_closed is not None:
             on_closed(self)
@@ -78,7 +84,7 @@ class UdpPort:
         self.socket = DatagramSocket(owner.reactor, bind_udp(host, port), name, self._new)
         self.fresh: collections.OrderedDict[Flow, None] = collections.OrderedDict()
         self.flows: collections.OrderedDict[Flow, None] = collections.OrderedDict()
-        self.retired: set[tuple] = set()    # addresses whose flow was retired (congested) and lives on
+        self.retired: collections.Counter[tuple] = collections.Counter()   # retired flows that live on, by address
 
     def __len__(self) -> int:
         return len(self.fresh) + len(self.flows)

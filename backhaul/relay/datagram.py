@@ -67,7 +67,7 @@ class FramedRelay:
     """
 
     __slots__ = ("reactor", "peer", "sock", "server", "on_close", "on_congested", "decoder", "watch",
-                 "idle", "up", "down", "_out", "_mask", "_flush_posted", "_closed")
+                 "idle", "up", "down", "_out", "_mask", "_closed")
 
     def __init__(self, reactor: Reactor, peer: Peer, sock: socket.socket, *, server: bool,
                  on_close: Callable[[FramedRelay], None], rtt_ms: int = 0,
@@ -85,7 +85,6 @@ class FramedRelay:
         self.down = 0        # datagrams from the tunnel to the peer
         self._out = bytearray()
         self._mask = 0
-        self._flush_posted = False
         self._closed = False
 
     def start(self, early: bytes = b"") -> None:
@@ -113,13 +112,10 @@ class FramedRelay:
                 continue
             out += frame
             self.up += 1
-        # Datagrams read in one batch leave in one write, after the batch.
-        if not self._flush_posted and not self._mask & WRITE:
-            self._flush_posted = True
-            self.reactor.call_soon(self._flush)
+        if not self._mask & WRITE:   # the batch leaves in one write (else when the socket takes more)
+            self._flush()
 
     def _flush(self) -> None:
-        self._flush_posted = False
         if self._closed or not self._out:
             return
         try:
