@@ -13,18 +13,15 @@ import threading
 from backhaul.config import ClientConfig
 from backhaul.errors import BackhaulError, ProtocolError
 from backhaul.log import Throttle
-from backhaul.metrics import METRICS
 from backhaul.net import dial, tune
 from backhaul.protocol.target import resolve_target
 from backhaul.reactor import Reactor
 from backhaul.resolver import Resolver
 from backhaul.transport import client_connect
 from backhaul.tunnel.core import ClientLink, ClientSession, Relaying
-from backhaul.udp import ConnectedPeer, open_udp
+from backhaul.udp import FLOWS, ConnectedPeer, open_udp
 
 log = logging.getLogger("backhaul.client")
-
-FLOWS = METRICS.gauge("backhaul_udp_flows", "UDP flows open, by side", ("side",))
 
 
 class Client:

@@ -39,6 +39,7 @@ GSO_BYTES = 65000                 # under the largest UDP payload, IPv4 or IPv6
 
 DROPPED = METRICS.counter("backhaul_udp_datagrams_dropped_total",
                           "UDP datagrams dropped, by reason", ("reason",))
+FLOWS = METRICS.gauge("backhaul_udp_flows", "UDP flows open, by side", ("side",))
 WARN = Throttles(log)
 
 # Reactor thread only: one buffer large enough for any UDP datagram, so a long one is seen whole.

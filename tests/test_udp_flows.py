@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from backhaul.config import parse
-from backhaul.flows import EVICTED, FLOWS, Flow, UdpPorts
+from backhaul.flows import EVICTED, Flow, UdpPorts
 from backhaul.reactor import Reactor
-from backhaul.udp import DROPPED
+from backhaul.udp import DROPPED, FLOWS
 from tests.harness import HOST, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(20)
