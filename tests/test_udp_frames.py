@@ -127,24 +127,23 @@ def test_frame_age_across_the_ten_minute_wrap():
 
 
 def test_congestion_is_queueing_past_three_rtts():
-    """Catches: Go's default of 100 ms when the RTT is 0 not applied, the limit off by one, or a
-    LAN's RTT of 1 ms splitting flows after 3 ms of queueing."""
-    watch = CongestionWatch(0)
-    assert watch.limit == 300
+    """Catches: the limit off by one, or a LAN's RTT of 1 ms (or 0, Go's 100 ms) splitting flows
+    after a few ms of queueing."""
+    watch = CongestionWatch(400)
+    assert watch.limit == 1200
     now = 10_000_000
     assert not watch.congested((now - 20) % TS_WINDOW, now)
-    assert not watch.congested((now - 320) % TS_WINDOW, now)          # 300 ms above the fastest
-    assert watch.congested((now - 321) % TS_WINDOW, now)
-    assert CongestionWatch(1).limit == 300
-    assert CongestionWatch(250).limit == 750
+    assert not watch.congested((now - 1220) % TS_WINDOW, now)          # 1200 ms above the fastest
+    assert watch.congested((now - 1221) % TS_WINDOW, now)
+    assert CongestionWatch(0).limit == CongestionWatch(1).limit == CongestionWatch(333).limit == 1000
 
 
 @pytest.mark.parametrize("skew", [-5_000, 0, 5_000])
 def test_congestion_ignores_clock_skew(skew):
     """Catches: ages taken from two clocks as they are, which flags every flow (or none) when
     the hosts' clocks differ by more than 3 RTTs."""
-    watch = CongestionWatch(150)
+    watch = CongestionWatch(500)
     now = 50_000_000
-    for delay in (40, 60, 50, 490):          # all within 450 ms of the fastest
+    for delay in (40, 60, 50, 1540):          # all within 1500 ms of the fastest
         assert not watch.congested((now - delay + skew) % TS_WINDOW, now)
-    assert watch.congested((now - 491 + skew) % TS_WINDOW, now)
+    assert watch.congested((now - 1541 + skew) % TS_WINDOW, now)

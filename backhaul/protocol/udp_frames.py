@@ -14,7 +14,8 @@ from backhaul.errors import ProtocolError
 MAX_DATAGRAM = 16384        # the Go receivers' buffer: a longer frame ends the data connection
 TS_WINDOW = 600_000         # the timestamp is unix ms modulo ten minutes
 DEFAULT_RTT_MS = 100        # what the Go server assumes while it has no RTT (or measured 0 ms)
-CONGESTION_RTTS = 3         # a datagram older than this many RTTs marks its flow congested
+CONGESTION_RTTS = 3         # a datagram older than this many RTTs marks its flow congested...
+CONGESTION_FLOOR_MS = 1000  # ...but never one less than this late
 
 _U16 = struct.Struct(">H")
 _TS_U16 = struct.Struct(">IH")
@@ -104,13 +105,14 @@ class CongestionWatch:
     skew past that flags every flow (or none). We measure the age above the smallest age this flow
     has shown: queueing delay, whatever the skew. ``rtt_ms`` is the control channel's measured
     RTT in whole ms. Go takes 0 as 100 ms but 1 ms as 1 ms, so on a LAN a few ms of queueing
-    split a flow in two (its answers then reorder); we never flag below 3 x 100 ms.
+    split a flow in two, and its answers then reorder. We never flag less than 1 s late: a peer
+    process that waited that long for a core is no congested network either.
     """
 
     __slots__ = ("limit", "base")
 
     def __init__(self, rtt_ms: int) -> None:
-        self.limit = CONGESTION_RTTS * max(rtt_ms, DEFAULT_RTT_MS)
+        self.limit = max(CONGESTION_RTTS * (rtt_ms or DEFAULT_RTT_MS), CONGESTION_FLOOR_MS)
         self.base: int | None = None
 
     def congested(self, stamp: int, now_ms: int) -> bool:
