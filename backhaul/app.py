@@ -45,9 +45,6 @@ def refusals(config: Config) -> list[str]:
         why = unavailable(side.transport)
         if why:
             problems.append(f"{config.source}: {name}.transport: {why}")
-    if config.server is not None and config.server.accept_udp:
-        problems.append(f"{config.source}: server.accept_udp: UDP over the tunnel is not available "
-                        "in this version yet")
     return problems
 
 

@@ -21,6 +21,7 @@ from backhaul.resolver import Resolver
 from backhaul.transport import client_connect
 from backhaul.tunnel.core import ClientLink, ClientSession, Relaying
 from backhaul.tunnel.port import RECONNECTS
+from backhaul.udp import FLOWS, ConnectedPeer, open_udp
 from backhaul.usage import Usage
 
 log = logging.getLogger("backhaul.client")
@@ -43,6 +44,8 @@ class Client:
         self.resolver = Resolver(reactor)
         self.connect = client_connect(config.transport)
         self.relays: set[Relaying] = set()
+        self.flows: set[Relaying] = set()
+        self._unwatch = FLOWS.watch(lambda: [(("client",), len(self.flows))])
         self.session: ClientSession | None = None
         self.usage = Usage("client", user_side=False)
         self.on_change = on_change   # the session came up or ended; reactor thread
@@ -167,6 +170,42 @@ class Client:
         self.relays.discard(relay)
         self.usage.closed(relay)
 
+    def carry_flow(self, link: ClientLink, target: str) -> None:
+        """Open a UDP socket to the target of a UDP flow and relay datagrams; reactor thread."""
+        if self.draining:
+            self.usage.refused("stopping")
+            link.close()
+            return
+        cfg = self.config
+        wanted = cfg.forward_target(target)
+        try:
+            host, port = resolve_target(wanted)
+        except ProtocolError as exc:
+            self._target_failed(str(exc))
+            self.usage.refused("bad_target")
+            link.close()
+            return
+
+        def opened(sock: socket.socket | None, error: str) -> None:
+            if sock is None:
+                self._target_failed(f"UDP target {wanted} unusable: {error}")
+                self.usage.refused("target_unreachable")
+                link.close()
+                return
+            peer = ConnectedPeer(self.reactor, sock, f"UDP target {wanted}")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("tunnel UDP flow -> target %s (%s:%d)", target, host, port)
+            relay = link.attach_flow(peer, self._flow_closed)
+            if not relay.closed:
+                self.flows.add(relay)
+            self.usage.opened(str(port), relay)
+
+        open_udp(self.reactor, self.resolver, host, port, cfg.dial_timeout, opened)
+
+    def _flow_closed(self, relay: Relaying) -> None:
+        self.flows.discard(relay)
+        self.usage.closed(relay)
+
     def _target_failed(self, message: str) -> None:
         self._target_errors.warning("%s", message)
 
@@ -183,7 +222,8 @@ class Client:
     def _close_all(self) -> None:
         if self.session is not None:
             self.session.close("", notify=True)
-        for relay in list(self.relays):
+        for relay in [*self.relays, *self.flows]:
             relay.abort()
         self.usage.close()
+        self._unwatch()
         self._closed.set()

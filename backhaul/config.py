@@ -97,7 +97,8 @@ class ServerConfig:
     mux_framesize: int = setting(32768, "largest smux frame sent and accepted, in bytes")
     mux_recievebuffer: int = setting(4194304, "unread bytes per smux session before its socket is no longer read")
     mux_streambuffer: int = setting(65536, "smux version 2: the window granted to each stream, in bytes")
-    accept_udp: bool = setting(False, "also carry UDP on the public ports (tcp transport); not in this version yet")
+    accept_udp: bool = setting(False, "tcp transport: the public ports also carry UDP, one flow per user address")
+    udp_max_flows: int = setting(4096, "UDP flows kept at once, all ports together; past it one makes room (ours)")
     proxy_protocol: bool = setting(False, "send a PROXY v2 header to the target before the user's bytes")
     tls_cert: str = setting("", "wss, wssmux: the server certificate, a PEM file (required by those transports)")
     tls_key: str = setting("", "wss, wssmux: the certificate's private key, a PEM file (required by those transports)")
@@ -460,6 +461,7 @@ def _server(table: dict[str, object], source: str) -> ServerConfig:
         channel_size=reader.integer("channel_size", 2048, 1, 1_000_000),
         mux_con=reader.integer("mux_con", 8, 1, 65535),
         accept_udp=reader.boolean("accept_udp"),
+        udp_max_flows=reader.integer("udp_max_flows", 4096, 1, 1_000_000),
         proxy_protocol=reader.boolean("proxy_protocol"),
         tls_cert=_readable_file(reader, "tls_cert", required=_uses_tls(reader)),
         tls_key=_readable_file(reader, "tls_key", required=_uses_tls(reader)),

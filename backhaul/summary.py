@@ -52,7 +52,7 @@ def listens(config: Config) -> list[str]:
     server = config.server
     if server is None:
         return pages
-    tunnel = "udp" if server.transport == "udp" else "tcp"
+    tunnel = "tcp+udp" if server.transport == "udp" else "tcp"   # udp: the control channel is TCP
     public = "udp" if server.transport == "udp" else "tcp+udp" if server.accept_udp else "tcp"
     lines = [f"{tunnel} {address_text(server.bind_host, server.bind_port)}  tunnel ({server.transport})"]
     for entry, mappings in _by_entry(server.ports).items():
@@ -68,7 +68,7 @@ def dials(config: Config) -> list[str]:
     client = config.client
     if client is None:
         return []
-    proto = "udp" if client.transport == "udp" else "tcp"
+    proto = "tcp+udp" if client.transport == "udp" else "tcp"
     tls = " with TLS" if client.transport in TLS_TRANSPORTS else ""
     if client.edge_ip and client.transport in WS_TRANSPORTS:
         server = f"{address_text(client.edge_ip, client.remote_port)}  the server through the CDN edge " \

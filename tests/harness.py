@@ -8,6 +8,7 @@ Only loopback addresses and ephemeral ports are used. A tunnel config needs expl
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import hashlib
 import os
@@ -64,10 +65,18 @@ def thread_is_sleeping(thread: threading.Thread) -> bool:
 # ports and configs
 
 def free_port(host: str = HOST) -> int:
-    """A port nothing listens on right now (bind port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on right now, over TCP and over UDP (bind port 0, read it, close):
+    the UDP transports bind the same number for both."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            try:
+                udp.bind((host, port))
+            except OSError:
+                continue
+        return port
 
 
 def toml_section(name: str, values: dict[str, object]) -> str:
@@ -348,6 +357,60 @@ def echo_service() -> Iterator[Service]:
         yield service
     finally:
         service.close()
+
+
+class UdpEcho:
+    """A UDP echo service on 127.0.0.1:<ephemeral>, one thread; ``sources`` counts the datagrams
+    per source address (a tunnel client's flow shows as one source), ``first_bytes`` the first
+    byte of each datagram seen, ``seen`` the (datagram, source) pairs of datagrams that start with
+    ``watch``."""
+
+    def __init__(self, watch: bytes = b"\xff" * 8) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            self.sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+        self.sock.bind((HOST, 0))
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self.sources: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.first_bytes: set[int] = set()
+        self.watch = watch
+        self.seen: set[tuple[bytes, tuple[str, int]]] = set()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="udp-echo", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                continue
+            self.sources[addr] += 1
+            if data:
+                self.first_bytes.add(data[0])
+                if data.startswith(self.watch):
+                    self.seen.add((data, addr))
+            try:
+                self.sock.sendto(data, addr)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[UdpEcho]:
+    echo = UdpEcho()
+    try:
+        yield echo
+    finally:
+        echo.close()
 
 
 class Listener:

@@ -115,14 +115,14 @@ def test_edge_ip_is_what_a_ws_client_dials(tmp_path: Path, capsys) -> None:
             "(wss with TLS)") in out.splitlines()
 
 
-def test_a_bad_or_refused_config_exits_78_with_one_line(tmp_path: Path, capsys) -> None:
+def test_a_bad_config_exits_78_with_one_line(tmp_path: Path, capsys) -> None:
     """Catches: check printing a report (or exit 0) for a file the program would refuse, or the
     token appearing in the error."""
     misspelt = tmp_path / "misspelt.toml"
     misspelt.write_text(f'[server]\nbind_adr = "{HOST}:3080"\ntoken = "{TOKEN}"\n')
-    refused = tmp_path / "refused.toml"
-    refused.write_text(server_toml(free_port(), ["4000=5201"], TOKEN, accept_udp=True))
-    for path, key in ((misspelt, "server.bind_adr"), (refused, "server.accept_udp")):
+    bad_value = tmp_path / "bad_value.toml"
+    bad_value.write_text(server_toml(free_port(), ["4000=5201"], TOKEN, udp_max_flows=0))
+    for path, key in ((misspelt, "server.bind_adr"), (bad_value, "server.udp_max_flows")):
         code, out, err = check(path, capsys)
         assert code == cli.EXIT_CONFIG, (path, out)
         assert out == ""

@@ -172,6 +172,7 @@ def test_server_defaults() -> None:
         server.tls_cert,
         server.tls_key,
     ) == (False, False, "", "")
+    assert server.udp_max_flows == 4096
     assert (server.sniffer, server.web_port, server.sniffer_log) == (
         False,
         0,
@@ -652,6 +653,10 @@ INVALID = [
     (
         SERVER + "mux_con = 0\n",
         "cfg.toml: server.mux_con = 0: must be between 1 and 65535",
+    ),
+    (
+        SERVER + "udp_max_flows = 0\n",
+        "cfg.toml: server.udp_max_flows = 0: must be between 1 and 1000000",
     ),
     (
         SERVER + "mux_session = 0\n",

@@ -89,6 +89,10 @@ class Port:
             self.listener.close()
             self.listener = None
 
+    @property
+    def rtt_ms(self) -> int:
+        return self.channel.rtt_ms if self.channel is not None else 0
+
     def user_arrived(self) -> None:
         if self.channel is not None:
             self.links.user_arrived()
