@@ -108,7 +108,7 @@ class WebSocket:
                  "_tls", "_conn", "_mode", "_mask", "_out", "_out_size", "_parts", "_part_size", "_inbox",
                  "_eof", "_paused", "_closed", "_failure", "_ended_why",
                  "_on_message", "_on_lost", "_stream", "_read_wants_write", "_write_wants_read",
-                 "_resume_posted", "_lingering", "_linger_timer", "_linger_left")
+                 "_resume_posted", "_lingering", "_linger_timer", "_linger_left", "_goodbye_waits")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, *, client: bool, peer: str, first: bytes = b"",
                  max_message: int = 1 << 20, read_size: int = 256 * 1024, out_limit: int = 1 << 20,
@@ -145,6 +145,7 @@ class WebSocket:
         self._lingering = False               # a clean close waits for the socket to take the rest
         self._linger_timer: Timer | None = None
         self._linger_left = 0                 # bytes queued at the last look of a lingering close
+        self._goodbye_waits = False           # TLS: our close_notify waits for room in the socket
         if sock.gettimeout() != 0.0:
             sock.setblocking(False)
         if self._tls:
@@ -531,6 +532,17 @@ class WebSocket:
         if self._tls:
             try:
                 self.sock.unwrap()  # type: ignore[attr-defined]
+            except ssl.SSLWantWriteError:
+                # The socket is full: closing now would drop our close_notify, and the peer would
+                # read a bare FIN (a broken link) and lose what it has not read yet. It goes when
+                # there is room, within the linger's bound.
+                self._goodbye_waits = True
+                if not self._lingering:
+                    self._lingering = True
+                    self._linger_left = 0
+                    self._linger_timer = self.reactor.call_later(LINGER, self._linger_check)
+                self._update()
+                return
             except (OSError, ValueError):
                 pass  # SSLWantReadError: ours is sent, the peer's is not here yet
         self._close_socket()
@@ -554,7 +566,7 @@ class WebSocket:
         if self._closed:
             return
         mask = ((READ if self._reading_wanted() or self._write_wants_read else 0)
-                | (WRITE if self._out or self._read_wants_write else 0))
+                | (WRITE if self._out or self._read_wants_write or self._goodbye_waits else 0))
         if mask != self._mask:
             self.reactor.watch(self.sock, mask, self._event)
             self._mask = mask
