@@ -44,9 +44,9 @@ telling the peer deadlocks two Python peers whose both ends half-closed (neither
 
 In stream mode the peer's end of data is that Ping, its Close frame, or TCP EOF (a Go peer closes
 its socket at its first EOF): ``read`` then returns None once the buffered bytes are read. A
-clean ``close`` (our FIN sent and the peer's read) sends what is still queued (for at most
-``LINGER`` seconds) and closes (TLS: after our close_notify); any other ``close`` resets the TCP
-connection (SO_LINGER 0), so the peer's stream fails.
+clean ``close`` (our FIN sent and the peer's read) sends what is still queued (as long as the
+peer takes some of it every ``LINGER`` seconds) and closes (TLS: after our close_notify); any
+other ``close`` resets the TCP connection (SO_LINGER 0), so the peer's stream fails.
 
 TLS (wss): ``sock`` may be an ``ssl.SSLSocket`` past its handshake. SSL_read and SSL_write
 wants are handled (a blocked write is retried with the very same buffer), and bytes already
@@ -72,6 +72,7 @@ from collections.abc import Callable
 
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
+from backhaul.buffers import scratch
 from backhaul.net import reason
 from backhaul.protocol.chunks import ChunkQueue, advance
 from backhaul.reactor import READ, WRITE, Reactor, Timer
@@ -84,7 +85,7 @@ MESSAGE_SIZE = 64 * 1024        # payload of one binary message a stream sends
 FIN_PING = b"backhaul:eof"      # Ping payload: no more data from this side (see the module text)
 ROUNDS = 4                      # socket reads per event before other connections get a turn
 IOV_MAX = 1024                  # buffers one sendmsg may take (Linux)
-LINGER = 10.0                   # seconds a clean close waits for the socket to take the rest
+LINGER = 30.0                   # seconds a clean close waits for the socket to take more of the rest
 PONG_SLACK = 64 * 1024          # pongs may queue this far past out_limit (a full stream's)
 TLS_READ = 64 * 1024            # one TLS recv (it returns at most one 16 KiB record anyway)
 _RESET = struct.pack("ii", 1, 0)
@@ -111,7 +112,8 @@ class WebSocket:
                  "_tls", "_proto", "_mode", "_mask", "_unparsed", "_out", "_out_size", "_parts", "_part_size", "_inbox",
                  "_eof", "_paused", "_closed", "_failure", "_ended_why",
                  "_on_message", "_on_lost", "_stream", "_read_wants_write", "_write_wants_read",
-                 "_resume_posted", "_lingering", "_linger_timer", "_dispatching", "_due")
+                 "_resume_posted", "_lingering", "_linger_timer", "_linger_left", "_goodbye_waits",
+                 "_dispatching", "_due")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, *, client: bool, peer: str, first: bytes = b"",
                  max_message: int = 1 << 20, read_size: int = 256 * 1024, out_limit: int = 1 << 20,
@@ -155,6 +157,8 @@ class WebSocket:
         self._resume_posted = False
         self._lingering = False               # a clean close waits for the socket to take the rest
         self._linger_timer: Timer | None = None
+        self._linger_left = 0                 # bytes queued at the last look of a lingering close
+        self._goodbye_waits = False           # TLS: our close_notify waits for room in the socket
         self._dispatching = False             # in our own socket event or resume
         self._due = 0                         # READ / WRITE: the stream's listener hears it after that
         if sock.gettimeout() != 0.0:
@@ -381,14 +385,15 @@ class WebSocket:
     def _recv_batch(self) -> tuple[int, str]:
         """Feed wsproto up to ``read_size`` bytes: one recv (TCP), or records until that many
         (TLS: each recv returns at most one record). Status: "more", "drained", "eof" or "error"
-        (the websocket is lost then)."""
+        (the websocket is lost then). Reads go into the thread's scratch buffer, which wsproto
+        copies from at once."""
         sock, proto, size = self.sock, self._proto, self.read_size
-        chunk = min(size, TLS_READ) if self._tls else size
+        view = scratch(min(size, TLS_READ) if self._tls else size)
         got = 0
         self._read_wants_write = False
         while got < size:
             try:
-                data = sock.recv(chunk)
+                count = sock.recv_into(view)
             except (BlockingIOError, ssl.SSLWantReadError):
                 return got, "drained"
             except ssl.SSLWantWriteError:
@@ -398,12 +403,12 @@ class WebSocket:
                 self._process()  # what arrived before the error still counts
                 self._fail(f"websocket to {self.peer} failed: {reason(exc)}")
                 return 0, "error"
-            if not data:
+            if not count:
                 return got, "eof"
-            proto.receive_bytes(data)
-            got += len(data)
+            proto.receive_bytes(view[:count])  # type: ignore[arg-type]  # copied into its buffer
+            got += count
             if not self._tls:
-                return got, ("drained" if got < size else "more")
+                return got, ("drained" if count < len(view) else "more")
         return got, "more"
 
     def _process(self) -> None:
@@ -547,7 +552,9 @@ class WebSocket:
             pass
 
     def _close_after_flush(self) -> None:
-        """The clean end of a stream: what is queued goes first, for at most LINGER seconds."""
+        """The clean end of a stream: what is queued goes first, while the peer keeps taking it.
+        A busy machine may drain a full queue slowly; only a peer that takes nothing for LINGER
+        seconds loses the rest (a reset)."""
         if self._closed:
             return
         try:
@@ -559,8 +566,18 @@ class WebSocket:
             self._goodbye()
             return
         self._lingering = True
-        self._linger_timer = self.reactor.call_later(LINGER, self.abort)
+        self._linger_left = self._out_size
+        self._linger_timer = self.reactor.call_later(LINGER, self._linger_check)
         self._update()
+
+    def _linger_check(self) -> None:
+        if self._closed:
+            return
+        if self._out_size < self._linger_left:
+            self._linger_left = self._out_size
+            self._linger_timer = self.reactor.call_later(LINGER, self._linger_check)
+        else:
+            self.abort()
 
     def _goodbye(self) -> None:
         """Close at the clean end. On TLS our close_notify goes first: the peer reads it as the end
@@ -569,6 +586,17 @@ class WebSocket:
         if self._tls:
             try:
                 self.sock.unwrap()  # type: ignore[attr-defined]
+            except ssl.SSLWantWriteError:
+                # The socket is full: closing now would drop our close_notify, and the peer would
+                # read a bare FIN (a broken link) and lose what it has not read yet. It goes when
+                # there is room, within the linger's bound.
+                self._goodbye_waits = True
+                if not self._lingering:
+                    self._lingering = True
+                    self._linger_left = 0
+                    self._linger_timer = self.reactor.call_later(LINGER, self._linger_check)
+                self._update()
+                return
             except (OSError, ValueError):
                 pass  # SSLWantReadError: ours is sent, the peer's is not here yet
         self._close_socket()
@@ -592,7 +620,7 @@ class WebSocket:
         if self._closed:
             return
         mask = ((READ if self._reading_wanted() or self._write_wants_read else 0)
-                | (WRITE if self._out or self._read_wants_write else 0))
+                | (WRITE if self._out or self._read_wants_write or self._goodbye_waits else 0))
         if mask != self._mask:
             self.reactor.watch(self.sock, mask, self._event)
             self._mask = mask

@@ -28,7 +28,7 @@ from backhaul.transport.tcpmux import MuxClientSession, SessionLinks
 from backhaul.tunnel.control import ClientChannel
 from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import control_connection
-from backhaul.tunnel.pending import Pending, PendingSet
+from backhaul.tunnel.pending import HANDSHAKE_FAILURES, Pending, PendingSet
 from backhaul.tunnel.pool import ClientPool, LinkPool
 from backhaul.tunnel.port import Port
 from backhaul.ws import WebSocket, WebSocketCarrier, WebSocketStream
@@ -241,11 +241,13 @@ class UpgradePort(Port):
         self._request(entry, request)
 
     def _too_slow(self, entry: Head) -> None:
+        HANDSHAKE_FAILURES.inc(1, "timeout")
         self._warn.warning("timeout", "rejected client %s: no whole upgrade head within %g s", entry.peer,
                            HEAD_TIMEOUT)
         self._answer(entry.sock, http.error_response(408))
 
     def _reject(self, entry: Head, kind: str, why: str, status: int = 0) -> None:
+        HANDSHAKE_FAILURES.inc(1, kind)
         self._warn.warning(kind, "rejected client %s: %s", entry.peer, why)
         if status:
             self._answer(entry.sock, http.error_response(status), last=True)

@@ -17,7 +17,7 @@ from backhaul.errors import ProtocolError
 from backhaul.protocol.framing import SG_CHAN, FrameReader
 from backhaul.protocol.handshake import HANDSHAKE_TIMEOUT, hello_reader, server_accepts
 from backhaul.reactor import READ, Reactor
-from backhaul.tunnel.pending import MAX_PENDING, PENDING_PER_SOURCE, Pending, PendingSet
+from backhaul.tunnel.pending import HANDSHAKE_FAILURES, MAX_PENDING, PENDING_PER_SOURCE, Pending, PendingSet
 
 log = logging.getLogger("backhaul.acceptor")
 
@@ -106,10 +106,12 @@ class HandshakeAcceptor:
             self._end(entry, close=False)
             self.on_control(entry.sock, entry.peer, entry.ip)
         else:
+            HANDSHAKE_FAILURES.inc(1, kind)
             self._warn.warning(kind, "rejected client %s: %s", entry.ip, verdict)
             self._end(entry)
 
     def _expired(self, entry: Handshake) -> None:
+        HANDSHAKE_FAILURES.inc(1, "foreign" if entry.foreign else "timeout")
         if entry.foreign:
             self._warn.warning("foreign", "rejected data connection from %s: not the control channel's "
                                "address %s", entry.peer, entry.foreign)

@@ -14,12 +14,16 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from backhaul.log import Throttles
+from backhaul.metrics import METRICS
 from backhaul.reactor import Reactor, Timer
 
 log = logging.getLogger("backhaul.acceptor")
 
 MAX_PENDING = 256        # connections being read at once
 PENDING_PER_SOURCE = 64  # of which one address may hold this many
+
+HANDSHAKE_FAILURES = METRICS.counter("backhaul_handshake_failures_total", "Connections to the tunnel port turned "
+                                     "away, by reason (token, timeout, garbage, closed, foreign, ...).", ("reason",))
 
 
 class Pending:
@@ -77,6 +81,7 @@ class PendingSet(Generic[P]):
 
     def _evict(self, entry: P, why: str) -> None:
         self.evicted += 1
+        HANDSHAKE_FAILURES.inc(1, "evicted")
         self.warn.warning("pending", "closed the oldest pending connection %s to make room: %s", entry.peer, why)
         self.end(entry)
 
