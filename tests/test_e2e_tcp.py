@@ -195,6 +195,9 @@ def run_64_streams(start: Callable[[str], Tunnel], timeout: float = 120) -> Tunn
         with ThreadPoolExecutor(max_workers=STREAMS) as pool:
             futures = [pool.submit(user_stream, port, i, up, down) for i, (up, down) in enumerate(sizes)]
             users = [f.result(timeout=timeout) for f in futures]
+        # A user that only sends is done once its bytes are in flight and the target's FIN came
+        # back: the tunnel may still be delivering them. The target's own EOF is the end.
+        wait_until(lambda: len(target.results) == STREAMS, timeout, "every stream to end at the target")
     finally:
         target.service.close()
     assert sorted(target.results) == list(range(STREAMS)), "some streams never completed at the target"
