@@ -98,9 +98,11 @@ class Client:
         last = ""         # the server of the last session, and why it was left
         left = ""
         first = 0         # where the next round of attempts begins
+        rested: tuple[int, float] | None = None   # a server whose session just ended, and when
         while not self._stopping.is_set():
             cfg, generation = self.config, self._generation
-            found = self._round(cfg, generation, first)
+            found = self._round(cfg, generation, first, rested)
+            rested = None
             if found is None:
                 if not self._stopping.is_set() and generation == self._generation:
                     self._stopping.wait(cfg.retry_interval)
@@ -128,20 +130,27 @@ class Client:
                 log.info("connected to server %s: control channel up", addr)
                 connected += 1
                 RECONNECTS.inc(1, "client")
-            last, left = addr, f"the session with {addr} ended ({self._end_reason or 'closed'})"
-            first = (index + 1) % len(cfg.servers)
-            if self._stopping.is_set() or generation != self._generation:
+            reloaded = generation != self._generation
+            why = self._end_reason or ("a reload changed the settings" if reloaded else "closed")
+            last, left = addr, f"the session with {addr} ended ({why})"
+            if self._stopping.is_set() or reloaded:
                 first = 0
-            elif len(cfg.servers) == 1:
-                self._stopping.wait(cfg.retry_interval)
+            else:   # the next one at once; this one again only after retry_interval
+                first = (index + 1) % len(cfg.servers)
+                rested = (index, time.monotonic() + cfg.retry_interval)
 
-    def _round(self, cfg: ClientConfig, generation: int, first: int) -> tuple[int, ClientSession] | None:
-        """Try each server once, in order from ``first``: the first session made, or None."""
+    def _round(self, cfg: ClientConfig, generation: int, first: int,
+               rested: tuple[int, float] | None) -> tuple[int, ClientSession] | None:
+        """Try each server once, in order from ``first``: the first session made, or None. The
+        server of ``rested`` is tried no sooner than its time (its session just ended)."""
         count = len(cfg.servers)
         for step in range(count):
+            index = (first + step) % count
+            if rested is not None and rested[0] == index:
+                self._stopping.wait(max(0.0, rested[1] - time.monotonic()))
+                cfg = self.config   # live keys changed meanwhile apply to this attempt
             if self._stopping.is_set() or generation != self._generation:
                 return None
-            index = (first + step) % count
             addr = cfg.servers[index].addr
             then = f"trying server {cfg.servers[(index + 1) % count].addr}" if step + 1 < count \
                 else f"retrying in {cfg.retry_interval} s"

@@ -146,23 +146,27 @@ class Port:
     def client(self) -> str:
         return self.taken.ip if self.taken is not None else ""
 
-    def _ranked(self, turn: int) -> list[ClientEntry]:
-        """The clients, most idle links first; among equals, round robin from ``turn``."""
+    def _ranked(self, turn: int, *, most: bool = True) -> list[ClientEntry]:
+        """The clients, most idle links first (fewest first unless ``most``); among equals,
+        round robin from ``turn``."""
         entries = list(self.clients.values())
         turn %= len(entries)
         entries = entries[turn:] + entries[:turn]
-        entries.sort(key=lambda entry: -entry.links.idle())   # stable: the rotation breaks ties
+        sign = -1 if most else 1
+        entries.sort(key=lambda entry: sign * entry.links.idle())   # stable: the rotation breaks ties
         return entries
 
     def _next_turn(self, entry: ClientEntry) -> int:
         return list(self.clients.values()).index(entry) + 1
 
     def user_arrived(self) -> None:
-        """The client that will serve this user is asked to replace the link it gives."""
+        """Ask for the link this user takes. With several clients the one with the fewest idle
+        links is asked: asking the one that serves it (the most idle) would keep it the most
+        idle, and it would take every user while the others wait with their pools."""
         if len(self.clients) == 1:
             next(iter(self.clients.values())).links.user_arrived()
         elif self.clients:
-            entry = self._ranked(self._ask_turn)[0]
+            entry = self._ranked(self._ask_turn, most=False)[0]
             self._ask_turn = self._next_turn(entry)
             entry.links.user_arrived()
 
