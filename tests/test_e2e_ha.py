@@ -493,3 +493,27 @@ def test_balance_ws_link_from_an_address_without_a_control_channel_is_refused(la
     assert sample(tunnel.metrics(), "backhaul_handshake_failures_total", reason="foreign") == 1
     run_users(tunnel.public, range(10))
     assert tagged.count(range(10)) == {"a": 10, "b": 0}
+
+
+def test_balance_keeps_a_bounded_number_of_control_channels_per_address(launcher: Launcher) -> None:
+    """33 clients from one address: the 33rd makes the oldest go (the others stay up). Catches:
+    control channels from one address piling up without bound in balance mode."""
+    from backhaul.tunnel.port import MAX_CHANNELS_PER_ADDRESS
+    from tests.test_e2e_operator import handshake
+
+    bind_port, public = free_port(), free_port()
+    server = launcher.start("server", server_toml(bind_port, [f"{HOST}:{public}={TARGET}"], TOKEN,
+                                                  clients="balance"))
+    server.wait_for_log(f"tunnel listening on {HOST}:{bind_port}")
+    with contextlib.ExitStack() as stack:
+        channels = [stack.enter_context(contextlib.closing(handshake(bind_port, TOKEN, source="127.0.0.5")))
+                    for _ in range(MAX_CHANNELS_PER_ADDRESS + 1)]
+        line = server.wait_for_log("closed the oldest control channel from 127.0.0.5")
+        assert f"127.0.0.5:{channels[0].getsockname()[1]}" in line
+        channels[0].settimeout(5)
+        assert channels[0].recv(16) == bytes((SG_CLOSED,)) and channels[0].recv(16) == b""
+        for channel in channels[1:]:
+            channel.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                assert channel.recv(16) != b"", "a newer control channel was closed"
+    assert "Traceback" not in server.log()

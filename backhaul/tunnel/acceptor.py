@@ -74,7 +74,10 @@ class HandshakeAcceptor:
 
     def begin(self, sock: socket.socket, peer: str, ip: str) -> None:
         """Read a handshake from ``sock`` (also used for a pooled link that starts talking)."""
-        foreign = ", ".join(sorted(self.control_ips)) if self.control_ips and ip not in self.control_ips else ""
+        foreign = ""   # whose address a link should have come from: one, or how many (balance mode)
+        if self.control_ips and ip not in self.control_ips:
+            count = len(self.control_ips)
+            foreign = next(iter(self.control_ips)) if count == 1 else f"{count} addresses of clients"
         entry = Handshake(sock, peer, ip, foreign)
         self.pending.add(entry)
         self.reactor.watch(sock, READ, lambda _m: self._readable(entry))
@@ -113,8 +116,7 @@ class HandshakeAcceptor:
     def _expired(self, entry: Handshake) -> None:
         HANDSHAKE_FAILURES.inc(1, "foreign" if entry.foreign else "timeout")
         if entry.foreign:
-            several = ", " in entry.foreign   # balance mode: every client's address
-            whose = "an address of the control channels:" if several else "the control channel's address"
+            whose = "one of the" if " " in entry.foreign else "the control channel's address"
             self._warn.warning("foreign", "rejected data connection from %s: not %s %s", entry.peer, whose,
                                entry.foreign)
         else:

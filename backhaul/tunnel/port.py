@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from backhaul.listener import Listener
+from backhaul.log import Throttles
 from backhaul.metrics import METRICS
 from backhaul.net import listen, peer_of, tune
 from backhaul.protocol.handshake import hello
@@ -30,6 +31,9 @@ log = logging.getLogger("backhaul.server")
 
 RECONNECTS = METRICS.counter("backhaul_reconnects_total", "Control channels established after the first one.",
                              ("side",))
+MAX_ADDRESSES = 1024          # balance: client addresses kept at once; past it a newcomer is refused
+MAX_CHANNELS_PER_ADDRESS = 32  # balance: control channels of one address; past it the oldest goes
+
 CHANNELS = METRICS.gauge("backhaul_control_channels", "Control channels up on the server (one per client; "
                          "several only with clients = \"balance\").")
 CLIENT_IDLE = METRICS.gauge("backhaul_client_idle_links", "Tunnel links ready for a user, by client address "
@@ -107,6 +111,7 @@ class Port:
         self._ask_turn = 0
         self._had_channel = False
         self._unwatch: list[Callable[[], None]] = []
+        self._warn = Throttles(log)
 
     def open(self) -> None:
         cfg = self.config
@@ -229,6 +234,17 @@ class Port:
         cfg = self.config
         entry = self.clients.get(ip)
         fresh = entry is None
+        if entry is None and len(self.clients) >= MAX_ADDRESSES:
+            self._warn.warning("addresses", "refused client %s: %d client addresses have a control channel, the "
+                               "most balance mode keeps", peer, MAX_ADDRESSES)
+            carrier.close()
+            return
+        if entry is not None and len(entry.channels) >= MAX_CHANNELS_PER_ADDRESS:
+            oldest = entry.channels[0]
+            self._warn.warning("channels", "closed the oldest control channel from %s (%s): %d from one address "
+                               "are the most balance mode keeps", ip, oldest.peer, MAX_CHANNELS_PER_ADDRESS)
+            oldest.close(notify=True)
+            entry.channels.remove(oldest)
         if entry is None:
             entry = self.clients[ip] = ClientEntry(ip)
             entry.links = self.make_links(self.core, entry.ask, self._talking)
