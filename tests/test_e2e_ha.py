@@ -15,6 +15,7 @@ import json
 import random
 import re
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -517,3 +518,27 @@ def test_balance_keeps_a_bounded_number_of_control_channels_per_address(launcher
             with contextlib.suppress(BlockingIOError):
                 assert channel.recv(16) != b"", "a newer control channel was closed"
     assert "Traceback" not in server.log()
+
+
+def test_reload_of_the_ha_keys(launcher: Launcher, tagged: Tagged) -> None:
+    """failback_idle applies without a new session; local_addr starts one (its links must come
+    from the new address); clients restarts the server's tunnel. Catches: a key classified the
+    wrong way, so that a reload cuts users for nothing or leaves links on the old address."""
+    tunnel = Balanced(launcher, "tcp", tagged)
+    client = tunnel.start_client("a")
+    client.config.write_text(client.config.read_text() + "failback_idle = 5\n")
+    client.proc.send_signal(signal.SIGHUP)
+    client.wait_for_log("reloaded")
+    assert not client.lines("starting a new session")
+    client.config.write_text(client.config.read_text().replace(SOURCES["a"], "127.0.0.6"))
+    client.proc.send_signal(signal.SIGHUP)
+    client.wait_for_log("starting a new session with the server: local_addr changed")
+    tunnel.server.wait_for_log("client 127.0.0.6:")
+    wait_until(lambda: tunnel.idle_links("127.0.0.6") > 0, 10, "links from the new address")
+    run_users(tunnel.public, range(20))
+    assert tagged.count(range(20))["a"] == 20
+    tunnel.server.config.write_text(tunnel.server.config.read_text().replace('"balance"', '"replace"'))
+    tunnel.server.proc.send_signal(signal.SIGHUP)
+    tunnel.server.wait_for_log("restarting the tunnel: clients changed")
+    tunnel.server.wait_for_log("connected: control channel up", count=3)
+    run_users(tunnel.public, range(20, 30))
