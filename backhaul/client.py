@@ -120,13 +120,14 @@ class Client:
             if cfg.token_is_default:
                 log.warning("the default token is in use; set token on both sides")
             while True:   # a fail-back hands over to a session that is up already
-                back = self._hold(cfg, generation, index)
+                back = self._hold(generation, index)
                 if back is None:
                     break
+                index, waited = back
                 log.warning("switched from server %s to server %s: %s answers again and no user was carried "
-                            "for %d s (failback_idle)", addr, cfg.servers[back].addr, cfg.servers[back].addr,
-                            cfg.failback_idle)
-                index, addr = back, cfg.servers[back].addr
+                            "for %d s (failback_idle)", addr, cfg.servers[index].addr, cfg.servers[index].addr,
+                            waited)
+                addr = cfg.servers[index].addr
                 log.info("connected to server %s: control channel up", addr)
                 connected += 1
                 RECONNECTS.inc(1, "client")
@@ -168,13 +169,16 @@ class Client:
         self._ended.clear()
         self.reactor.call_soon(self._begin, session, generation, addr)
 
-    def _hold(self, cfg: ClientConfig, generation: int, index: int) -> int | None:
+    def _hold(self, generation: int, index: int) -> tuple[int, int] | None:
         """Wait while the session with ``servers[index]`` runs. Meanwhile, once no user has been
         carried for failback_idle seconds, try the servers before it: the index of the one it
-        failed back to (its session running already), or None when the session ended."""
-        fail_back = index > 0 and cfg.failback_idle > 0
-        every = min(cfg.retry_interval, cfg.failback_idle) if fail_back else cfg.heartbeat
-        while not self._ended.wait(every):
+        failed back to (its session running already) and the failback_idle it waited, or None
+        when the session ended. Read anew each time: a reload changes failback_idle at once."""
+        while True:
+            cfg = self.config
+            fail_back = index > 0 and cfg.failback_idle > 0
+            if self._ended.wait(min(cfg.retry_interval, cfg.failback_idle) if fail_back else cfg.heartbeat):
+                return None
             if not fail_back or generation != self._generation or self.quiet_for() < cfg.failback_idle:
                 continue
             for better in range(index):
@@ -187,9 +191,8 @@ class Client:
                     log.exception("unexpected error while connecting to %s", cfg.servers[better].addr)
                     continue
                 if self._hand_over(session, generation, cfg.servers[better].addr, cfg.failback_idle):
-                    return better
+                    return better, cfg.failback_idle
                 break   # a user came meanwhile: stay, and try again once it is quiet
-        return None
 
     def _hand_over(self, session: ClientSession, generation: int, addr: str, quiet: int) -> bool:
         """Move to ``session`` if the client is still quiet, judged on the reactor thread where

@@ -149,6 +149,9 @@ class SessionLinks:
         """Streams the sessions may still open (as many users as that, without asking)."""
         return sum(max(0, self.config.mux_con - len(conn)) for conn in self.sessions)
 
+    def enough(self) -> int:
+        return max(1, self.config.connection_pool) * self.config.mux_con
+
     def user_arrived(self) -> None:
         if self._free() is not None:
             return

@@ -157,6 +157,9 @@ class WebSocketLinks:
     def idle(self) -> int:
         return len(self.pool.idle)
 
+    def enough(self) -> int:
+        return max(1, self.pool.keep_ready)
+
     def user_arrived(self) -> None:
         self.pool.request(1)
 

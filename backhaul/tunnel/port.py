@@ -52,6 +52,9 @@ class Links(Protocol):
     def idle(self) -> int:
         """How many users the links ready now could take without asking the client."""
 
+    def enough(self) -> int:
+        """Idle links past which a client counts as wholly ready: the pool the server keeps."""
+
     def user_arrived(self) -> None:
         """A user is about to want a link."""
 
@@ -153,12 +156,15 @@ class Port:
 
     def _ranked(self, turn: int, *, most: bool = True) -> list[ClientEntry]:
         """The clients, most idle links first (fewest first unless ``most``); among equals,
-        round robin from ``turn``."""
+        round robin from ``turn``. Idle links count up to the pool the server keeps ready: past
+        it a client is as ready as another, however far its own pool grew under load (smux
+        sessions are never given back), so light traffic goes round robin."""
         entries = list(self.clients.values())
         turn %= len(entries)
         entries = entries[turn:] + entries[:turn]
         sign = -1 if most else 1
-        entries.sort(key=lambda entry: sign * entry.links.idle())   # stable: the rotation breaks ties
+        # stable: the rotation breaks ties
+        entries.sort(key=lambda entry: sign * min(entry.links.idle(), entry.links.enough()))
         return entries
 
     def _next_turn(self, entry: ClientEntry) -> int:
