@@ -138,7 +138,7 @@ class Client:
                 first = 0
             else:   # the next one at once; this one again only after retry_interval
                 first = (index + 1) % len(cfg.servers)
-                rested = (index, time.monotonic() + cfg.retry_interval)
+                rested = (index, time.monotonic() + self.config.retry_interval)
 
     def _round(self, cfg: ClientConfig, generation: int, first: int,
                rested: tuple[int, float] | None) -> tuple[int, ClientSession] | None:
