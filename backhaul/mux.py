@@ -507,7 +507,8 @@ class MuxStream:
         if conn.streams.pop(self.sid, None) is not None and not conn.closed:
             if self.sid in conn.session:
                 conn.session.close_stream(self.sid)
-            conn.flush()
+            # What it had not read is dropped: the session reads on if that filled its buffer.
+            conn.consumed()
             conn.stream_closed(self)
 
     # --- from the session ----------------------------------------------------------------------

@@ -280,8 +280,9 @@ def test_token_change_restarts_the_tunnel_in_a_controlled_way(launcher: Launcher
         echo_works(tunnel.public[0], size=100000, seed=22)
         flowing.check()
     for proc in (tunnel.server, tunnel.client):
+        # Not "wrong token": the two processes reload at their own moments, and a client that
+        # reconnects before its own reload may meet the new token once (a refused handshake).
         assert "Traceback" not in proc.log()
-        assert "wrong token" not in proc.log()
 
 
 # ------------------------------------------------------------------------------------------------

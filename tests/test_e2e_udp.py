@@ -7,6 +7,7 @@ import collections
 import contextlib
 import random
 import selectors
+import signal
 import socket
 import struct
 import threading
@@ -460,3 +461,30 @@ def test_a_lying_frame_from_the_server_ends_only_that_flow(launcher, udp_echo):
         for conn in conns:
             conn.close()
         tunnel_port.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# reload
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reload_adds_and_removes_udp_ports_and_keeps_the_flows_of_the_others(launcher, udp_echo, mode):
+    """Catches: UDP ports not following a reload (an added one silent, a removed one still
+    answering), or a reload cutting the flow of a port it did not touch."""
+    tunnel = udp_tunnel(launcher, mode, [str(udp_echo.port), str(udp_echo.port)])
+    assert tunnel.server is not None
+    kept, removed = tunnel.public
+    added = free_port()
+    with user_socket() as user:
+        assert exchange(user, kept, b"kept before", tries=3) == b"kept before"
+        assert exchange(user, removed, b"removed before", tries=3) == b"removed before"
+        sources = set(udp_echo.sources)
+        tunnel.server.config.write_text(tunnel.server_text.replace(
+            f'"{HOST}:{removed}={udp_echo.port}"', f'"{HOST}:{added}={udp_echo.port}"'))
+        tunnel.server.proc.send_signal(signal.SIGHUP)
+        tunnel.server.wait_for_log(f"reloaded {tunnel.server.config}", timeout=5)
+        assert exchange(user, kept, b"kept after") == b"kept after"
+        assert set(udp_echo.sources) == sources, "the kept port's flow was cut: a new flow reached the target"
+        assert exchange(user, added, b"added", tries=3) == b"added"
+        assert exchange(user, removed, b"removed after", timeout=1) is None, "a removed UDP port still answers"
+    tunnel.server.wait_for_log(f"stopped listening on UDP {HOST}:{removed}")
+    assert "Traceback" not in tunnel.server.log()

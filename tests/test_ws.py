@@ -649,14 +649,9 @@ def test_request_then_half_close_gets_the_full_answer(ws_bench):
     assert all(ws.closed for ws in link.ws)
 
 
-def test_a_clean_close_waits_while_a_slow_peer_keeps_reading(monkeypatch):
-    """Catches: a clean close that gives up after a fixed time while the peer still takes bytes,
-    which lost the tail of uploads on a busy machine: the side whose both directions ended closes
-    first and holds the last queued bytes; a reader that keeps reading, however slowly, gets all."""
-    # Twice the pause between the reader's bursts (one relay read of READ_CHUNK at its pace), and
-    # a fraction of the time the tail takes to drain.
-    monkeypatch.setattr(ws_module, "LINGER", 0.6)
-    bench = WsBench(socket_buffers=64 * 1024)   # small kernel buffers: the websockets' queues hold the tail
+def slow_upload(bench: WsBench) -> None:
+    """The user sends 4 MiB then its FIN, the target answers at once and ends its side, then reads
+    the upload slowly: the user's side has both directions ended and closes with the tail queued."""
     try:
         link = bench.link()
         payload = random.Random(12).randbytes(4 << 20)
@@ -673,6 +668,35 @@ def test_a_clean_close_waits_while_a_slow_peer_keeps_reading(monkeypatch):
         assert read_all(link.user) == b"answer"
     finally:
         bench.close()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_a_clean_close_waits_while_a_slow_peer_keeps_reading(monkeypatch, request, tls):
+    """Catches: a clean close that gives up after a fixed time while the peer still takes bytes,
+    which lost the tail of uploads on a busy machine: the side whose both directions ended closes
+    first and holds the last queued bytes; a reader that keeps reading, however slowly, gets all."""
+    # Twice the pause between the reader's bursts (one relay read of READ_CHUNK at its pace), and
+    # a fraction of the time the tail takes to drain.
+    monkeypatch.setattr(ws_module, "LINGER", 0.6)
+    contexts = request.getfixturevalue("tls_contexts") if tls else None
+    slow_upload(WsBench(tls=contexts, socket_buffers=64 * 1024))   # small kernel buffers: the queues hold the tail
+
+
+def test_a_close_notify_that_meets_a_full_socket_waits_for_room(monkeypatch, tls_contexts):
+    """Catches: a clean TLS close whose close_notify did not fit the socket and was dropped: the
+    peer then reads a bare FIN, which is a broken link, and loses what it had not read yet."""
+    real_unwrap = ssl.SSLSocket.unwrap
+    refused: set[int] = set()
+
+    def unwrap(sock: ssl.SSLSocket) -> socket.socket:
+        if id(sock) not in refused:   # the first try of each socket meets a full socket
+            refused.add(id(sock))
+            raise ssl.SSLWantWriteError(ssl.SSL_ERROR_WANT_WRITE, "the socket is full")
+        return real_unwrap(sock)
+
+    monkeypatch.setattr(ssl.SSLSocket, "unwrap", unwrap)
+    slow_upload(WsBench(tls=tls_contexts, socket_buffers=64 * 1024))
+    assert refused, "no clean TLS close happened"
 
 
 def test_half_close_toward_a_go_peer_still_gets_the_answer(reactor, listener):

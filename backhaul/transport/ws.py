@@ -290,12 +290,15 @@ class UpgradePort(Port):
         self._answer(entry.sock, http.accept_response(request.key))
         self.pending.end(entry, close=False)
         sock, peer = entry.sock, entry.peer
+        if owner is not None and not self.mux:
+            # Still watched: the websocket takes the registration over (no system call).
+            owner.links.add(WebSocket(self.reactor, sock, client=False, peer=f"client {peer}", first=request.rest))
+            return
+        self.reactor.forget(sock)
         if owner is None:
             self._control_up(sock, peer, entry.ip, request.rest)
-        elif self.mux:
-            owner.links.add(sock, request.rest)
         else:
-            owner.links.add(WebSocket(self.reactor, sock, client=False, peer=f"client {peer}", first=request.rest))
+            owner.links.add(sock, request.rest)
 
     # --- the control channel --------------------------------------------------------------------
     def _control_up(self, sock: socket.socket, peer: str, ip: str, first: bytes) -> None:
@@ -403,7 +406,9 @@ def connect(core: ClientCore) -> WebSocketSession:
 
 class UpgradeDial:
     """One data connection on the reactor: connect, TLS, upgrade to /tunnel/<N>; ``done(sock,
-    first, "")`` or ``done(None, b"", reason)`` once, within dial_timeout."""
+    first, "")`` or ``done(None, b"", reason)`` once, within dial_timeout. The socket comes still
+    watched by the reactor: ``done`` watches it with a callback of its own (a ``WebSocket`` takes
+    the registration over), forgets it or closes it with ``reactor.close_socket``."""
 
     def __init__(self, core: ClientCore, addr: tuple[str, int], done: Callable[[socket.socket | None, bytes, str], None]
                  ) -> None:
@@ -429,7 +434,8 @@ class UpgradeDial:
         cfg = self.cfg
         tune(sock, nodelay=True, keepalive=cfg.keepalive_period, mss=cfg.mss, rcvbuf=cfg.so_rcvbuf,
              sndbuf=cfg.so_sndbuf)
-        self.reactor.forget(sock)
+        # The socket stays watched (for WRITE, by the dial): every step below watches it anew
+        # or closes it, which saves a system call or two per connection.
         if uses_tls(cfg.transport):
             sock = client_context(cfg).wrap_socket(sock, server_hostname=cfg.remote_host,
                                                    do_handshake_on_connect=False)
@@ -447,9 +453,10 @@ class UpgradeDial:
             if self.head:
                 sent = sock.send(self.head)
                 self.head = self.head[sent:]
-                if self.head:
-                    self.reactor.watch(sock, WRITE, self._step)
-                    return
+                # The answer cannot be here before the server has read the head: wait for it
+                # instead of a read that fails.
+                self.reactor.watch(sock, WRITE if self.head else READ, self._step)
+                return
             while True:
                 data = sock.recv(16384)
                 if not data:
@@ -483,7 +490,6 @@ class UpgradeDial:
             return
         done, self.done = self.done, None
         self.timer.cancel()
-        self.reactor.forget(sock)
         assert done is not None
         done(sock, response.rest, "")
 
@@ -533,7 +539,7 @@ class WebSocketSession:
         if sock is None:
             return
         if self.closed:
-            sock.close()
+            self.reactor.close_socket(sock)
             return
         ws = WebSocket(self.reactor, sock, client=True, peer="the server", first=first)
         self.links.add(ws)
@@ -568,6 +574,7 @@ def connect_mux(core: ClientCore) -> MuxClientSession:
     control = connect(core)
 
     def upgrade(done: Callable[[socket.socket | None, str, bytes], None]) -> None:
+        # MuxClientSession forgets the socket first thing: its session reads it on its own.
         UpgradeDial(core, control.server_addr, lambda sock, first, error: done(sock, error, first))
 
     ws = WebSocket(core.reactor, control.sock, client=True, peer="the server", first=control.first)

@@ -91,7 +91,10 @@ class PendingSet(Generic[P]):
             self.end(entry)
 
     def end(self, entry: P, close: bool = True) -> bool:
-        """Stop tracking ``entry`` (closing its socket unless told not to); False if it was not."""
+        """Stop tracking ``entry``, closing its socket; False if it was not tracked. With
+        ``close=False`` the caller takes the socket over still watched by the reactor: it must
+        watch it with a callback of its own (no system call when the events stay), forget it
+        or close it before the next event."""
         if self.entries.pop(entry.sock, None) is None:
             return False
         self.per_ip[entry.ip] -= 1
@@ -101,8 +104,6 @@ class PendingSet(Generic[P]):
             entry.timer.cancel()
         if close:
             self.reactor.close_socket(entry.sock)
-        else:
-            self.reactor.forget(entry.sock)
         return True
 
     def close(self) -> None:
