@@ -45,13 +45,15 @@ PING = bytes((SG_PING,))
 
 class UdpLink:
     """The server's end of one link: the client's address on the UDP tunnel port. It carries
-    UDP flows only (the public ports of this transport are UDP)."""
+    UDP flows only (the public ports of this transport are UDP); ``carrying`` is the set of
+    flows on the links of its client."""
 
-    __slots__ = ("reactor", "tunnel")
+    __slots__ = ("reactor", "tunnel", "carrying")
 
-    def __init__(self, reactor: Reactor, tunnel: AddressPeer) -> None:
+    def __init__(self, reactor: Reactor, tunnel: AddressPeer, carrying: set[PairRelay]) -> None:
         self.reactor = reactor
         self.tunnel = tunnel
+        self.carrying = carrying
 
     def peer(self) -> tuple[str, int]:
         return self.tunnel.addr[:2]
@@ -60,7 +62,14 @@ class UdpLink:
         if self.tunnel.closed:
             return None
         self.tunnel.send(flow.mapping.target.encode())
-        relay = PairRelay(self.reactor, flow, self.tunnel, on_close)
+        carrying = self.carrying
+
+        def closed(relay: PairRelay) -> None:
+            carrying.discard(relay)
+            on_close(relay)
+
+        relay = PairRelay(self.reactor, flow, self.tunnel, closed)
+        carrying.add(relay)
         relay.start()
         return relay
 
@@ -82,6 +91,10 @@ class UdpLinks:
         self.port = port
         self.pool: LinkPool[UdpLink] = LinkPool(self.reactor, self.config.channel_size,
                                                 self.config.connection_pool, ask)
+        # The flows on this client's links. Nothing tells the server that a client's UDP
+        # sockets are gone, so in balance mode they end with its last control channel: the
+        # users' next datagrams open flows on the clients that are still there.
+        self.carrying: set[PairRelay] = set()
         self._timer: Timer | None = None
         self._warn = Throttles(log)
 
@@ -96,6 +109,11 @@ class UdpLinks:
             self._timer = None
         for link in self.pool.drain():
             link.close()
+        if self.port.balance and self.carrying:
+            flows = list(self.carrying)
+            log.info("ended %d UDP flows carried by the client that left", len(flows))
+            for relay in flows:
+                relay.close()
 
     def add(self, sock: socket.socket) -> None:
         self.talking(sock)
@@ -103,7 +121,7 @@ class UdpLinks:
     def add_datagrams(self, addr: tuple) -> None:
         """``addr`` sent the token to the UDP tunnel port: a new link."""
         assert self.port.socket is not None
-        link = UdpLink(self.reactor, AddressPeer(self.port.socket, addr, f"client link {show(addr)}"))
+        link = UdpLink(self.reactor, AddressPeer(self.port.socket, addr, f"client link {show(addr)}"), self.carrying)
         if not self.pool.add(link):
             self._warn.warning("links", "closed UDP link from %s: %d idle already (channel_size)", show(addr),
                                len(self.pool.idle))
