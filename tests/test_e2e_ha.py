@@ -232,57 +232,121 @@ def test_balance_spreads_users_and_a_lost_client_cuts_only_its_own(launcher: Lau
         assert "Traceback" not in proc.log()
 
 
-def test_balance_udp_flows_spread_and_survive_the_other_client(launcher: Launcher) -> None:
-    """Catches: udp links of every address pooled together in balance mode (a flow then goes to
-    a client that is gone), flows all on one client, a lost client stopping the other's flows."""
-    echoes = {name: harness.UdpEcho() for name in SOURCES}
-    try:
-        bind_port, public = free_port(), free_port()
-        web = free_port()
-        server = launcher.start("server", server_toml(bind_port, [f"{HOST}:{public}={TARGET}"], TOKEN,
-                                                      transport="udp", clients="balance", web_port=web))
-        server.wait_for_log(f"tunnel listening on {HOST}:{bind_port}")
-        clients = {}
-        for count, (name, source) in enumerate(SOURCES.items(), start=1):
-            clients[name] = launcher.start(f"client-{name}", client_toml(
-                bind_port, TOKEN, transport="udp", local_addr=source,
-                forwarder=[f"{TARGET}=127.0.0.1:{echoes[name].port}"]))
-            server.wait_for_log("connected: control channel up", count=count)
-            wait_until(lambda s=source: sample(parse_exposition(http_get(web, "/metrics")[2]),
-                                               "backhaul_client_idle_links", client=s) >= 8, 10, "the pool filled")
+class UdpUsers:
+    """UDP users of one public port, each its own socket (so its own flow): ``ask`` sends each a
+    datagram and returns those answered in time with their own words."""
 
-        users = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(30)]
-        try:
-            for index, user in enumerate(users):
-                user.settimeout(5)
-                user.connect((HOST, public))
-                user.send(f"hello {index}".encode())
-                assert user.recv(2048) == f"hello {index}".encode()
-            by_echo = {name: len(echo.sources) for name, echo in echoes.items()}
-            assert min(by_echo.values()) >= 10, by_echo
-            before = {name: set(echo.sources) for name, echo in echoes.items()}
-            clients["a"].kill()
-            time.sleep(0.5)
-            for index, user in enumerate(users):
-                user.send(f"again {index}".encode())
-            answered = set()
-            deadline = time.monotonic() + 3
-            with selectors.DefaultSelector() as sel:
-                for index, user in enumerate(users):
-                    sel.register(user, selectors.EVENT_READ, index)
-                while time.monotonic() < deadline and len(answered) < by_echo["b"] + 1:
-                    for key, _ in sel.select(timeout=0.2):
-                        sock = key.fileobj
-                        assert isinstance(sock, socket.socket)
-                        if sock.recv(2048) == f"again {key.data}".encode():
-                            answered.add(key.data)
-            assert set(echoes["b"].sources) == before["b"], "the other client's flows moved"
-            assert len(answered) == by_echo["b"], (answered, by_echo)
-        finally:
-            for user in users:
-                user.close()
-        assert "Traceback" not in server.log()
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.socks: list[socket.socket] = []
+
+    def add(self, count: int) -> range:
+        first = len(self.socks)
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.connect((HOST, self.port))
+            self.socks.append(sock)
+        return range(first, len(self.socks))
+
+    def ask(self, users: range, word: str, wait: float = 5.0) -> set[int]:
+        """Each of ``users`` sends ``word`` and its number, one at a time (so each flow begins
+        alone, as the pool would see users come); the numbers answered exactly."""
+        answered: set[int] = set()
+        with selectors.DefaultSelector() as sel:
+            for index in users:
+                self.socks[index].send(f"{word} {index}".encode())
+                sel.register(self.socks[index], selectors.EVENT_READ, index)
+                self._collect(sel, word, answered, time.monotonic() + 0.3, until=index)
+            self._collect(sel, word, answered, time.monotonic() + wait, count=len(users))
+        return answered
+
+    @staticmethod
+    def _collect(sel: selectors.BaseSelector, word: str, answered: set[int], deadline: float, *,
+                 until: int = -1, count: int = 0) -> None:
+        while time.monotonic() < deadline and until not in answered and (not count or len(answered) < count):
+            for key, _ in sel.select(timeout=0.05):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
+                    if sock.recv(2048, socket.MSG_DONTWAIT) == f"{word} {key.data}".encode():
+                        answered.add(key.data)
+                        sel.unregister(sock)
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("mode", ["udp", "accept_udp"])
+def test_balance_udp_flows_spread_and_a_lost_client_ends_only_its_own(launcher: Launcher, mode: str) -> None:
+    """UDP flows on a balance server, over the udp transport and over tcp links (accept_udp):
+    they spread over both clients (each at least a third), count per client on /metrics and the
+    status page; a client killed takes only its own flows (the other's go on, the same flows,
+    while its users' next datagrams open new flows on the one still there); it returns and takes
+    flows again. Catches: links of every address in one pool (a flow sent to a client that is
+    gone), all flows on one client, a lost client stopping the other's flows or leaving its own
+    users without an answer, per-client counts that miss flows."""
+    echoes = {name: harness.UdpEcho() for name in SOURCES}
+    users = None
+    try:
+        bind_port, public, web = free_port(), free_port(), free_port()
+        transport = "udp" if mode == "udp" else "tcp"
+        server = launcher.start("server", server_toml(bind_port, [f"{HOST}:{public}={TARGET}"], TOKEN,
+                                                      transport=transport, clients="balance", web_port=web,
+                                                      accept_udp=mode == "accept_udp"))
+        server.wait_for_log(f"tunnel listening on {HOST}:{bind_port}")
+        texts = {name: client_toml(bind_port, TOKEN, transport=transport, local_addr=source,
+                                   forwarder=[f"{TARGET}=127.0.0.1:{echoes[name].port}"])
+                 for name, source in SOURCES.items()}
+
+        def metrics() -> dict:
+            return parse_exposition(http_get(web, "/metrics")[2])
+
+        def start(name: str, count: int) -> Backhaul:
+            client = launcher.start(f"client-{name}", texts[name])
+            server.wait_for_log("connected: control channel up", count=count)
+            wait_until(lambda: sample(metrics(), "backhaul_client_idle_links", client=SOURCES[name]) >= 8, 10,
+                       f"the pool of client {name} filled")
+            return client
+
+        clients = {"a": start("a", 1)}
+        clients["b"] = start("b", 2)
+        users = UdpUsers(public)
+        first = users.add(30)
+        assert users.ask(first, "hello") == set(first)
+        spread = {name: len(echo.sources) for name, echo in echoes.items()}
+        assert sum(spread.values()) == 30 and min(spread.values()) >= 30 / 3, spread
+        samples = metrics()
+        peers = {row["client"]: row for row in json.loads(http_get(web, "/status.json")[2])["peers"]}
+        for name, source in SOURCES.items():
+            assert sample(samples, "backhaul_client_connections_total", client=source) == spread[name]
+            assert sample(samples, "backhaul_client_connections_active", client=source) == spread[name]
+            assert (peers[source]["total"], peers[source]["active"]) == (spread[name], spread[name])
+            assert peers[source]["bytes_to_target"] > 0 and peers[source]["bytes_to_user"] > 0
+        before = {name: dict(echo.sources) for name, echo in echoes.items()}
+
+        clients["a"].kill()
+        wait_until(lambda: sample(metrics(), "backhaul_control_channels") == 1, 10, "client a to be gone")
+        wait_until(lambda: sample(metrics(), "backhaul_client_connections_active", client=SOURCES["a"]) == 0, 10,
+                   "the flows of client a to end")
+        assert users.ask(first, "again") == set(first), "a user left without an answer"
+        for source, count in before["b"].items():
+            assert echoes["b"].sources[source] == count + 1, "a flow of the other client was not the same flow"
+        moved = set(echoes["b"].sources) - set(before["b"])
+        assert len(moved) == spread["a"], (moved, spread)
+        assert sample(metrics(), "backhaul_client_connections_total", client=SOURCES["b"]) == 30
+
+        clients["a"] = start("a", 3)
+        later = users.add(30)
+        assert users.ask(later, "back") == set(later)
+        again = {name: len(set(echo.sources) - set(before[name]) - moved) for name, echo in echoes.items()}
+        assert min(again.values()) >= 30 / 3, again
+        samples = metrics()
+        assert sample(samples, "backhaul_client_connections_total", client=SOURCES["a"]) == spread["a"] + again["a"]
+        assert "Traceback" not in server.log() and "Traceback" not in clients["b"].log()
     finally:
+        if users is not None:
+            users.close()
         for echo in echoes.values():
             echo.close()
 
@@ -349,7 +413,8 @@ def test_a_go_client_and_ours_share_a_balance_server(launcher: Launcher, tagged:
 class Servers:
     """Two servers, each with its own public port to the one service, and a client of both."""
 
-    def __init__(self, launcher: Launcher, transport: str, service: Service, **client_extra: object) -> None:
+    def __init__(self, launcher: Launcher, transport: str, service: Service | harness.UdpEcho,
+                 **client_extra: object) -> None:
         self.launcher = launcher
         self.bind = [free_port(), free_port()]
         self.public = [free_port(), free_port()]
@@ -427,6 +492,74 @@ def test_failover_to_the_second_server_and_back_only_when_quiet(launcher: Launch
     echo_works(ha.public[0])
     assert len(ha.client.lines("switched from")) == 2
     assert "Traceback" not in ha.client.log()
+
+
+def first_udp_echo_within(user: socket.socket, limit: float) -> float:
+    """Seconds until ``user`` (connected to a public UDP port) hears its datagram back, sending
+    one every 50 ms meanwhile."""
+    start = time.monotonic()
+    user.settimeout(0.05)
+    while time.monotonic() - start <= limit + 1:
+        user.send(b"anyone")
+        with contextlib.suppress(TimeoutError, ConnectionRefusedError):
+            if user.recv(64) == b"anyone":
+                return time.monotonic() - start
+    pytest.fail(f"no UDP echo within {limit + 1:g} s")
+
+
+def udp_echoes(user: socket.socket, word: bytes) -> bool:
+    user.settimeout(5)
+    user.send(word)
+    try:
+        while (got := user.recv(64)) != word:
+            assert got == b"anyone", got   # a late answer of first_udp_echo_within
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_failover_with_the_udp_transport_and_back_once_its_flows_ended(launcher: Launcher) -> None:
+    """The udp transport: the client goes to the second server within retry_interval + 1 s of
+    losing the first, and fails back only when no UDP flow has run for failback_idle seconds (a
+    flow ends 60 s after its last datagram), never while a user's flow is carried. Catches: a
+    failover client that works only with TCP links, or that counts no flow as a user."""
+    from backhaul.relay.datagram import IDLE
+
+    echo = harness.UdpEcho()
+    try:
+        ha = Servers(launcher, "udp", echo)
+        ha.client.wait_for_log(f"connected to server {ha.addrs[0]}: control channel up")
+        with contextlib.ExitStack() as stack:
+            before = stack.enter_context(contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)))
+            before.connect((HOST, ha.public[0]))
+            first_udp_echo_within(before, 5.0)
+            first = ha.servers[0]
+            assert first is not None
+            first.kill()
+            user = stack.enter_context(contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)))
+            user.connect((HOST, ha.public[1]))
+            took = first_udp_echo_within(user, limit=2.0)
+            assert took <= 2.0, f"the second server carried a flow only after {took:.2f} s"
+            ha.client.wait_for_log(f"connected to server {ha.addrs[1]}: control channel up")
+            assert len(ha.switches(0, 1)) == 1, ha.client.log()
+
+            ha.servers[0] = ha.start(0)
+            for index in range(12):   # past failback_idle and a retry, the flow in use all along
+                assert udp_echoes(user, b"still %d" % index), "the flow was cut"
+                time.sleep(0.5)
+            assert not ha.switches(1, 0), "failed back while a flow was carried"
+            quiet_at = time.monotonic()
+            line = ha.client.wait_for_log(f"switched from server {ha.addrs[1]} to server {ha.addrs[0]}: ",
+                                          timeout=IDLE + 15)
+            assert "failback_idle" in line
+            assert time.monotonic() - quiet_at >= IDLE + 3 - 1, "failed back before the flow ended"
+        ha.client.wait_for_log(f"connected to server {ha.addrs[0]}: control channel up", count=2)
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as back:
+            back.connect((HOST, ha.public[0]))
+            first_udp_echo_within(back, 5.0)
+        assert "Traceback" not in ha.client.log()
+    finally:
+        echo.close()
 
 
 def test_failback_idle_zero_stays_on_the_server_in_use(launcher: Launcher, echo_service: Service) -> None:
