@@ -10,7 +10,7 @@ import ipaddress
 import json
 import logging
 import re
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any
 
 try:
@@ -22,11 +22,14 @@ from backhaul.errors import ConfigError
 
 DEFAULT_TOKEN = "musix"
 TRANSPORTS = ("tcp", "tcpmux", "ws", "wss", "wsmux", "wssmux", "udp")
+CLIENT_MODES = ("replace", "balance")
 LOG_LEVELS = ("panic", "fatal", "error", "warn", "warning", "info", "debug", "trace")
 
 DEFAULT_HEARTBEAT = 40
 DEFAULT_WEB_ADDR = "127.0.0.1"   # ours: the status page is local unless asked otherwise
 DEFAULT_DRAIN = 10               # ours: seconds open user connections get to finish on SIGTERM
+DEFAULT_FAILBACK_IDLE = 60       # ours: seconds without users before the client returns to its first server
+MAX_SERVERS = 16                 # addresses in a client's remote_addr list
 MAX_TOKEN_BYTES = 0xFFFF  # the handshake's u16 length
 MAX_RANGE_PORTS = 1000
 _INT_MAX = 2**31 - 1
@@ -43,6 +46,15 @@ _PY_LEVELS = {
     "debug": logging.DEBUG,
     "trace": logging.DEBUG,
 }
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One server address of a client's remote_addr: as written, and split."""
+
+    addr: str
+    host: str
+    port: int
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,8 @@ class ServerConfig:
     """The ``[server]`` table."""
 
     bind_addr: str = setting(REQUIRED, 'tunnel listen address, host:port (e.g. "0.0.0.0:3080"); clients dial it')
+    clients: str = setting("replace", '"replace": a new client takes over (as in Go); "balance": all stay, users '
+                           "go to the most idle (ours)")
     bind_host: str = ""
     bind_port: int = 0
     transport: str = setting("tcp", _TRANSPORT_DOC)
@@ -118,9 +132,14 @@ class ServerConfig:
 class ClientConfig:
     """The ``[client]`` table."""
 
-    remote_addr: str = setting(REQUIRED, "the server's bind_addr as reachable from here, host:port")
+    remote_addr: str = setting(REQUIRED, "the server's bind_addr as reachable from here, host:port; or a list, "
+                               "tried in order (ours)")
     remote_host: str = ""
     remote_port: int = 0
+    servers: tuple[Remote, ...] = ()   # every address of remote_addr, in order; remote_addr is the first
+    failback_idle: int = setting(DEFAULT_FAILBACK_IDLE, "seconds without users before going back to an earlier "
+                                 "remote_addr (0: never) (ours)")
+    local_addr: str = setting("", "local IP address the connections to the server leave from (empty: any) (ours)")
     transport: str = setting("tcp", _TRANSPORT_DOC)
     token: str = setting(DEFAULT_TOKEN, _TOKEN_DOC, secret=True)
     token_is_default: bool = True
@@ -153,12 +172,24 @@ class ClientConfig:
     heartbeat: int = setting(DEFAULT_HEARTBEAT, "accepted; the silence limit follows the server's heartbeats")
     forwarder: tuple[tuple[str, str], ...] = setting((), '"TARGET=HOST:PORT": dial HOST:PORT for the target TARGET')
 
+    def __post_init__(self) -> None:
+        if not self.servers:   # made in code with one address: that one is the list
+            object.__setattr__(self, "servers", (Remote(self.remote_addr, self.remote_host, self.remote_port),))
+
     def forward_target(self, target: str) -> str:
         """The address to dial for ``target``: a forwarder's right side, or ``target`` itself."""
         for left, right in self.forwarder:
             if left == target:
                 return right
         return target
+
+    def for_server(self, index: int) -> ClientConfig:
+        """This config as it dials ``servers[index]``: a session with that server reads its address
+        from remote_addr, remote_host and remote_port like any single-server config."""
+        remote = self.servers[index]
+        if remote.addr == self.remote_addr:
+            return self
+        return replace(self, remote_addr=remote.addr, remote_host=remote.host, remote_port=remote.port)
 
 
 @dataclass(frozen=True)
@@ -171,7 +202,7 @@ class Config:
 
 
 # Fields computed from others, never read from the file.
-_DERIVED = {"bind_host", "bind_port", "remote_host", "remote_port", "token_is_default"}
+_DERIVED = {"bind_host", "bind_port", "remote_host", "remote_port", "servers", "token_is_default"}
 
 
 def file_keys(side: type[ServerConfig] | type[ClientConfig]) -> tuple[Field[Any], ...]:
@@ -186,6 +217,8 @@ def file_value(side: ServerConfig | ClientConfig, name: str) -> object:
         return list(dict.fromkeys(mapping.entry for mapping in value))  # a range is one entry
     if name == "forwarder":
         return [f"{left}={right}" for left, right in value]
+    if name == "remote_addr" and isinstance(side, ClientConfig) and len(side.servers) > 1:
+        return [remote.addr for remote in side.servers]
     return value
 
 
@@ -207,7 +240,7 @@ _CLIENT_KEYS = tuple(f.name for f in file_keys(ClientConfig))
 def changed_keys(old: ServerConfig | ClientConfig, new: ServerConfig | ClientConfig) -> list[str]:
     """The keys of the file whose values differ between two configs of one side (a reload)."""
     keys = _SERVER_KEYS if isinstance(old, ServerConfig) else _CLIENT_KEYS
-    changed = [name for name in keys if getattr(old, name) != getattr(new, name)]
+    changed = [name for name in keys if file_value(old, name) != file_value(new, name)]
     if "token" not in changed and old.token_is_default != new.token_is_default:
         changed.append("token")
     return changed
@@ -362,7 +395,10 @@ class _Reader:
     def address(self, name: str, *, listen: bool) -> tuple[str, str, int]:
         if name not in self.table:
             raise self.error(name, "required key is missing")
-        text = self.string(name)
+        return self.split_address(name, self.string(name), listen=listen)
+
+    def split_address(self, name: str, text: str, *, listen: bool) -> tuple[str, str, int]:
+        """``text`` (the value of ``name``) as (text, host, port)."""
         try:
             host, port = _split_host_port(text)
             number = _port_number(port, "port")
@@ -458,6 +494,7 @@ def _server(table: dict[str, object], source: str) -> ServerConfig:
         bind_addr=bind_addr,
         bind_host=bind_host,
         bind_port=bind_port,
+        clients=reader.choice("clients", "replace", CLIENT_MODES, "mode"),
         channel_size=reader.integer("channel_size", 2048, 1, 1_000_000),
         mux_con=reader.integer("mux_con", 8, 1, 65535),
         accept_udp=reader.boolean("accept_udp"),
@@ -472,11 +509,14 @@ def _server(table: dict[str, object], source: str) -> ServerConfig:
 
 def _client(table: dict[str, object], source: str) -> ClientConfig:
     reader = _Reader(table, source, "client", _CLIENT_KEYS)
-    remote_addr, remote_host, remote_port = reader.address("remote_addr", listen=False)
+    servers = _remote_addrs(reader)
     return ClientConfig(
-        remote_addr=remote_addr,
-        remote_host=remote_host,
-        remote_port=remote_port,
+        remote_addr=servers[0].addr,
+        remote_host=servers[0].host,
+        remote_port=servers[0].port,
+        servers=servers,
+        failback_idle=reader.integer("failback_idle", DEFAULT_FAILBACK_IDLE, 0, 86400),
+        local_addr=_local_addr(reader, servers),
         aggressive_pool=reader.boolean("aggressive_pool"),
         retry_interval=reader.integer("retry_interval", 1, 1, 86400),
         dial_timeout=reader.integer("dial_timeout", 10, 1, 3600),
@@ -489,6 +529,49 @@ def _client(table: dict[str, object], source: str) -> ClientConfig:
         ),
         **_common(reader),  # type: ignore[arg-type]
     )
+
+
+def _remote_addrs(reader: _Reader) -> tuple[Remote, ...]:
+    """remote_addr: one host:port, or a list of them (failover, in order of preference)."""
+    value = reader.table.get("remote_addr")
+    if not isinstance(value, list):
+        return (Remote(*reader.address("remote_addr", listen=False)),)
+    if not value:
+        raise reader.error("remote_addr", 'expected host:port or a list of them, e.g. ["a.example:3080", '
+                           '"b.example:3080"]', value)
+    if len(value) > MAX_SERVERS:
+        raise reader.error("remote_addr", f"has {len(value)} addresses; at most {MAX_SERVERS} are allowed")
+    servers: list[Remote] = []
+    for index, item in enumerate(value):
+        name = f"remote_addr[{index}]"
+        if not isinstance(item, str):
+            raise reader.error(name, "expected a string, host:port", item)
+        remote = Remote(*reader.split_address(name, item, listen=False))
+        if any(other.addr == remote.addr for other in servers):
+            raise reader.error(name, "is already in the list", item)
+        servers.append(remote)
+    return tuple(servers)
+
+
+def _local_addr(reader: _Reader, servers: tuple[Remote, ...]) -> str:
+    """An IP address of this host to connect from; a server given as an address of the other
+    family could never be reached from it."""
+    text = reader.string("local_addr")
+    if not text:
+        return ""
+    try:
+        version = ipaddress.ip_address(text).version
+    except ValueError:
+        raise reader.error("local_addr", 'expected an IP address of this host, e.g. "192.0.2.7"', text) from None
+    for index, remote in enumerate(servers):
+        try:
+            other = ipaddress.ip_address(remote.host).version
+        except ValueError:
+            continue  # a name: its address is known when it is looked up
+        if other != version:
+            where = f"remote_addr[{index}]" if len(servers) > 1 else "remote_addr"
+            raise reader.error("local_addr", f"is IPv{version}, but {where} {remote.addr} is IPv{other}", text)
+    return text
 
 
 # --- TLS (wss, wssmux) ----------------------------------------------------------------------

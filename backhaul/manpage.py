@@ -36,6 +36,12 @@ BEHAVIOUR = """\
 The client reconnects every retry_interval seconds after any failure, forever. The server keeps
 its public ports open while the client is away and takes it back without a restart.
 .PP
+With clients = "balance" the server keeps every client that completes the handshake; links
+belong to the client of their source address, and each user goes to the client with the most
+idle links. With a list in remote_addr the client uses the first server that answers, goes on
+with the next when its session ends, and returns to an earlier one after failback_idle seconds
+without users.
+.PP
 On SIGTERM or SIGINT the process stops accepting, tells the peer, closes everything and exits.
 .PP
 The token is compared in constant time and never appears in a log line, an error or the output

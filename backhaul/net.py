@@ -110,27 +110,38 @@ def peer_of(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def dial(reactor: Reactor, resolver: Resolver, host: str, port: int, timeout: float, done: Dialed) -> None:
+def dial(reactor: Reactor, resolver: Resolver, host: str, port: int, timeout: float, done: Dialed,
+         source: str = "") -> None:
     """Connect without blocking the reactor; ``done(sock, "")`` or ``done(None, reason)`` runs
     on the reactor thread exactly once, also when the process is out of descriptors. Numeric
-    addresses connect at once; a host name is looked up by ``resolver`` first. Reactor thread only.
+    addresses connect at once; a host name is looked up by ``resolver`` first. ``source``: the
+    local IP address to connect from ("" for the system's choice). Reactor thread only.
 
     The socket may come still watched by the reactor: ``done`` must watch it with a callback of
     its own, ``forget`` it, or close it with ``reactor.close_socket`` before returning."""
     if is_numeric(host):
-        _dial_numeric(reactor, socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port), timeout, done)
+        _dial_numeric(reactor, socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port), timeout, done,
+                      source)
         return
 
     def resolved(result: Address | None, reason: str) -> None:
         if result is None:
             done(None, reason)
         else:
-            _dial_numeric(reactor, result[0], result[1], timeout, done)
+            _dial_numeric(reactor, result[0], result[1], timeout, done, source)
 
     resolver.lookup(host, port, timeout, resolved)
 
 
-def _dial_numeric(reactor: Reactor, family: int, addr: tuple[str, int], timeout: float, done: Dialed) -> None:
+def bind_source(sock: socket.socket, source: str) -> None:
+    """Make ``sock`` leave from the local address ``source`` (any port); OSError when the
+    address is not this host's or not of the socket's family."""
+    if source:
+        sock.bind((source, 0))
+
+
+def _dial_numeric(reactor: Reactor, family: int, addr: tuple[str, int], timeout: float, done: Dialed,
+                  source: str = "") -> None:
     try:
         sock = socket.socket(family, _NONBLOCKING_STREAM)
     except OSError as exc:  # out of descriptors: the caller closes what it holds and says so
@@ -138,6 +149,12 @@ def _dial_numeric(reactor: Reactor, family: int, addr: tuple[str, int], timeout:
         return
     if _NONBLOCKING_STREAM == socket.SOCK_STREAM:
         sock.setblocking(False)
+    try:
+        bind_source(sock, source)
+    except OSError as exc:
+        sock.close()
+        done(None, f"cannot connect to {addr[0]}:{addr[1]} from local_addr {source}: {reason(exc)}")
+        return
     code = sock.connect_ex(addr)
     if code == 0:
         done(sock, "")

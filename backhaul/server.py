@@ -145,6 +145,19 @@ class Server:
         cfg = self.config
         return f"{cfg.transport} tunnel port {cfg.bind_host}:{cfg.bind_port}, {len(self.ports)} public ports"
 
+    def peers(self) -> list[dict[str, object]]:
+        """Each client address: its control channels and links ready (none once it left), and
+        the connections and bytes its links carried; for the status page."""
+        counted = self.usage.client_snapshot()
+        rows = []
+        for row in self.transport.describe_clients():
+            row.update(counted.pop(str(row["client"]), {"active": 0, "total": 0, "bytes_to_target": 0,
+                                                         "bytes_to_user": 0}))
+            rows.append(row)
+        for address, numbers in counted.items():   # left; their connections may still run
+            rows.append({"client": address, "channels": [], "idle_links": 0, "rtt_ms": 0, **numbers})
+        return rows
+
     # --- reload -------------------------------------------------------------------------------
     def prepare(self, new: ServerConfig) -> Callable[[], None]:
         """Bind the public ports ``new`` adds, TCP and UDP (TransportError names the first that
@@ -306,7 +319,7 @@ class Server:
             relay = link.attach(user, self._relay_closed)
             if not relay.closed:
                 self.relays.add(relay)
-            self.usage.opened(str(mapping.listen_port), relay)
+            self.usage.opened(str(mapping.listen_port), relay, self.transport.client)
             return True
 
     def _carry_flow(self, flow: Flow) -> bool:
@@ -322,7 +335,7 @@ class Server:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s -> tunnel, target %s", flow.name, flow.mapping.target)
             self.relays.add(relay)
-            self.usage.opened(str(flow.mapping.listen_port), relay)
+            self.usage.opened(str(flow.mapping.listen_port), relay, self.transport.client)
             return True
 
     def _relay_closed(self, relay: Relaying) -> None:

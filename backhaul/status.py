@@ -40,6 +40,10 @@ class Side(Protocol):
     def describe(self) -> str:
         """One line: transport and addresses."""
 
+    def peers(self) -> list[dict[str, object]]:
+        """The other side's ends, one row each: the server's clients (by address), or the
+        client's servers; the first key names the row."""
+
 
 class SideStatus:
     """The page and the usage file of one side; reactor thread except ``open_page``."""
@@ -108,6 +112,7 @@ class SideStatus:
             "uptime_seconds": int(time.monotonic() - side.usage.started),
             "connections_active": sum(int(row["active"]) for row in rows),  # type: ignore[call-overload]
             "ports": rows,
+            "peers": side.peers(),
         }
 
     def _usage_file(self) -> bytes:
@@ -195,6 +200,7 @@ def render_html(data: dict[str, object]) -> str:
             cells.append(f'<td class="{key}" data-value="{value:.0f}">{human_bytes(value)}/s</td>')
         rows.append(f'<tr data-port="{esc(str(row["port"]))}">{"".join(cells)}</tr>')
     body_rows = "\n".join(rows) or '<tr><td colspan="7">no connections yet</td></tr>'
+    peers = render_peers(data["peers"])  # type: ignore[arg-type]
     port_kind = "public port" if data["side"] == "server" else "target port"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -216,7 +222,29 @@ def render_html(data: dict[str, object]) -> str:
 <tbody>
 {body_rows}
 </tbody></table>
+{peers}
 <p><small>numbers as of the page load; it reloads every {REFRESH} s.
 <a href="/metrics">metrics</a> &middot; <a href="/status.json">json</a></small></p>
 </body></html>
 """
+
+
+def render_peers(rows: list[dict[str, object]]) -> str:
+    """The table of the other side's ends (the server's clients, the client's servers), its
+    columns the rows' keys; empty when there is none."""
+    if not rows:
+        return ""
+    esc = html.escape
+    keys = list(rows[0])
+    head = "".join(f"<th>{esc(key.replace('_', ' '))}</th>" for key in keys)
+    body = []
+    for row in rows:
+        cells = []
+        for key in keys:
+            value = row.get(key, "")
+            if isinstance(value, list):
+                value = ", ".join(str(item) for item in value) or "none"
+            number = f' data-value="{value}"' if isinstance(value, int) else ""
+            cells.append(f'<td class="{esc(key)}"{number}>{esc(str(value))}</td>')
+        body.append(f'<tr data-peer="{esc(str(row[keys[0]]))}">{"".join(cells)}</tr>')
+    return f'<table id="peers">\n<thead><tr>{head}</tr></thead>\n<tbody>\n' + "\n".join(body) + "\n</tbody></table>"

@@ -70,13 +70,22 @@ def dials(config: Config) -> list[str]:
         return []
     proto = "tcp+udp" if client.transport == "udp" else "tcp"
     tls = " with TLS" if client.transport in TLS_TRANSPORTS else ""
-    if client.edge_ip and client.transport in WS_TRANSPORTS:
-        server = f"{address_text(client.edge_ip, client.remote_port)}  the server through the CDN edge " \
-                 f"(Host and SNI {client.remote_addr})"
-    else:
-        server = f"{address_text(client.remote_host, client.remote_port)}  the server"
-    lines = [f"{proto} {server} ({client.transport}{tls})",
-             "tcp the targets the server sends: a bare port as 127.0.0.1:PORT, host:port as written"]
+    source = f" from {client.local_addr}" if client.local_addr else ""
+    count = len(client.servers)
+    lines = []
+    for index, remote in enumerate(client.servers):
+        which = "the server" if count == 1 else f"server {index + 1} of {count}"
+        if client.edge_ip and client.transport in WS_TRANSPORTS:
+            server = f"{address_text(client.edge_ip, remote.port)}  {which} through the CDN edge " \
+                     f"(Host and SNI {remote.addr})"
+        else:
+            server = f"{address_text(remote.host, remote.port)}  {which}"
+        lines.append(f"{proto} {server} ({client.transport}{tls}){source}")
+    if count > 1:
+        back = (f"back to an earlier one that answers again after {client.failback_idle} s without users"
+                if client.failback_idle else "never back to an earlier one (failback_idle = 0)")
+        lines.append(f"    the first that answers, the next when its session ends; {back}")
+    lines.append("tcp the targets the server sends: a bare port as 127.0.0.1:PORT, host:port as written")
     lines += [f"tcp {right}  for the target {left!r} (forwarder)" for left, right in client.forwarder]
     return lines
 

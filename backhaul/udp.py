@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from backhaul.errors import TransportError
 from backhaul.log import Throttles
 from backhaul.metrics import METRICS
-from backhaul.net import is_numeric
+from backhaul.net import bind_source, is_numeric
 from backhaul.protocol.udp_frames import MAX_DATAGRAM
 from backhaul.reactor import READ, Reactor
 from backhaul.resolver import Address, Resolver
@@ -184,10 +184,12 @@ def bind_udp(host: str, port: int) -> socket.socket:
     return _sized(sock)
 
 
-def connected_udp(family: int, addr: tuple[str, int]) -> socket.socket:
-    """A non-blocking UDP socket connected to ``addr`` (OSError when that fails)."""
+def connected_udp(family: int, addr: tuple[str, int], source: str = "") -> socket.socket:
+    """A non-blocking UDP socket connected to ``addr``, from the local address ``source`` when
+    given (OSError when that fails)."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        bind_source(sock, source)
         sock.connect(addr)
     except OSError:
         sock.close()

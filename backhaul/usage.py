@@ -1,4 +1,5 @@
-"""Per-port usage of one side: connections open and made, bytes each way, the current rate.
+"""Per-port usage of one side: connections open and made, bytes each way, the current rate; on
+the server also per client address (which client's link carried each connection).
 
 The relays count their own bytes (one addition per read, no lock); this module reads them only
 when someone looks (a scrape, the status page, the sniffer file, the rate sampler) and adds a
@@ -20,10 +21,17 @@ TOTAL = METRICS.sourced_counter("backhaul_connections_total", "User connections 
                                 ("side", "port"))
 BYTES = METRICS.sourced_counter("backhaul_bytes_total", "Bytes relayed, by port and direction (to_target: "
                                 "from the user towards the service; to_user: back).", ("side", "port", "direction"))
+CLIENT_ACTIVE = METRICS.gauge("backhaul_client_connections_active", "User connections being relayed now, by the "
+                              "address of the client carrying them (server).", ("client",))
+CLIENT_TOTAL = METRICS.sourced_counter("backhaul_client_connections_total", "User connections relayed since start, "
+                                       "by client address (server).", ("client",))
+CLIENT_BYTES = METRICS.sourced_counter("backhaul_client_bytes_total", "Bytes relayed, by client address and "
+                                       "direction (server).", ("client", "direction"))
 REFUSED = METRICS.counter("backhaul_connections_refused_total", "User connections closed without being relayed, "
                           "by reason.", ("side", "reason"))
 
 RATE_WINDOW = 1.0   # seconds between samples of the rate
+MAX_CLIENTS = 256   # client addresses counted; past it the oldest with nothing open is forgotten
 
 
 @dataclass
@@ -49,11 +57,16 @@ class Usage:
         self.user_side = user_side
         self.ports: dict[str, PortUsage] = {}
         self.live: dict[Relaying, PortUsage] = {}
+        self.clients: dict[str, PortUsage] = {}        # by client address (``port`` holds it)
+        self.live_clients: dict[Relaying, PortUsage] = {}
         self.started = time.monotonic()
         self._unwatch: list[Callable[[], None]] = [
             ACTIVE.watch(lambda: [((self.side, u.port), u.active) for u in list(self.ports.values())]),
             TOTAL.watch(lambda: [((self.side, u.port), u.total) for u in list(self.ports.values())]),
             BYTES.watch(self._byte_samples),
+            CLIENT_ACTIVE.watch(lambda: [((u.port,), u.active) for u in list(self.clients.values())]),
+            CLIENT_TOTAL.watch(lambda: [((u.port,), u.total) for u in list(self.clients.values())]),
+            CLIENT_BYTES.watch(self._client_byte_samples),
         ]
 
     def port(self, name: str) -> PortUsage:
@@ -62,22 +75,38 @@ class Usage:
             usage = self.ports[name] = PortUsage(name)
         return usage
 
-    def opened(self, name: str, relay: Relaying) -> None:
-        """A relay started for ``name``; it may have ended already (then it only counts)."""
-        usage = self.port(name)
+    def client(self, address: str) -> PortUsage:
+        usage = self.clients.get(address)
+        if usage is None:
+            if len(self.clients) >= MAX_CLIENTS:
+                idle = next((u for u in self.clients.values() if not u.active), None)
+                if idle is not None:
+                    del self.clients[idle.port]
+            usage = self.clients[address] = PortUsage(address)
+        return usage
+
+    def opened(self, name: str, relay: Relaying, client: str = "") -> None:
+        """A relay started for ``name`` (carried by the link of ``client``, an address, on the
+        server); it may have ended already (then it only counts)."""
+        self._open(self.port(name), self.live, relay)
+        if client:
+            self._open(self.client(client), self.live_clients, relay)
+
+    def _open(self, usage: PortUsage, live: dict[Relaying, PortUsage], relay: Relaying) -> None:
         usage.total += 1
         if relay.closed:
             self._add_closed(usage, relay)
         else:
-            self.live[relay] = usage
+            live[relay] = usage
             usage.active += 1
 
     def closed(self, relay: Relaying) -> None:
         """A relay ended; a relay never ``opened`` (it ended inside its own start) is ignored."""
-        usage = self.live.pop(relay, None)
-        if usage is not None:
-            usage.active -= 1
-            self._add_closed(usage, relay)
+        for live in (self.live, self.live_clients):
+            usage = live.pop(relay, None)
+            if usage is not None:
+                usage.active -= 1
+                self._add_closed(usage, relay)
 
     def refused(self, reason: str) -> None:
         REFUSED.inc(1, self.side, reason)
@@ -93,8 +122,15 @@ class Usage:
 
     def bytes(self) -> dict[str, tuple[int, int]]:
         """Port -> (bytes to the target, bytes to the user), closed and running relays together."""
-        totals = {name: [u.closed_to_target, u.closed_to_user] for name, u in list(self.ports.items())}
-        for relay, usage in list(self.live.items()):
+        return self._bytes(self.ports, self.live)
+
+    def client_bytes(self) -> dict[str, tuple[int, int]]:
+        """Client address -> (bytes to the target, bytes to the user), as ``bytes``."""
+        return self._bytes(self.clients, self.live_clients)
+
+    def _bytes(self, groups: dict[str, PortUsage], live: dict[Relaying, PortUsage]) -> dict[str, tuple[int, int]]:
+        totals = {name: [u.closed_to_target, u.closed_to_user] for name, u in list(groups.items())}
+        for relay, usage in list(live.items()):
             to_target, to_user = self._split(relay)
             pair = totals.setdefault(usage.port, [0, 0])
             pair[0] += to_target
@@ -105,6 +141,11 @@ class Usage:
         for name, (to_target, to_user) in self.bytes().items():
             yield (self.side, name, "to_target"), to_target
             yield (self.side, name, "to_user"), to_user
+
+    def _client_byte_samples(self) -> Iterable[tuple[tuple[str, ...], float]]:
+        for name, (to_target, to_user) in self.client_bytes().items():
+            yield (name, "to_target"), to_target
+            yield (name, "to_user"), to_user
 
     def sample(self) -> None:
         """Update every port's rate from the bytes moved since the last sample."""
@@ -130,6 +171,12 @@ class Usage:
                          "rate_to_target": round(usage.rate_to_target, 1),
                          "rate_to_user": round(usage.rate_to_user, 1)})
         return rows
+
+    def client_snapshot(self) -> dict[str, dict[str, int]]:
+        """Client address -> its connections open and made and its bytes each way (server)."""
+        moved = self.client_bytes()
+        return {name: {"active": usage.active, "total": usage.total, "bytes_to_target": moved.get(name, (0, 0))[0],
+                       "bytes_to_user": moved.get(name, (0, 0))[1]} for name, usage in list(self.clients.items())}
 
     def close(self) -> None:
         """Stop feeding the process's metrics (the side is gone)."""

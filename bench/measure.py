@@ -54,7 +54,8 @@ class Settings:
 
     @property
     def paths(self) -> tuple[str, ...]:
-        return tuple(p for p in PATHS if p != "go" or self.go_binary)
+        """The paths every measurement runs (the two-client pair only where asked for)."""
+        return tuple(p for p in PATHS if p != "2 clients" and (p != "go" or self.go_binary))
 
 
 @dataclass
@@ -85,7 +86,7 @@ def open_path(path: str, target_port: int, label: str, s: Settings) -> Iterator[
     else:
         go_binary = s.go_binary if path == "go" else None
         pair = TunnelPair(s.workdir, label, target_port, s.probe_port, s.transport, go_binary,
-                          s.server_extra, s.client_extra)
+                          s.server_extra, s.client_extra, clients=2 if path == "2 clients" else 1)
         try:
             with pair:
                 yield Endpoint(path, pair.public_port, pair.pids)
@@ -104,11 +105,13 @@ def each_path(
     s: Settings,
     fn: Callable[[Endpoint], dict[str, Cell]],
     paths: tuple[str, ...] = PATHS,
+    extra: tuple[str, ...] = (),
 ) -> list[Row]:
-    """Run `fn` on every path; one failed path becomes an error cell, not a failed run."""
+    """Run `fn` on every path (and on the `extra` ones); one failed path becomes an error cell,
+    not a failed run."""
     cells: dict[str, dict[str, Cell]] = {name: {} for name in names}
-    for path in s.paths:
-        if path not in paths:
+    for path in s.paths + extra:
+        if path not in paths + extra:
             got = {name: Cell.missing("-") for name in names}
         elif path in s.unavailable:
             got = {name: Cell.missing("n/a") for name in names}
@@ -299,6 +302,43 @@ def _rate(ep: Endpoint, concurrency: int, s: Settings, generators: int = 2) -> d
     if failed:
         s.notes.append(f"{label} via {ep.path}: failures {failed}")
     return {label: Cell(ok / elapsed, extra=f"{sum(failed.values())} fail")}
+
+
+# ----------------------------------------------------- one client or two
+
+
+def measure_clients(s: Settings) -> list[Row]:
+    """Connections/s and throughput through one server with one client (tunnel) and with two
+    (a balance server, each client from its own loopback address), in the same run; the two-client
+    cell also shows its ratio to the one-client cell."""
+    rows: list[Row] = []
+    with Helper.script("services.py", "reqrep", "--workers", 2) as target:
+        port = int(target.expect("PORT", 10))
+        label = "conn/s c=200"
+        row = each_path(f"{label} clients", [label], port, s, lambda ep: _rate(ep, 200, s),
+                        paths=("direct", "tunnel"), extra=("2 clients",))[0]
+        row.kind = "higher"
+        rows.append(row)
+    sink = IperfSink() if s.use_iperf else PySink()
+    try:
+        label = "throughput 8 streams (MB/s)"
+
+        def moved(ep: Endpoint) -> dict[str, Cell]:
+            total, window = sink.run(ep.port, 8, s.seconds)
+            return {label: Cell(total / window / 1e6)}
+
+        row = each_path("throughput clients", [label], sink.port, s, moved, paths=("direct", "tunnel"),
+                        extra=("2 clients",))[0]
+        row.kind, row.unit = "higher", " MB/s"
+        rows.append(row)
+    finally:
+        sink.stop()
+    for row in rows:
+        one, two = row.cells.get("tunnel"), row.cells.get("2 clients")
+        if one and two and one.value and two.value is not None:
+            two.extra = ", ".join(x for x in (two.extra, f"{two.value / one.value:.2f}x one client") if x)
+        row.name += ", 1 vs 2 clients"
+    return rows
 
 
 # ------------------------------------------------------- ab against nginx

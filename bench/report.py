@@ -2,8 +2,9 @@
 
 from dataclasses import dataclass, field
 
-# "go" (the Go program's server + client) is measured only when BACKHAUL_GO names its binary.
-PATHS = ("direct", "relay", "tunnel", "go")
+# "go" (the Go program's server + client) is measured only when BACKHAUL_GO names its binary;
+# "2 clients" (one server in balance mode, two clients of ours) only by the `clients` measurement.
+PATHS = ("direct", "relay", "tunnel", "go", "2 clients")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from measure import (
     Settings,
     log,
     measure_ab,
+    measure_clients,
     measure_connrate,
     measure_idle,
     measure_latency,
@@ -41,9 +42,10 @@ MEASUREMENTS: dict[str, Callable[[Settings], list[Row]]] = {
     "latency": measure_latency,
     "idle": measure_idle,
     "udp": measure_udp,
+    "clients": measure_clients,
 }
 # "cpu" is measured during the 1-stream throughput run, so a full run skips it.
-FULL_RUN = ("throughput", "connrate", "ab", "latency", "idle", "udp")
+FULL_RUN = ("throughput", "connrate", "ab", "latency", "idle", "udp", "clients")
 GO_ENV = "BACKHAUL_GO"  # names the Go program's binary; its pair becomes the "go" path
 LOG_LINES_SHOWN = 20
 

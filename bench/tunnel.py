@@ -6,11 +6,13 @@ log files (stdout and stderr of both processes), so every measurement starts
 from a clean tunnel.
 """
 
+import json
 import re
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from common import HOST, REPO_ROOT, free_port, is_listening, stop_process, track
@@ -19,6 +21,7 @@ TOKEN = "bench-token"
 READY_TIMEOUT = 10.0
 PROBE = b"ping"
 POOL = 64  # connection_pool of both implementations
+SOURCES = ("127.0.0.2", "127.0.0.3")  # local_addr of each client of a pair with two clients
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # the Go program colours its log levels
 
 SERVER_TOML = """\
@@ -133,8 +136,9 @@ class TunnelPair:
         go_binary: str | None = None,
         server_extra: tuple[str, ...] = (),
         client_extra: tuple[str, ...] = (),
+        clients: int = 1,
     ) -> None:
-        name = f"{label} go" if go_binary else label
+        name = f"{label} go" if go_binary else label if clients == 1 else f"{label} {clients} clients"
         self.dir = workdir / name.replace(" ", "-").replace("=", "")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.label = label
@@ -148,16 +152,30 @@ class TunnelPair:
         self.probe_public_port = free_port()
         self.target_port = target_port
         self.probe_port = probe_port
+        # Two clients (ours only): a server with clients = "balance" and a client from each of
+        # SOURCES; its status page says when both control channels are up.
+        self.clients = clients
+        self.web_port = free_port() if clients > 1 else 0
         self.server: subprocess.Popen[bytes] | None = None
         self.client: subprocess.Popen[bytes] | None = None
+        self.others: list[subprocess.Popen[bytes]] = []   # the clients after the first
         self.notes: list[str] = []
         # Log lines written before stop(); later ones came from the shutdown we asked for.
         self.lines_before_stop: dict[str, int] | None = None
 
     @property
+    def roles(self) -> list[str]:
+        if self.clients == 1:
+            return ["server", "client"]
+        return ["server"] + [f"client {n + 1}" for n in range(self.clients)]
+
+    def procs(self) -> list[tuple[str, subprocess.Popen[bytes] | None]]:
+        return list(zip(self.roles, [self.server, self.client, *self.others], strict=False))
+
+    @property
     def pids(self) -> dict[str, int]:
         assert self.server is not None and self.client is not None
-        return {"server": self.server.pid, "client": self.client.pid}
+        return {role: proc.pid for role, proc in self.procs() if proc is not None}
 
     def write_configs(self) -> tuple[Path, Path]:
         ports = ", ".join(
@@ -174,9 +192,16 @@ class TunnelPair:
             "pool": POOL,
         }
         server_toml, client_toml = (GO_SERVER_TOML, GO_CLIENT_TOML) if self.go_binary else (SERVER_TOML, CLIENT_TOML)
-        server.write_text(server_toml.format(ports=ports, **common) + _lines(self.server_extra))
-        client.write_text(client_toml.format(**common) + _lines(self.client_extra))
+        several = f'clients = "balance"\nweb_port = {self.web_port}\n' if self.clients > 1 else ""
+        server.write_text(server_toml.format(ports=ports, **common) + several + _lines(self.server_extra))
+        client.write_text(client_toml.format(**common) + self._source(0) + _lines(self.client_extra))
+        for n in range(1, self.clients):
+            (self.dir / f"client-{n + 1}.toml").write_text(client_toml.format(**common) + self._source(n)
+                                                          + _lines(self.client_extra))
         return server, client
+
+    def _source(self, n: int) -> str:
+        return f'local_addr = "{SOURCES[n]}"\n' if self.clients > 1 else ""
 
     def start(self) -> None:
         server_cfg, client_cfg = self.write_configs()
@@ -188,11 +213,13 @@ class TunnelPair:
             if time.monotonic() > deadline:
                 raise TunnelError(f"server not listening on its tunnel port within {READY_TIMEOUT:.0f} s")
             time.sleep(0.02)
-        self.client = self._spawn(client_cfg, "client")
+        self.client = self._spawn(client_cfg, self.roles[1])
+        for n in range(1, self.clients):
+            self.others.append(self._spawn(self.dir / f"client-{n + 1}.toml", self.roles[n + 1]))
         self._wait_ready(deadline)
 
     def _spawn(self, config: Path, role: str) -> subprocess.Popen[bytes]:
-        with open(self.dir / f"{role}.log", "wb") as log:
+        with open(self.dir / f"{role.replace(' ', '-')}.log", "wb") as log:
             proc = subprocess.Popen(
                 tunnel_argv(config, self.go_binary),
                 cwd=REPO_ROOT,
@@ -209,14 +236,26 @@ class TunnelPair:
         check = probe_udp if self.transport == "udp" else probe
         while time.monotonic() < deadline:
             self.check_alive()
-            if check(self.probe_public_port, timeout=min(1.0, max(0.1, deadline - time.monotonic()))):
+            if check(self.probe_public_port, timeout=min(1.0, max(0.1, deadline - time.monotonic()))) \
+                    and self._all_clients_up():
                 return
             time.sleep(0.05)
         raise TunnelError(f"not ready within {READY_TIMEOUT:.0f} s (no echo through the tunnel)" + self._log_hint())
 
+    def _all_clients_up(self) -> bool:
+        """Every client's control channel is up (one client: the echo said so already)."""
+        if self.clients == 1:
+            return True
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.web_port}/status.json", timeout=2) as answer:
+                peers = json.load(answer)["peers"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return sum(1 for peer in peers if peer["channels"]) == self.clients
+
     def check_alive(self) -> None:
-        """Raise if either process has exited."""
-        for role, proc in (("server", self.server), ("client", self.client)):
+        """Raise if a process has exited."""
+        for role, proc in self.procs():
             if proc is not None and proc.poll() is not None:
                 raise TunnelError(f"{self.kind} {role} exited with code {proc.returncode}" + self._log_hint())
 
@@ -227,8 +266,8 @@ class TunnelPair:
     def logs(self) -> dict[str, list[str]]:
         """Output lines of both processes so far; those written during shutdown are marked."""
         out: dict[str, list[str]] = {}
-        for role in ("server", "client"):
-            path = self.dir / f"{role}.log"
+        for role in self.roles:
+            path = self.dir / f"{role.replace(' ', '-')}.log"
             text = ANSI_ESCAPE.sub("", path.read_text(errors="replace")) if path.exists() else ""
             lines = [line for line in text.splitlines() if line.strip()]
             if self.lines_before_stop is not None:
@@ -238,10 +277,10 @@ class TunnelPair:
         return out
 
     def stop(self) -> None:
-        """SIGTERM both (client first, as an operator would), SIGKILL if they linger."""
+        """SIGTERM each (clients first, as an operator would), SIGKILL if they linger."""
         if self.lines_before_stop is None:
             self.lines_before_stop = {role: len(lines) for role, lines in self.logs().items()}
-        for role, proc in (("client", self.client), ("server", self.server)):
+        for role, proc in reversed(self.procs()):
             if proc is None:
                 continue
             if proc.poll() is not None:

@@ -144,3 +144,22 @@ def test_check_as_a_command_line(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith(first), done.stdout[:200]
         assert "e2e-token" not in done.stdout
+
+
+def test_a_failover_client_lists_its_servers_in_order(tmp_path: Path, capsys) -> None:
+    """Catches: check showing only the first server of a remote_addr list, the order lost, the
+    local address or the failback rule left out, or the list not reading back as a list."""
+    path = tmp_path / "client.toml"
+    path.write_text(toml_section("client", {"remote_addr": ["203.0.113.1:3080", "backup.example:443"],
+                                            "local_addr": "192.0.2.7", "failback_idle": 30}))
+    code, out, err = check(path, capsys)
+    assert code == 0 and err == "", err
+    assert 'remote_addr = ["203.0.113.1:3080", "backup.example:443"]' in out.splitlines()
+    same_but_token(parse(without_secrets(out), "report").client, load(str(path)).client)
+    dials = out.split("# dials:\n", 1)[1].splitlines()
+    assert dials[:3] == [
+        "#   tcp 203.0.113.1:3080  server 1 of 2 (tcp) from 192.0.2.7",
+        "#   tcp backup.example:443  server 2 of 2 (tcp) from 192.0.2.7",
+        "#       the first that answers, the next when its session ends; back to an earlier one that answers "
+        "again after 30 s without users",
+    ]

@@ -1183,3 +1183,57 @@ def test_changed_keys_names_what_a_reload_changes() -> None:
     assert old is not None and new is not None
     assert changed_keys(old, new) == ["token", "ports", "heartbeat"]
     assert changed_keys(old, old) == []
+
+
+# --- high availability: clients, remote_addr lists, failback_idle, local_addr ---------------
+
+def test_clients_mode_is_replace_unless_balance() -> None:
+    server = parse(SERVER).server
+    assert server is not None and server.clients == "replace"
+    server = parse(SERVER + 'clients = "balance"\n').server
+    assert server is not None and server.clients == "balance"
+
+
+def test_remote_addr_list_is_the_failover_order() -> None:
+    client = parse('[client]\nremote_addr = ["198.51.100.7:3080", "backup.example:443", "[::1]:80"]\n').client
+    assert client is not None
+    assert [(r.addr, r.host, r.port) for r in client.servers] == [
+        ("198.51.100.7:3080", "198.51.100.7", 3080), ("backup.example:443", "backup.example", 443), ("[::1]:80", "::1", 80)]
+    assert (client.remote_addr, client.remote_host, client.remote_port) == ("198.51.100.7:3080", "198.51.100.7", 3080)
+    second = client.for_server(1)
+    assert (second.remote_addr, second.remote_host, second.remote_port) == ("backup.example:443", "backup.example", 443)
+    assert second.servers == client.servers and client.for_server(0) is client
+    assert client.failback_idle == 60 and client.local_addr == ""
+    single = parse(CLIENT).client
+    assert single is not None and [r.addr for r in single.servers] == [single.remote_addr]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[client]\nremote_addr = []\n',
+     '<config>: client.remote_addr = []: expected host:port or a list of them, e.g. ["a.example:3080", "b.example:3080"]'),
+    ('[client]\nremote_addr = ["a.example:1", 2]\n', "<config>: client.remote_addr[1] = 2: expected a string, host:port"),
+    ('[client]\nremote_addr = ["a.example:1", "b.example"]\n',
+     "<config>: client.remote_addr[1] = 'b.example': the port is missing; expected host:port, e.g. \"0.0.0.0:3080\""),
+    ('[client]\nremote_addr = ["a.example:1", "a.example:1"]\n',
+     "<config>: client.remote_addr[1] = 'a.example:1': is already in the list"),
+    ('[client]\nremote_addr = [' + ", ".join(f'"h{i}.example:1"' for i in range(17)) + "]\n",
+     "<config>: client.remote_addr: has 17 addresses; at most 16 are allowed"),
+    (CLIENT + "failback_idle = -1\n", "<config>: client.failback_idle = -1: must be between 0 and 86400"),
+    (CLIENT + 'local_addr = "eth0"\n',
+     "<config>: client.local_addr = 'eth0': expected an IP address of this host, e.g. \"192.0.2.7\""),
+    ('[client]\nremote_addr = ["198.51.100.7:1", "[2001:db8::1]:1"]\nlocal_addr = "192.0.2.7"\n',
+     "<config>: client.local_addr = '192.0.2.7': is IPv4, but remote_addr[1] [2001:db8::1]:1 is IPv6"),
+    (SERVER + 'clients = "all"\n', "<config>: server.clients = 'all': unknown mode; expected one of: replace, balance"),
+])
+def test_ha_keys_errors_name_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    assert str(caught.value) == message
+
+
+def test_a_reload_sees_a_changed_server_list() -> None:
+    """Catches: a reload comparing only the first address of remote_addr (it keeps the old list)."""
+    old = parse('[client]\nremote_addr = ["198.51.100.7:1", "198.51.100.8:1"]\n').client
+    new = parse('[client]\nremote_addr = ["198.51.100.7:1", "198.51.100.9:1"]\nfailback_idle = 5\n').client
+    assert old is not None and new is not None
+    assert changed_keys(old, new) == ["remote_addr", "failback_idle"]

@@ -153,6 +153,12 @@ class SocketLinks:
         else:
             link.close()
 
+    def idle(self) -> int:
+        return len(self.pool.idle)
+
+    def enough(self) -> int:
+        return max(1, self.pool.keep_ready)
+
     def user_arrived(self) -> None:
         self.pool.request(1)
 
@@ -206,7 +212,7 @@ class TcpSession:
 
     def _dial_link(self) -> None:
         dial(self.reactor, self.core.resolver, self.server_addr[0], self.server_addr[1], self.config.dial_timeout,
-             self._link_dialed)
+             self._link_dialed, self.config.local_addr)
 
     def _link_dialed(self, sock: socket.socket | None, error: str) -> None:
         self.pool.opened(error)

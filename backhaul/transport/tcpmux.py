@@ -145,6 +145,13 @@ class SessionLinks:
                 best = conn
         return best
 
+    def idle(self) -> int:
+        """Streams the sessions may still open (as many users as that, without asking)."""
+        return sum(max(0, self.config.mux_con - len(conn)) for conn in self.sessions)
+
+    def enough(self) -> int:
+        return max(1, self.config.connection_pool) * self.config.mux_con
+
     def user_arrived(self) -> None:
         if self._free() is not None:
             return
@@ -265,7 +272,7 @@ class MuxClientSession:
     def dial_session(self, done: SessionDialed) -> None:
         """Open one more session connection (a plain TCP connection here; wsmux upgrades it)."""
         dial(self.reactor, self.core.resolver, self.server_addr[0], self.server_addr[1], self.config.dial_timeout,
-             lambda sock, error: done(sock, error, b""))
+             lambda sock, error: done(sock, error, b""), self.config.local_addr)
 
     def _dialed(self, sock: socket.socket | None, error: str, first: bytes) -> None:
         self.pool.opened(error)

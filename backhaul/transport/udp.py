@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import cast
 
 from backhaul.errors import TransportError
 from backhaul.flows import EVICTED, Flow
@@ -44,13 +45,15 @@ PING = bytes((SG_PING,))
 
 class UdpLink:
     """The server's end of one link: the client's address on the UDP tunnel port. It carries
-    UDP flows only (the public ports of this transport are UDP)."""
+    UDP flows only (the public ports of this transport are UDP); ``carrying`` is the set of
+    flows on the links of its client."""
 
-    __slots__ = ("reactor", "tunnel")
+    __slots__ = ("reactor", "tunnel", "carrying")
 
-    def __init__(self, reactor: Reactor, tunnel: AddressPeer) -> None:
+    def __init__(self, reactor: Reactor, tunnel: AddressPeer, carrying: set[PairRelay]) -> None:
         self.reactor = reactor
         self.tunnel = tunnel
+        self.carrying = carrying
 
     def peer(self) -> tuple[str, int]:
         return self.tunnel.addr[:2]
@@ -59,7 +62,14 @@ class UdpLink:
         if self.tunnel.closed:
             return None
         self.tunnel.send(flow.mapping.target.encode())
-        relay = PairRelay(self.reactor, flow, self.tunnel, on_close)
+        carrying = self.carrying
+
+        def closed(relay: PairRelay) -> None:
+            carrying.discard(relay)
+            on_close(relay)
+
+        relay = PairRelay(self.reactor, flow, self.tunnel, closed)
+        carrying.add(relay)
         relay.start()
         return relay
 
@@ -68,66 +78,50 @@ class UdpLink:
 
 
 class UdpLinks:
-    """udp's links: client addresses that sent the token to the UDP tunnel port, pooled and
-    pinged every heartbeat until a flow takes them. A TCP connection on this transport is
-    only ever a handshake."""
+    """udp's links from one client: its addresses that sent the token to the UDP tunnel port,
+    pooled and pinged every heartbeat until a flow takes them. A TCP connection on this
+    transport is only ever a handshake."""
 
-    def __init__(self, core: ServerCore, ask: Callable[[int], None], talking: Callable[[socket.socket], None]) -> None:
+    def __init__(self, core: ServerCore, ask: Callable[[int], None], talking: Callable[[socket.socket], None],
+                 port: UdpTunnelPort) -> None:
         self.core = core
         self.reactor = core.reactor
         self.config = core.config
         self.talking = talking
+        self.port = port
         self.pool: LinkPool[UdpLink] = LinkPool(self.reactor, self.config.channel_size,
                                                 self.config.connection_pool, ask)
-        self.socket: DatagramSocket | None = None
-        self.up = False
+        # The flows on this client's links. Nothing tells the server that a client's UDP
+        # sockets are gone, so in balance mode they end with its last control channel: the
+        # users' next datagrams open flows on the clients that are still there.
+        self.carrying: set[PairRelay] = set()
         self._timer: Timer | None = None
         self._warn = Throttles(log)
 
-    def open(self) -> None:
-        cfg = self.config
-        sock = bind_udp(cfg.bind_host, cfg.bind_port)
-        self.socket = DatagramSocket(self.reactor, sock, f"the UDP tunnel port {cfg.bind_host}:{cfg.bind_port}",
-                                     self._unknown)
-
-    def listen(self) -> None:
-        assert self.socket is not None
-        self.socket.start()
-
-    def close(self) -> None:
-        if self.socket is not None:
-            self.socket.close()
-            self.socket = None
-
     def start(self) -> None:
-        self.up = True
         self.pool.start()
         self._timer = self.reactor.call_later(self.config.heartbeat, self._ping)
 
     def stop(self) -> None:
-        self.up = False
         self.pool.stop()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         for link in self.pool.drain():
             link.close()
+        if self.port.balance and self.carrying:
+            flows = list(self.carrying)
+            log.info("ended %d UDP flows carried by the client that left", len(flows))
+            for relay in flows:
+                relay.close()
 
     def add(self, sock: socket.socket) -> None:
         self.talking(sock)
 
-    def _unknown(self, addr: tuple, data: bytes) -> None:
-        """A datagram from an address that is no link: it must be the token."""
-        if not hmac.compare_digest(data, self.config.token.encode()):
-            drop("not_a_link", "dropped a datagram from %s on the UDP tunnel port: not from a link, and not "
-                 "the token", show(addr))
-            return
-        if not self.up:
-            drop("no_control", "dropped a link from %s on the UDP tunnel port: no control channel is up",
-                 show(addr))
-            return
-        assert self.socket is not None
-        link = UdpLink(self.reactor, AddressPeer(self.socket, addr, f"client link {show(addr)}"))
+    def add_datagrams(self, addr: tuple) -> None:
+        """``addr`` sent the token to the UDP tunnel port: a new link."""
+        assert self.port.socket is not None
+        link = UdpLink(self.reactor, AddressPeer(self.port.socket, addr, f"client link {show(addr)}"), self.carrying)
         if not self.pool.add(link):
             self._warn.warning("links", "closed UDP link from %s: %d idle already (channel_size)", show(addr),
                                len(self.pool.idle))
@@ -150,6 +144,12 @@ class UdpLinks:
             link.tunnel.send(PING)
         self._timer = self.reactor.call_later(self.config.heartbeat, self._ping)
 
+    def idle(self) -> int:
+        return len(self.pool.idle)
+
+    def enough(self) -> int:
+        return max(1, self.pool.keep_ready)
+
     def user_arrived(self) -> None:
         self.pool.request(1)
 
@@ -158,28 +158,48 @@ class UdpLinks:
 
 
 class UdpTunnelPort(TunnelPort):
-    """The tcp family's port, with the UDP socket of the same address beside it."""
-
-    links: UdpLinks
+    """The tcp family's port, with the UDP socket of the same address beside it: datagrams from
+    an address that is no link yet must be the token, and make a link of the client there."""
 
     def __init__(self, core: ServerCore) -> None:
-        super().__init__(core, "udp", UdpLinks, rtt_probe=True)
+        super().__init__(core, "udp", lambda core, ask, talking: UdpLinks(core, ask, talking, self), rtt_probe=True)
+        self.socket: DatagramSocket | None = None
 
     def open(self) -> None:
         super().open()
+        cfg = self.config
         try:
-            self.links.open()
+            sock = bind_udp(cfg.bind_host, cfg.bind_port)
         except TransportError:
             self.close()
             raise
+        self.socket = DatagramSocket(self.reactor, sock, f"the UDP tunnel port {cfg.bind_host}:{cfg.bind_port}",
+                                     self._unknown)
 
     def start(self) -> None:
         super().start()
-        self.links.listen()
+        assert self.socket is not None
+        self.socket.start()
 
     def close(self) -> None:
         super().close()
-        self.links.close()
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+
+    def _unknown(self, addr: tuple, data: bytes) -> None:
+        """A datagram from an address that is no link: it must be the token. The Go server takes
+        a link from any address; balance mode gives it to the client of its address."""
+        if not hmac.compare_digest(data, self.config.token.encode()):
+            drop("not_a_link", "dropped a datagram from %s on the UDP tunnel port: not from a link, and not "
+                 "the token", show(addr))
+            return
+        owner = self.entry_of(addr[0])
+        if owner is None:
+            drop("no_control", "dropped a link from %s on the UDP tunnel port: no control channel is up%s",
+                 show(addr), " from its address" if self.clients else "")
+            return
+        cast(UdpLinks, owner.links).add_datagrams(addr)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,7 +278,7 @@ class UdpSession:
             self.pool.opened(f"{MAX_CLIENT_LINKS} UDP links open (idle or carrying a flow), the most a client keeps")
             return
         try:
-            sock = connected_udp(self.family, self.server_addr)
+            sock = connected_udp(self.family, self.server_addr, self.config.local_addr)
             sock.send(self.config.token.encode())
         except OSError as exc:
             self.pool.opened(f"cannot open a UDP link to {show(self.server_addr)}: {reason(exc)}")

@@ -154,6 +154,12 @@ class WebSocketLinks:
             link.ws.send_binary(bytes((SG_PING,)))
         self._timer = self.reactor.call_later(self.core.config.heartbeat, self._ping)
 
+    def idle(self) -> int:
+        return len(self.pool.idle)
+
+    def enough(self) -> int:
+        return max(1, self.pool.keep_ready)
+
     def user_arrived(self) -> None:
         self.pool.request(1)
 
@@ -170,17 +176,13 @@ class UpgradePort(Port):
     request."""
 
     def __init__(self, core: ServerCore) -> None:
-        super().__init__(core, core.config.transport)
+        mux = uses_mux(core.config.transport)
+        super().__init__(core, core.config.transport,
+                         SessionLinks if mux else lambda core, ask, _talking: WebSocketLinks(core, ask))
         self.tls = uses_tls(self.name)
-        self.mux = uses_mux(self.name)
+        self.mux = mux
         self.context: ssl.SSLContext | None = None
         self.pending: PendingSet[Head] = PendingSet(self.reactor, "upgrade heads", HEAD_TIMEOUT, self._too_slow)
-        if self.mux:
-            self.sessions = SessionLinks(core, self._ask, lambda sock: sock.close())
-            self.links = self.sessions
-        else:
-            self.websockets = WebSocketLinks(core, self._ask)
-            self.links = self.websockets
         self._warn = self.pending.warn
 
     def open(self) -> None:
@@ -188,9 +190,9 @@ class UpgradePort(Port):
             self.context = server_context(self.config)
         super().open()
 
-    def _trust(self, ip: str) -> None:
-        # The client's own data connections come from there, many at once under load.
-        self.pending.trusted_ip = ip
+    def _trust(self, ips: frozenset[str]) -> None:
+        # The clients' own data connections come from there, many at once under load.
+        self.pending.trusted = ips
 
     def _close_pending(self) -> None:
         self.pending.close()
@@ -278,35 +280,37 @@ class UpgradePort(Port):
         if route is None:
             self._reject(entry, "path", f"unknown path {request.path!r}", 404)
             return
-        if route == "data" and self.channel is None:
-            self._reject(entry, "early", "data connection before any control channel", 404)
+        owner = self.entry_of(entry.ip) if route == "data" else None
+        if route == "data" and owner is None:
+            if not self.clients:
+                self._reject(entry, "early", "data connection before any control channel", 404)
+            else:  # balance: a link belongs to the client of its address, and this one has none
+                self._reject(entry, "foreign", "data connection from an address without a control channel", 404)
             return
         self._answer(entry.sock, http.accept_response(request.key))
         self.pending.end(entry, close=False)
         sock, peer = entry.sock, entry.peer
-        if route == "data" and not self.mux:
+        if owner is not None and not self.mux:
             # Still watched: the websocket takes the registration over (no system call).
-            self.websockets.add(WebSocket(self.reactor, sock, client=False, peer=f"client {peer}",
-                                          first=request.rest))
+            owner.links.add(WebSocket(self.reactor, sock, client=False, peer=f"client {peer}", first=request.rest))
             return
         self.reactor.forget(sock)
-        if route == "control":
-            self._control_up(sock, peer, request.rest)
+        if owner is None:
+            self._control_up(sock, peer, entry.ip, request.rest)
         else:
-            self.sessions.add(sock, request.rest)
+            owner.links.add(sock, request.rest)
 
     # --- the control channel --------------------------------------------------------------------
-    def _control_up(self, sock: socket.socket, peer: str, first: bytes) -> None:
+    def _control_up(self, sock: socket.socket, peer: str, ip: str, first: bytes) -> None:
         ws = WebSocket(self.reactor, sock, client=False, peer=f"client {peer}", first=first)
-        if self.channel is not None:
+        if self.clients and not self.balance:
             # PROTOCOL.md 3.1: a second /channel resets the server; the client reconnects.
             log.warning("client %s opened a second control channel: closing both (the one from %s too)",
-                        peer, self.channel.peer.removeprefix("client "))
-            self.channel.close(notify=True)
-            self._drop()
+                        peer, self.peer())
+            self._drop_all(notify=True)
             ws.close()
             return
-        self._install(WebSocketCarrier(ws), peer, peer.rsplit(":", 1)[0], rtt_probe=False)
+        self._install(WebSocketCarrier(ws), peer, ip, rtt_probe=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,7 +421,7 @@ class UpgradeDial:
         self.reader = http.ResponseReader()
         self.tls_done = False
         self.timer = self.reactor.call_later(self.cfg.dial_timeout, self._fail, "the upgrade timed out")
-        dial(self.reactor, core.resolver, addr[0], addr[1], self.cfg.dial_timeout, self._connected)
+        dial(self.reactor, core.resolver, addr[0], addr[1], self.cfg.dial_timeout, self._connected, self.cfg.local_addr)
 
     def _connected(self, sock: socket.socket | None, error: str) -> None:
         if self.done is None:

@@ -1,6 +1,6 @@
 """The tunnel port of the tcp family: tells links from handshakes and reads handshakes.
 
-A connection from the control channel's address that has sent nothing is a link. Anything else
+A connection from a control channel's address that has sent nothing is a link. Anything else
 is read as a token handshake on the reactor thread, each with a 2 s deadline. Pending handshakes
 are capped in all and per source address; when the cap is reached the oldest silent one makes
 room, because a real client sends its token at once and a flood of silent connections must not
@@ -24,7 +24,7 @@ log = logging.getLogger("backhaul.acceptor")
 
 # on_control(sock, peer, ip): a valid handshake; the socket now belongs to the callee
 OnControl = Callable[[socket.socket, str, str], None]
-OnLink = Callable[[socket.socket], None]
+OnLink = Callable[[socket.socket, str], None]   # on_link(sock, ip)
 
 
 class Handshake(Pending):
@@ -35,7 +35,7 @@ class Handshake(Pending):
     def __init__(self, sock: socket.socket, peer: str, ip: str, foreign: str) -> None:
         super().__init__(sock, peer, ip)
         self.reader: FrameReader = hello_reader()
-        self.foreign = foreign   # the control channel's address when this one came from another
+        self.foreign = foreign   # the control channels' addresses when this one came from another
 
 
 def has_bytes(sock: socket.socket) -> bool:
@@ -58,7 +58,7 @@ class HandshakeAcceptor:
         self.token = token
         self.on_control = on_control
         self.on_link = on_link
-        self.control_ip = ""     # set by the owner while a control channel is up
+        self.control_ips: frozenset[str] = frozenset()   # set by the owner: the addresses with a control channel
         self.pending: PendingSet[Handshake] = PendingSet(reactor, "handshakes", HANDSHAKE_TIMEOUT, self._expired,
                                                          max_pending, per_source)
         self._warn = self.pending.warn
@@ -67,14 +67,17 @@ class HandshakeAcceptor:
         """A new connection on the tunnel port."""
         sock.setblocking(False)
         ip = addr[0]
-        if self.control_ip and ip == self.control_ip and not has_bytes(sock):
-            self.on_link(sock)
+        if ip in self.control_ips and not has_bytes(sock):
+            self.on_link(sock, ip)
         else:
             self.begin(sock, f"{ip}:{addr[1]}", ip)
 
     def begin(self, sock: socket.socket, peer: str, ip: str) -> None:
         """Read a handshake from ``sock`` (also used for a pooled link that starts talking)."""
-        foreign = self.control_ip if self.control_ip and ip != self.control_ip else ""
+        foreign = ""   # whose address a link should have come from: one, or how many (balance mode)
+        if self.control_ips and ip not in self.control_ips:
+            count = len(self.control_ips)
+            foreign = next(iter(self.control_ips)) if count == 1 else f"{count} addresses of clients"
         entry = Handshake(sock, peer, ip, foreign)
         self.pending.add(entry)
         self.reactor.watch(sock, READ, lambda _m: self._readable(entry))
@@ -113,8 +116,9 @@ class HandshakeAcceptor:
     def _expired(self, entry: Handshake) -> None:
         HANDSHAKE_FAILURES.inc(1, "foreign" if entry.foreign else "timeout")
         if entry.foreign:
-            self._warn.warning("foreign", "rejected data connection from %s: not the control channel's "
-                               "address %s", entry.peer, entry.foreign)
+            whose = "one of the" if " " in entry.foreign else "the control channel's address"
+            self._warn.warning("foreign", "rejected data connection from %s: not %s %s", entry.peer, whose,
+                               entry.foreign)
         else:
             self._warn.warning("timeout", "rejected client %s: no handshake within %g s", entry.peer,
                                HANDSHAKE_TIMEOUT)

@@ -105,13 +105,21 @@ class ServerTransport(Protocol):
         """Start accepting clients."""
 
     rtt_ms: int
-    """The control channel's round trip in whole ms, as Go measures it (0: unknown)."""
+    """The round trip in whole ms, as Go measures it, of the control channel of the client whose
+    link ``take_link`` handed out last (0: unknown)."""
+
+    client: str
+    """The address of the client whose link ``take_link`` handed out last ("" before any)."""
 
     def user_arrived(self) -> None:
         """A user connection was accepted (or a UDP flow began): ask for what the pool policy wants."""
 
     def peer(self) -> str:
-        """The client's address while its control channel is up, else ""."""
+        """The clients' addresses while their control channels are up (comma-separated), else ""."""
+
+    def describe_clients(self) -> list[dict[str, object]]:
+        """Each client address with a control channel: ``client``, ``channels`` (their peers),
+        ``idle_links`` and ``rtt_ms``."""
 
     def take_link(self) -> ServerLink | None:
         """A ready link, taken out of the pool, or None. It may still be watched for reading:

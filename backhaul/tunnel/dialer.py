@@ -8,7 +8,7 @@ import socket
 
 from backhaul.config import ClientConfig
 from backhaul.errors import ProtocolError, TransportError
-from backhaul.net import reason, tune
+from backhaul.net import bind_source, reason, tune
 from backhaul.protocol.handshake import HANDSHAKE_TIMEOUT, client_accepts, hello, hello_reader
 from backhaul.resolver import resolve
 from backhaul.tunnel.core import ClientCore
@@ -22,6 +22,11 @@ def control_connection(cfg: ClientConfig, host: str, port: int) -> tuple[socket.
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
         raise TransportError(reason(exc)) from None
+    try:
+        bind_source(sock, cfg.local_addr)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot connect from local_addr {cfg.local_addr}: {reason(exc)}") from None
     try:
         sock.settimeout(cfg.dial_timeout)
         sock.connect(addr)

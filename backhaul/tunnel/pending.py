@@ -54,7 +54,7 @@ class PendingSet(Generic[P]):
         self.on_expired = on_expired      # called before the entry is ended and closed
         self.max_pending = max_pending
         self.per_source = per_source
-        self.trusted_ip = ""              # the control channel's address: no per-source share
+        self.trusted: frozenset[str] = frozenset()   # the control channels' addresses: no per-source share
         self.entries: dict[socket.socket, P] = {}   # insertion order = age
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.evicted = 0                  # metric-ready count of connections that made room
@@ -71,7 +71,7 @@ class PendingSet(Generic[P]):
         self.per_ip[entry.ip] += 1
 
     def _make_room(self, ip: str) -> None:
-        if self.per_ip[ip] >= self.per_source and ip != self.trusted_ip:
+        if self.per_ip[ip] >= self.per_source and ip not in self.trusted:
             victim = next(e for e in self.entries.values() if e.ip == ip)
             self._evict(victim, f"{self.per_source} {self.what} from {ip} already pending")
         elif len(self.entries) >= self.max_pending:
