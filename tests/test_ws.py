@@ -388,7 +388,7 @@ def test_switch_to_stream_mode_loses_nothing(reactor, listener, arrival):
     # idle pings, the target as text, then data as binary messages of all sizes, a text one among
     # them: everything in one write, so it lands behind the target in the same read
     pieces = [data[:1], data[1:70000], data[70000:70001], data[70001:1 << 20], data[1 << 20:]]
-    target = "127.0.0.1:5201"  # noqa: a target string carried as a message; no socket uses it
+    target = "service.internal:5201"  # a target string carried as a message; no socket uses it
     blob = peer.wire(BytesMessage(data=b"\x02"), BytesMessage(data=b"\x02"), TextMessage(data=target),
                      *[BytesMessage(data=p) for p in pieces[:2]], TextMessage(data=pieces[2].decode()),
                      *[BytesMessage(data=p) for p in pieces[3:]])
