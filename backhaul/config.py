@@ -21,6 +21,7 @@ from backhaul.errors import ConfigError
 DEFAULT_TOKEN = "musix"
 TRANSPORTS = ("tcp", "tcpmux", "ws", "wss", "wsmux", "wssmux", "udp")
 LOG_LEVELS = ("panic", "fatal", "error", "warn", "warning", "info", "debug", "trace")
+AUTH_MODES = ("token", "challenge")  # ours: "challenge" is docs/auth.md, both ends this program
 
 DEFAULT_HEARTBEAT = 40
 MAX_TOKEN_BYTES = 0xFFFF  # the handshake's u16 length
@@ -91,6 +92,7 @@ class ServerConfig:
     mss: int = 0
     so_rcvbuf: int = 0
     so_sndbuf: int = 0
+    auth: str = "token"
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class ClientConfig:
     so_sndbuf: int = 0
     heartbeat: int = DEFAULT_HEARTBEAT
     forwarder: tuple[tuple[str, str], ...] = ()
+    auth: str = "token"
 
     def forward_target(self, target: str) -> str:
         """The address to dial for ``target``: a forwarder's right side, or ``target`` itself."""
@@ -333,9 +336,19 @@ def _common(reader: _Reader) -> dict[str, object]:
         "mss": _mss(reader),
         "so_rcvbuf": reader.integer("so_rcvbuf", 0, 0, _INT_MAX),
         "so_sndbuf": reader.integer("so_sndbuf", 0, 0, _INT_MAX),
+        "auth": _auth(reader),
     }
     values.update(_mux(reader))
     return values
+
+
+def _auth(reader: _Reader) -> str:
+    """Ours: how the handshake proves the token (docs/auth.md)."""
+    value = reader.string("auth", "token")
+    if value not in AUTH_MODES:
+        raise reader.error("auth", 'expected "token" (the handshake of Backhaul v0.7.2, the default) or '
+                           '"challenge" (ours, docs/auth.md: this program on both ends)', value)
+    return value
 
 
 def _mss(reader: _Reader) -> int:

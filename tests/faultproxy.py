@@ -17,6 +17,8 @@ queue. Standard library only, so the benchmarks use it too.
   gave up meanwhile is dropped without reaching the server (its SYN never got through).
 
 Every queue is bounded: a direction stops reading its source while ``max_buffer`` bytes wait.
+With ``record`` the first that many bytes of each direction are kept (``Direction.seen``), so a
+test can read what crossed the wire.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ def reset(sock: socket.socket) -> None:
 class Direction:
     """Bytes read from ``src`` waiting to be written to ``dst``, each with the time it is due."""
 
-    __slots__ = ("src", "dst", "queue", "queued", "eof", "shut", "last_due", "free_at", "moved", "blocked")
+    __slots__ = ("src", "dst", "queue", "queued", "eof", "shut", "last_due", "free_at", "moved", "blocked", "seen")
 
     def __init__(self, src: socket.socket, dst: socket.socket | None) -> None:
+        self.seen = bytearray()  # the first bytes read, when the proxy records
         self.src = src
         self.dst = dst
         self.queue: collections.deque[list] = collections.deque()   # [due, memoryview]
@@ -94,8 +97,9 @@ class FaultProxy:
     """Forwards connections from ``port`` to ``upstream_host:upstream_port``; see the module text."""
 
     def __init__(self, upstream_port: int, upstream_host: str = HOST, listen_host: str = HOST,
-                 max_buffer: int = 1 << 20, seed: int = 0) -> None:
+                 max_buffer: int = 1 << 20, seed: int = 0, record: int = 0) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.record = record
         self.max_buffer = max_buffer
         self.rng = random.Random(seed)
         self.listener = socket.create_server((listen_host, 0), backlog=4096)
@@ -375,6 +379,8 @@ class FaultProxy:
         self._queue(direction, data)
 
     def _queue(self, direction: Direction, data: bytes) -> None:
+        if len(direction.seen) < self.record:
+            direction.seen += data[:self.record - len(direction.seen)]
         now = time.monotonic()
         due = now + self._delay + (self.rng.uniform(0, self._jitter) if self._jitter else 0.0)
         if self._rate:

@@ -1132,3 +1132,31 @@ def test_tls_pin_is_normalised_and_tls_files_checked(tmp_path: Path) -> None:
     client = parse(CLIENT + f'tls_verify = true\ntls_ca = "{ca}"\ntls_pin = "{pin}"\n').client
     assert client is not None
     assert (client.tls_verify, client.tls_ca, client.tls_pin) == (True, str(ca), "ab" * 32)
+
+
+# --- auth (ours: docs/auth.md) ------------------------------------------------------------------
+
+def test_auth_defaults_to_the_v072_handshake_on_both_sides() -> None:
+    config = parse(SERVER + CLIENT)
+    assert config.server is not None and config.client is not None
+    assert (config.server.auth, config.client.auth) == ("token", "token")
+    config = parse(SERVER + 'auth = "challenge"\n' + CLIENT + 'auth = "challenge"\n')
+    assert config.server is not None and config.client is not None
+    assert (config.server.auth, config.client.auth) == ("challenge", "challenge")
+
+
+@pytest.mark.parametrize(("text", "key", "value"), [
+    (SERVER + 'auth = "hmac"\n', "server.auth", "'hmac'"),
+    (CLIENT + 'auth = "Challenge"\n', "client.auth", "'Challenge'"),
+    (CLIENT + 'auth = ""\n', "client.auth", "''"),
+])
+def test_auth_other_values_are_refused_precisely(text: str, key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "cfg.toml")
+    assert str(caught.value) == (f'cfg.toml: {key} = {value}: expected "token" (the handshake of Backhaul '
+                                 'v0.7.2, the default) or "challenge" (ours, docs/auth.md: this program on both ends)')
+
+
+def test_auth_must_be_a_string() -> None:
+    with pytest.raises(ConfigError, match="server.auth = True: expected a string"):
+        parse(SERVER + "auth = true\n")

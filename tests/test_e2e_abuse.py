@@ -128,29 +128,41 @@ def test_data_connection_from_a_foreign_address_is_rejected(launcher: Launcher, 
     assert tunnel.server.alive()
 
 
-def test_wrong_token_flood_costs_one_line_a_second(launcher: Launcher) -> None:
-    token, wrong = "Flood-Right-91c2", "Flood-Wrong-5d7e"
-    bind_port = free_port()
-    server = launcher.start("server", server_toml(bind_port, [f"{HOST}:{free_port()}=5201"], token))
-    server.wait_for_log(f"tcp tunnel listening on {HOST}:{bind_port}")
+GUESSER = "127.0.0.2"   # an address that guesses tokens; the real client is on 127.0.0.1
 
-    def attempts(count: int) -> None:
-        """``count`` handshakes with the wrong token at once; the server closes each, silently."""
-        with contextlib.ExitStack() as stack:
-            socks = [stack.enter_context(connect(bind_port, timeout=10)) for _ in range(count)]
-            for sock in socks:
-                sock.sendall(ltv(SG_CHAN, wrong.encode()))
-            for sock in socks:
-                assert recv_all(sock) == b"", "the server answered a wrong token"
 
-    attempts(30)
-    line = server.wait_for_log("wrong token", timeout=5)
-    assert line.endswith(f"rejected client {HOST}: wrong token"), line
-    time.sleep(1.2)  # the next second: one more line, counting the 29 held back
-    attempts(1)
-    second = server.wait_for_log("wrong token", timeout=5, count=2)
-    assert second.endswith(f"rejected client {HOST}: wrong token (29 more like it)"), second
-    assert len(server.lines("wrong token")) == 2
+def guess(port: int, token: str, source: str = GUESSER) -> str:
+    """One handshake with ``token``: how the server ended it ("closed" unanswered, "reset" when
+    it closed without reading, "answered" when it replied)."""
+    with connect(port, timeout=10, source=source) as sock:
+        try:
+            sock.sendall(ltv(SG_CHAN, token.encode()))
+            return "answered" if recv_all(sock) else "closed"
+        except ConnectionResetError:
+            return "reset"
+
+
+def test_token_guessing_is_rate_limited_per_address_and_logged_once(launcher: Launcher, echo_service: Service) -> None:
+    """25 wrong tokens in a row from one address: the first 20 are judged (their lines throttled
+    to one a second), the 20th puts the address on hold with one line, the rest are closed unread;
+    the real client from another address gets in at once all the while."""
+    token, wrong = "Guess-Right-91c2", "Guess-Wrong-5d7e"
+    tunnel = Tunnel(launcher, [str(echo_service.port)], token)
+    server = tunnel.start_server()
+    outcomes = [guess(tunnel.bind_port, wrong) for _ in range(25)]
+    assert outcomes[:20] == ["closed"] * 20, outcomes
+    assert set(outcomes[20:]) <= {"reset", "closed"}, outcomes
+    line = server.wait_for_log("refusing connections from", timeout=5)
+    assert re.search(rf"refusing connections from {GUESSER} for \d+(\.\d+)? s: 20 failed handshakes within 10 s$",
+                     line), line
+    assert len(server.lines("wrong token")) <= 3, server.log()   # one a second, with a count
+    assert server.lines("wrong token")[0].endswith(f"rejected client {GUESSER}: wrong token"), server.log()
+    assert len(server.lines("refusing connections")) == 1
+    assert guess(tunnel.bind_port, token) in ("reset", "closed"), "the right token from a held address got in"
+    tunnel.start_client()
+    tunnel.wait_connected(timeout=5)
+    echo_works(tunnel.public[0], size=100_000, seed=14)
+    assert len(server.lines("refusing connections")) == 1
     assert token not in server.log() and wrong not in server.log()
 
 

@@ -12,23 +12,33 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import secrets
 import socket
 import ssl
+import time
 from collections.abc import Callable
+
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 
 from backhaul.config import ClientConfig, ServerConfig
 from backhaul.errors import ProtocolError, TransportError
 from backhaul.log import Throttles
 from backhaul.net import dial, reason, tune
+from backhaul.protocol import auth
 from backhaul.protocol import http_upgrade as http
-from backhaul.protocol.framing import SG_PING
+from backhaul.protocol.auth import AuthError, ClientHandshake, LinkChecker, LinkSigner, ServerHandshake
+from backhaul.protocol.framing import SG_PING, FrameReader
+from backhaul.protocol.handshake import HANDSHAKE_TIMEOUT, hello_reader
 from backhaul.reactor import READ, WRITE, Reactor, Timer
 from backhaul.relay.stream import StreamRelay
 from backhaul.transport.tcpmux import MuxClientSession, SessionLinks
+from backhaul.tunnel.acceptor import MODE_MISMATCH
 from backhaul.tunnel.control import ClientChannel
 from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import control_connection
-from backhaul.tunnel.pending import Pending, PendingSet
+from backhaul.tunnel.limiter import FailureLimiter
+from backhaul.tunnel.pending import HANDSHAKE_FAILURES, Pending, PendingSet
 from backhaul.tunnel.pool import ClientPool, LinkPool
 from backhaul.tunnel.port import Port
 from backhaul.ws import WebSocket, WebSocketCarrier, WebSocketStream
@@ -94,6 +104,23 @@ class Head(Pending):
         super().__init__(sock, peer, ip)
         self.reader = http.RequestReader()
         self.tls_done = not tls
+
+
+class Challenge(Pending):
+    """An upgraded /channel whose challenge (docs/auth.md) runs in its first messages."""
+
+    __slots__ = ("ws", "handshake")
+
+    def __init__(self, ws: WebSocket, peer: str, ip: str) -> None:
+        super().__init__(ws.sock, peer, ip)
+        self.ws = ws
+        self.handshake: ServerHandshake | None = None   # set when HELLO came and CHALLENGE went
+
+    def discard(self, reactor: Reactor) -> None:
+        self.ws.close()
+
+    def release(self, reactor: Reactor) -> None:
+        """The websocket keeps its socket and its watch: it becomes the control channel."""
 
 
 def server_context(cfg: ServerConfig) -> ssl.SSLContext:
@@ -174,7 +201,13 @@ class UpgradePort(Port):
         self.tls = uses_tls(self.name)
         self.mux = uses_mux(self.name)
         self.context: ssl.SSLContext | None = None
+        self.challenge = self.config.auth == "challenge"
+        self.link_checker: LinkChecker | None = None    # challenge: the current session's
+        self.limiter = FailureLimiter()
         self.pending: PendingSet[Head] = PendingSet(self.reactor, "upgrade heads", HEAD_TIMEOUT, self._too_slow)
+        self.challenges: PendingSet[Challenge] = PendingSet(self.reactor, "challenges", HANDSHAKE_TIMEOUT,
+                                                            self._no_proof)
+        self.pending.on_failed = self.challenges.on_failed = self.limiter.failed
         if self.mux:
             self.sessions = SessionLinks(core, self._ask, lambda sock: sock.close())
             self.links = self.sessions
@@ -190,13 +223,19 @@ class UpgradePort(Port):
 
     def _trust(self, ip: str) -> None:
         # The client's own data connections come from there, many at once under load.
-        self.pending.trusted_ip = ip
+        self.pending.trusted_ip = self.challenges.trusted_ip = ip
+        if not ip:
+            self.link_checker = None   # the session's link proofs end with it
 
     def _close_pending(self) -> None:
         self.pending.close()
+        self.challenges.close()
 
     # --- heads ----------------------------------------------------------------------------------
     def _arrived(self, sock: socket.socket, addr: tuple) -> None:
+        if addr[0] != self.pending.trusted_ip and self.limiter.refuses(addr[0]):
+            sock.close()
+            return
         sock.setblocking(False)
         if self.context is not None:
             sock = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
@@ -241,11 +280,15 @@ class UpgradePort(Port):
         self._request(entry, request)
 
     def _too_slow(self, entry: Head) -> None:
+        HANDSHAKE_FAILURES.inc(1, "timeout")
+        self.limiter.failed(entry.ip)
         self._warn.warning("timeout", "rejected client %s: no whole upgrade head within %g s", entry.peer,
                            HEAD_TIMEOUT)
         self._answer(entry.sock, http.error_response(408))
 
     def _reject(self, entry: Head, kind: str, why: str, status: int = 0) -> None:
+        HANDSHAKE_FAILURES.inc(1, kind)
+        self.limiter.failed(entry.ip)
         self._warn.warning(kind, "rejected client %s: %s", entry.peer, why)
         if status:
             self._answer(entry.sock, http.error_response(status), last=True)
@@ -270,8 +313,9 @@ class UpgradePort(Port):
 
     def _request(self, entry: Head, request: http.Request) -> None:
         route = request.route
-        if not http.authorized(request, self.config.token):
-            self._reject(entry, "token", "wrong token", 401)
+        refusal = self._credentials(request, route)
+        if refusal is not None:
+            self._reject(entry, *refusal, 401)
             return
         if route is None:
             self._reject(entry, "path", f"unknown path {request.path!r}", 404)
@@ -279,20 +323,95 @@ class UpgradePort(Port):
         if route == "data" and self.channel is None:
             self._reject(entry, "early", "data connection before any control channel", 404)
             return
+        if route == "data" and self.challenge:
+            try:
+                assert self.link_checker is not None
+                self.link_checker.check_authorization(request.authorization)
+            except AuthError as exc:
+                self._reject(entry, exc.kind, f"data connection: {exc}", 401)
+                return
         self._answer(entry.sock, http.accept_response(request.key))
         self.pending.end(entry, close=False)
         sock, peer = entry.sock, entry.peer
         if route == "control":
-            self._control_up(sock, peer, request.rest)
+            ws = WebSocket(self.reactor, sock, client=False, peer=f"client {peer}", first=request.rest)
+            if self.challenge:
+                self._begin_challenge(ws, peer, entry.ip)
+            else:
+                self._control_up(ws, peer)
         elif self.mux:
             self.sessions.add(sock, request.rest)
         else:
             self.websockets.add(WebSocket(self.reactor, sock, client=False, peer=f"client {peer}",
                                           first=request.rest))
 
+    def _credentials(self, request: http.Request, route: str | None) -> tuple[str, str] | None:
+        """Why the request's Authorization is refused (kind, why), or None. Token mode: the
+        bearer token on every request; challenge: none on /channel (the proof follows inside the
+        websocket), a link proof on /tunnel/<N> (checked once the path is known good)."""
+        value = request.authorization
+        if self.challenge:
+            if route == "control" and value is not None:
+                return "auth", MODE_MISMATCH[True]
+            return None
+        if http.authorized(request, self.config.token):
+            return None
+        if value is None and route == "control":
+            return "auth", 'no token on /channel (a client with auth = "challenge" sends none)'
+        if (value or "").startswith(auth.LINK_SCHEME + " "):
+            return "auth", MODE_MISMATCH[False]
+        return "token", "wrong token"
+
+    # --- the challenge (auth = "challenge") -----------------------------------------------------
+    def _begin_challenge(self, ws: WebSocket, peer: str, ip: str) -> None:
+        entry = Challenge(ws, peer, ip)
+        self.challenges.add(entry)
+        ws.messages(lambda message: self._challenge_message(entry, message),
+                    lambda _why: self._challenge_failed(entry, "closed", "closed the connection before its "
+                                                        "handshake ended"))
+
+    def _challenge_message(self, entry: Challenge, message: bytes | str) -> None:
+        """HELLO: answer with CHALLENGE; then PROOF: welcome the client, the channel is up."""
+        entry.heard = True
+        try:
+            if isinstance(message, str):
+                raise AuthError("a text message in the challenge", "garbage")
+            reader = hello_reader()
+            if reader.feed(message) or not reader.done:
+                raise AuthError("a challenge message that is not one whole frame", "garbage")
+            if entry.handshake is None:
+                handshake = ServerHandshake(self.config.token, secrets.token_bytes(auth.NONCE_SIZE))
+                entry.ws.send_binary(handshake.challenge(reader.kind, reader.payload))
+                entry.handshake = handshake
+                return
+            entry.handshake.check(reader.kind, reader.payload)
+        except AuthError as exc:
+            self._challenge_failed(entry, exc.kind, str(exc))
+            return
+        except ProtocolError as exc:
+            self._challenge_failed(entry, "garbage", f"not a Backhaul handshake ({exc})")
+            return
+        if not self.challenges.end(entry, close=False):
+            return
+        entry.ws.send_binary(entry.handshake.welcome())
+        self._control_up(entry.ws, entry.peer, entry.handshake.links())
+
+    def _challenge_failed(self, entry: Challenge, kind: str, why: str) -> None:
+        if entry.sock not in self.challenges.entries:
+            return
+        HANDSHAKE_FAILURES.inc(1, kind)
+        self.limiter.failed(entry.ip)
+        self._warn.warning(kind, "rejected client %s: %s", entry.peer, why)
+        self.challenges.end(entry)
+
+    def _no_proof(self, entry: Challenge) -> None:
+        HANDSHAKE_FAILURES.inc(1, "timeout")
+        self.limiter.failed(entry.ip)
+        self._warn.warning("timeout", "rejected client %s: no answer to the challenge within %g s", entry.peer,
+                           HANDSHAKE_TIMEOUT)
+
     # --- the control channel --------------------------------------------------------------------
-    def _control_up(self, sock: socket.socket, peer: str, first: bytes) -> None:
-        ws = WebSocket(self.reactor, sock, client=False, peer=f"client {peer}", first=first)
+    def _control_up(self, ws: WebSocket, peer: str, links: LinkChecker | None = None) -> None:
         if self.channel is not None:
             # PROTOCOL.md 3.1: a second /channel resets the server; the client reconnects.
             log.warning("client %s opened a second control channel: closing both (the one from %s too)",
@@ -301,6 +420,7 @@ class UpgradePort(Port):
             self._drop()
             ws.close()
             return
+        self.link_checker = links
         self._install(WebSocketCarrier(ws), peer, peer.rsplit(":", 1)[0], rtt_probe=False)
 
 
@@ -349,12 +469,103 @@ def check_pin(sock: ssl.SSLSocket, pin: str) -> None:
         raise ProtocolError("the server's certificate does not match tls_pin")
 
 
-def request_head(cfg: ClientConfig, path_kind: str) -> tuple[bytes, str]:
-    """An upgrade request for the control channel or a data connection, and its key."""
+def request_head(cfg: ClientConfig, path_kind: str, signer: LinkSigner | None = None) -> tuple[bytes, str]:
+    """An upgrade request for the control channel or a data connection, and its key. With
+    auth = "challenge": no Authorization on /channel, the session's link proof on /tunnel/<N>."""
     raw_key, user_id = http.new_key_and_id(_RNG)
     path = http.CONTROL_PATH if path_kind == "control" else http.data_path(user_id)
-    head = http.client_request(cfg.remote_addr, path, cfg.token, http.pick_user_agent(_RNG), user_id, raw_key)
-    return head, http.encode_key(raw_key)
+    agent = http.pick_user_agent(_RNG)
+    if cfg.auth != "challenge":
+        return http.client_request(cfg.remote_addr, path, cfg.token, agent, user_id, raw_key), http.encode_key(raw_key)
+    authorization = signer.authorization() if signer is not None and path_kind == "data" else None
+    return http.upgrade_request(cfg.remote_addr, path, authorization, agent, user_id, raw_key), http.encode_key(raw_key)
+
+
+def check_answer(cfg: ClientConfig, response: http.Response, key: str, path_kind: str) -> None:
+    """The upgrade was accepted; a 401 says what was refused in the auth mode at hand."""
+    if response.status == 401 and cfg.auth == "challenge":
+        raise ProtocolError("the server refused the link proof (401)" if path_kind == "data" else
+                            'the server answered 401 to a /channel without a token: it may not have '
+                            'auth = "challenge"')
+    http.check_accept(response, key)
+
+
+class _ExactReader:
+    """Blocking reads of exactly what is asked for, after the bytes already read; by a deadline."""
+
+    def __init__(self, sock: socket.socket, buffered: bytes, deadline: float) -> None:
+        self.sock = sock
+        self.buffered = bytearray(buffered)
+        self.deadline = deadline
+
+    def take(self, size: int) -> bytes:
+        while len(self.buffered) < size:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.sock.settimeout(left)
+            data = self.sock.recv(size - len(self.buffered))
+            if not data:
+                raise ProtocolError("the server closed the connection during the challenge: a wrong token, or a "
+                                    'server without auth = "challenge"')
+            self.buffered += data
+        taken = bytes(self.buffered[:size])
+        del self.buffered[:size]
+        return taken
+
+
+CHALLENGE_FRAME_LIMIT = 1024   # the server's challenge frames are 37 bytes on the wire
+
+
+def _read_message(sock: socket.socket, conn: Connection, reader: _ExactReader) -> bytes:
+    """The next binary message, read one WebSocket frame at a time so that no byte behind it
+    leaves the socket (it belongs to the control channel); pings are answered."""
+    parts: list[bytes] = []
+    while True:
+        head = reader.take(2)
+        size = head[1] & 0x7F
+        extra = {126: 2, 127: 8}.get(size, 0)
+        more = reader.take(extra) if extra else b""
+        if extra:
+            size = int.from_bytes(more, "big")
+        mask = reader.take(4) if head[1] & 0x80 else b""
+        if size > CHALLENGE_FRAME_LIMIT:
+            raise ProtocolError(f"a websocket frame of {size} bytes during the challenge")
+        conn.receive_data(head + more + mask + reader.take(size))
+        for event in conn.events():
+            if isinstance(event, Ping):
+                sock.sendall(conn.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                raise ProtocolError(f"the server closed the websocket during the challenge ({event.reason})")
+            elif isinstance(event, Message):
+                if not isinstance(event.data, bytes):
+                    raise ProtocolError("a text message during the challenge")
+                parts.append(event.data)
+                if event.message_finished:
+                    return b"".join(parts)
+
+
+def _frame(message: bytes) -> tuple[int | None, bytes | None]:
+    reader = FrameReader(typed=True)
+    if reader.feed(message) or not reader.done:
+        raise ProtocolError("a challenge message that is not one whole frame")
+    return reader.kind, reader.payload
+
+
+def challenge(sock: socket.socket, cfg: ClientConfig, buffered: bytes) -> tuple[LinkSigner, bytes]:
+    """docs/auth.md inside the upgraded /channel (blocking): HELLO, CHALLENGE, PROOF, WELCOME as
+    one binary message each. The signer of the session's links, and the bytes read past WELCOME."""
+    conn = Connection(ConnectionType.CLIENT)
+    reader = _ExactReader(sock, buffered, time.monotonic() + HANDSHAKE_TIMEOUT)
+    client = ClientHandshake(cfg.token, secrets.token_bytes(auth.NONCE_SIZE))
+    try:
+        sock.sendall(conn.send(BytesMessage(data=client.hello())))
+        proof = client.answer(*_frame(_read_message(sock, conn, reader)))
+        sock.sendall(conn.send(BytesMessage(data=proof)))
+        signer = client.welcome(*_frame(_read_message(sock, conn, reader)))
+    except TimeoutError:
+        raise ProtocolError(f"no answer to the challenge within {HANDSHAKE_TIMEOUT:g} s") from None
+    return signer, bytes(reader.buffered)
 
 
 def dial_address(cfg: ClientConfig) -> tuple[str, int]:
@@ -387,9 +598,15 @@ def connect(core: ClientCore) -> WebSocketSession:
             raise ProtocolError("no upgrade answer from the server in time") from None
         except OSError as exc:
             raise TransportError(f"upgrade failed: {reason(exc)}") from None
-        http.check_accept(response, key)
+        check_answer(cfg, response, key, "control")
+        first, signer = response.rest, None
+        if cfg.auth == "challenge":
+            try:
+                signer, first = challenge(sock, cfg, first)
+            except OSError as exc:
+                raise TransportError(f"challenge failed: {reason(exc)}") from None
         sock.setblocking(False)
-        return WebSocketSession(core, sock, response.rest, addr)
+        return WebSocketSession(core, sock, first, addr, signer)
     except BaseException:
         sock.close()
         raise
@@ -399,14 +616,14 @@ class UpgradeDial:
     """One data connection on the reactor: connect, TLS, upgrade to /tunnel/<N>; ``done(sock,
     first, "")`` or ``done(None, b"", reason)`` once, within dial_timeout."""
 
-    def __init__(self, core: ClientCore, addr: tuple[str, int], done: Callable[[socket.socket | None, bytes, str], None]
-                 ) -> None:
+    def __init__(self, core: ClientCore, addr: tuple[str, int],
+                 done: Callable[[socket.socket | None, bytes, str], None], signer: LinkSigner | None = None) -> None:
         self.core = core
         self.cfg = core.config
         self.reactor = core.reactor
         self.done = done
         self.sock: socket.socket | None = None
-        self.head, self.key = request_head(self.cfg, "data")
+        self.head, self.key = request_head(self.cfg, "data", signer)
         self.reader = http.ResponseReader()
         self.tls_done = False
         self.timer = self.reactor.call_later(self.cfg.dial_timeout, self._fail, "the upgrade timed out")
@@ -471,7 +688,7 @@ class UpgradeDial:
             self._fail(f"upgrade failed: {reason(exc)}")
             return
         try:
-            http.check_accept(response, self.key)
+            check_answer(self.cfg, response, self.key, "data")
         except ProtocolError as exc:
             self._fail(str(exc))
             return
@@ -494,19 +711,21 @@ class UpgradeDial:
 class WebSocketSession:
     """The client's end of a ws/wss control channel and the WebSockets it opened."""
 
-    def __init__(self, core: ClientCore, sock: socket.socket, first: bytes, server_addr: tuple[str, int]) -> None:
+    def __init__(self, core: ClientCore, sock: socket.socket, first: bytes, server_addr: tuple[str, int],
+                 signer: LinkSigner | None = None) -> None:
         self.core = core
         self.config = core.config
         self.reactor = core.reactor
         self.server_addr = server_addr
         self.sock = sock
         self.first = first
+        self.signer = signer
         self.channel: ClientChannel | None = None
         self.links: set[WebSocket] = set()
         self.closed = False
         self.pool = ClientPool(self.reactor, self.config.connection_pool, self.config.aggressive_pool,
                                MAX_CLIENT_LINKS, "data connection",
-                               lambda: UpgradeDial(self.core, self.server_addr, self._dialed),
+                               lambda: UpgradeDial(self.core, self.server_addr, self._dialed, self.signer),
                                idle=lambda: len(self.links), open_now=lambda: len(self.links))
 
     def start(self) -> None:
@@ -562,7 +781,7 @@ def connect_mux(core: ClientCore) -> MuxClientSession:
     control = connect(core)
 
     def upgrade(done: Callable[[socket.socket | None, str, bytes], None]) -> None:
-        UpgradeDial(core, control.server_addr, lambda sock, first, error: done(sock, error, first))
+        UpgradeDial(core, control.server_addr, lambda sock, first, error: done(sock, error, first), control.signer)
 
     ws = WebSocket(core.reactor, control.sock, client=True, peer="the server", first=control.first)
     return MuxClientSession(core, WebSocketCarrier(ws), control.server_addr, heartbeat_echo=True,

@@ -14,12 +14,16 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from backhaul.log import Throttles
+from backhaul.metrics import METRICS
 from backhaul.reactor import Reactor, Timer
 
 log = logging.getLogger("backhaul.acceptor")
 
 MAX_PENDING = 256        # connections being read at once
 PENDING_PER_SOURCE = 64  # of which one address may hold this many
+
+HANDSHAKE_FAILURES = METRICS.counter("backhaul_handshake_failures_total", "Connections to the tunnel port turned "
+                                     "away, by reason (token, timeout, garbage, closed, foreign, ...).", ("reason",))
 
 
 class Pending:
@@ -34,6 +38,14 @@ class Pending:
         self.timer: Timer | None = None
         self.heard = False       # any byte arrived: not a silent connection
         self.state = state       # what the reader of this kind keeps (a frame reader, a TLS step...)
+
+    def discard(self, reactor: Reactor) -> None:
+        """Close what the entry holds (a subclass may hold more than its socket, a WebSocket)."""
+        reactor.close_socket(self.sock)
+
+    def release(self, reactor: Reactor) -> None:
+        """Hand the socket on: the reactor stops watching it for this reader."""
+        reactor.forget(self.sock)
 
 
 P = TypeVar("P", bound=Pending)
@@ -55,6 +67,7 @@ class PendingSet(Generic[P]):
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.evicted = 0                  # metric-ready count of connections that made room
         self.warn = Throttles(log)
+        self.on_failed: Callable[[str], None] | None = None   # told the address of each one evicted
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -77,6 +90,9 @@ class PendingSet(Generic[P]):
 
     def _evict(self, entry: P, why: str) -> None:
         self.evicted += 1
+        HANDSHAKE_FAILURES.inc(1, "evicted")
+        if self.on_failed is not None:
+            self.on_failed(entry.ip)
         self.warn.warning("pending", "closed the oldest pending connection %s to make room: %s", entry.peer, why)
         self.end(entry)
 
@@ -95,9 +111,9 @@ class PendingSet(Generic[P]):
         if entry.timer is not None:
             entry.timer.cancel()
         if close:
-            self.reactor.close_socket(entry.sock)
+            entry.discard(self.reactor)
         else:
-            self.reactor.forget(entry.sock)
+            entry.release(self.reactor)
         return True
 
     def close(self) -> None:

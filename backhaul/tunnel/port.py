@@ -14,7 +14,7 @@ from typing import Protocol
 
 from backhaul.listener import Listener
 from backhaul.net import listen, peer_of, tune
-from backhaul.protocol.handshake import hello
+from backhaul.protocol.auth import LinkChecker
 from backhaul.tunnel.acceptor import HandshakeAcceptor
 from backhaul.tunnel.carrier import Carrier, SocketCarrier
 from backhaul.tunnel.control import ServerChannel
@@ -138,7 +138,8 @@ class TunnelPort(Port):
     def __init__(self, core: ServerCore, name: str, make_links: LinksFactory, *, rtt_probe: bool) -> None:
         super().__init__(core, name)
         self.rtt_probe = rtt_probe
-        self.acceptor = HandshakeAcceptor(self.reactor, self.config.token, self._control_up, self.links_add)
+        self.acceptor = HandshakeAcceptor(self.reactor, self.config.token, self._control_up, self.links_add,
+                                          challenge=self.config.auth == "challenge")
         self.links = make_links(core, self._ask, self._talking)
 
     def _arrived(self, sock: socket.socket, addr: tuple) -> None:
@@ -146,19 +147,22 @@ class TunnelPort(Port):
 
     def _trust(self, ip: str) -> None:
         self.acceptor.control_ip = ip
+        if not ip:
+            self.acceptor.links = None   # the session's link proofs end with it
 
     def _close_pending(self) -> None:
         self.acceptor.close()
 
-    def _control_up(self, sock: socket.socket, peer: str, ip: str) -> None:
+    def _control_up(self, sock: socket.socket, peer: str, ip: str, reply: bytes, links: LinkChecker | None) -> None:
         if self.channel is not None:
             log.info("client %s opened a new control channel; dropping the one from %s", peer,
                      self.channel.peer.removeprefix("client "))
             self.channel.close(notify=False)
             self._drop()
+        self.acceptor.links = links
         tune(sock, nodelay=True)  # keepalive comes with the listener's options
         self._install(SocketCarrier(self.reactor, sock, f"client {peer}"), peer, ip, rtt_probe=self.rtt_probe,
-                      first=hello(self.config.token))
+                      first=reply)
 
     def links_add(self, sock: socket.socket) -> None:
         self.links.add(sock)
