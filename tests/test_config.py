@@ -1158,5 +1158,5 @@ def test_auth_other_values_are_refused_precisely(text: str, key: str, value: str
 
 
 def test_auth_must_be_a_string() -> None:
-    with pytest.raises(ConfigError, match="server.auth = True: expected a string"):
+    with pytest.raises(ConfigError, match=r"server\.auth = True: expected a string"):
         parse(SERVER + "auth = true\n")
