@@ -35,7 +35,8 @@ OnControl = Callable[[socket.socket, str, str, bytes, LinkChecker | None], None]
 OnLink = Callable[[socket.socket], None]
 
 # the frame types a connection may start with, by mode (anything else is rejected at its third byte)
-_FIRST = {False: (SG_CHAN, auth.HELLO), True: (auth.HELLO, auth.LINK, SG_CHAN)}
+_FIRST = {False: (SG_CHAN,), True: (auth.HELLO, auth.LINK)}
+_OTHER_MODE = {False: auth.HELLO, True: SG_CHAN}   # the first frame of the other mode's client
 MODE_MISMATCH = {
     False: 'the client uses auth = "challenge"; set it on this server too',
     True: 'the client sent the token handshake of v0.7.2 (auth = "token"); this server has auth = "challenge"',
@@ -64,6 +65,19 @@ def has_bytes(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True  # broken already: let the handshake path close it with a reason
+
+
+def drain(sock: socket.socket, limit: int = 65536) -> None:
+    """Take what the peer sent and we did not read (a bounded amount), so that our close is a FIN
+    it can read as a refusal, not a reset that may reach it before it reads what it sent for."""
+    try:
+        while limit > 0:
+            data = sock.recv(min(limit, 16384))
+            if not data:
+                return
+            limit -= len(data)
+    except OSError:
+        pass
 
 
 class HandshakeAcceptor:
@@ -116,8 +130,9 @@ class HandshakeAcceptor:
                 entry.heard = True
                 entry.reader.feed(data)
                 if entry.reader.kind is not None and entry.reader.kind not in self._expected(entry):
-                    kind, verdict = ("auth", MODE_MISMATCH[self.challenge]) if entry.reader.kind in (
-                        auth.HELLO, SG_CHAN) else ("garbage", "not a Backhaul handshake")
+                    other = entry.challenge is None and entry.reader.kind == _OTHER_MODE[self.challenge]
+                    kind, verdict = ("auth", MODE_MISMATCH[self.challenge]) if other else (
+                        "garbage", "not a Backhaul handshake")
                 elif entry.reader.done:
                     kind, verdict = self._judge(entry)
         except BlockingIOError:
@@ -134,7 +149,7 @@ class HandshakeAcceptor:
             links = entry.challenge.links() if entry.challenge else None
             self._end(entry, close=False)
             self.on_control(entry.sock, entry.peer, entry.ip, reply, links)
-        elif kind == "link":
+        elif kind == "linked":
             self._end(entry, close=False)
             self.on_link(entry.sock)
         else:
@@ -144,7 +159,7 @@ class HandshakeAcceptor:
         return (auth.PROOF,) if entry.challenge is not None else _FIRST[self.challenge]
 
     def _judge(self, entry: Handshake) -> tuple[str, str]:
-        """A whole frame is in: ("ok", ""), ("link", ""), ("", "") to read the next frame, or a
+        """A whole frame is in: ("ok", ""), ("linked", ""), ("", "") to read the next frame, or a
         failure's kind and verdict. AuthError and ProtocolError mean a failure too."""
         kind, payload = entry.reader.kind, entry.reader.payload
         if not self.challenge:
@@ -169,7 +184,7 @@ class HandshakeAcceptor:
         if entry.foreign:
             return "foreign", f"not the control channel's address {entry.foreign}"
         self.links.check_frame(entry.reader.kind, entry.reader.payload)
-        return "link", ""
+        return "linked", ""
 
     def _failed(self, entry: Handshake, kind: str, verdict: str) -> None:
         HANDSHAKE_FAILURES.inc(1, kind)
@@ -178,6 +193,7 @@ class HandshakeAcceptor:
             self._warn.warning(kind, "rejected data connection from %s: %s", entry.peer, verdict)
         else:
             self._warn.warning(kind, "rejected client %s: %s", entry.ip, verdict)
+        drain(entry.sock)
         self._end(entry)
 
     def _expired(self, entry: Handshake) -> None:
