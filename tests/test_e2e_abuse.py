@@ -9,6 +9,7 @@ import random
 import re
 import selectors
 import socket
+import threading
 import time
 
 import pytest
@@ -30,7 +31,10 @@ from tests.harness import (
     recv_exact,
     server_toml,
     toml_section,
+    wait_until,
 )
+from tests.test_e2e_tcpmux import nofile_at_least
+from tests.test_e2e_ws import raw_connection, read_response, upgrade_head
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -352,3 +356,124 @@ def test_our_client_with_a_go_server_byte_exact(launcher: Launcher, listener: Li
     assert echo_service.accepted == 1
     assert client.alive()
     assert "Traceback" not in client.log()
+
+
+# ------------------------------------------------------------------------------------------------
+# slowloris: a thousand connections that say nothing, or one byte a second
+
+SLOW = 1000                  # connections in all, half to the tunnel port, half to the public port
+SLOW_SOURCES = 10            # tunnel-port connections come from this many addresses (127.0.0.2 ...)
+SLOW_HOLD = 2.0              # seconds the flood is held before and while the real handshake is timed
+HANDSHAKE_BOUND = 1.0
+
+
+class Slowloris(threading.Thread):
+    """Opens ``SLOW`` connections (half to ``tunnel``, from many addresses; half to ``public``) and
+    every second sends one more byte of ``drip`` on every other one; until stopped."""
+
+    def __init__(self, tunnel: int, public: int, drip: bytes) -> None:
+        super().__init__(name="slowloris", daemon=True)
+        self.tunnel, self.public, self.drip = tunnel, public, drip
+        self.socks: list[socket.socket] = []
+        self.opened = threading.Event()
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            for i in range(SLOW):
+                sock = socket.socket()
+                sock.setblocking(False)
+                if i % 2 == 0:
+                    sock.bind((f"127.0.0.{2 + (i // 2) % SLOW_SOURCES}", 0))
+                sock.connect_ex((HOST, self.tunnel if i % 2 == 0 else self.public))
+                self.socks.append(sock)
+            self.opened.set()
+            step = 0
+            while not self._halt.wait(1.0):
+                byte = self.drip[step % len(self.drip):step % len(self.drip) + 1]
+                for sock in self.socks[1::2] + self.socks[::4]:
+                    with contextlib.suppress(OSError):
+                        sock.send(byte)
+                step += 1
+        finally:
+            for sock in self.socks:
+                sock.close()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(20)
+
+
+def timed_handshake(transport: str, port: int, token: str) -> float:
+    """Seconds a client's handshake takes: the token frame answered (tcp family) or the 101 of
+    /channel received (ws family), from the connect on. The tcp family's comes from an address of
+    its own: from the control channel's, v0.7.2 tells a new handshake from a link only by its
+    first bytes, and the server may see the connection before them (then tcpmux takes it for a
+    session and the client tries again; auth = "challenge" has no such doubt)."""
+    start = time.monotonic()
+    if transport.startswith("tcp"):
+        with connect(port, timeout=5, source="127.0.0.99") as sock:
+            sock.sendall(ltv(SG_CHAN, token.encode()))
+            recv_exact(sock, 3 + len(token))
+            took = time.monotonic() - start
+    else:
+        with raw_connection(port, transport in ("wss", "wssmux"), timeout=5) as sock:
+            sock.sendall(upgrade_head(port, "/channel", token))
+            assert read_response(sock).status == 101
+            took = time.monotonic() - start
+    return took
+
+
+def settled(proc: harness.Backhaul, limit: float = 10.0) -> None:
+    """Wait (bounded) until the process's count of open files stops moving for half a second."""
+    deadline = time.monotonic() + limit
+    last = proc.fds()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = proc.fds()
+        if now == last:
+            return
+        last = now
+
+
+@pytest.mark.parametrize("transport", harness.TRANSPORTS)
+def test_slowloris_does_not_delay_a_real_handshake(launcher: Launcher, echo_service: Service, transport: str) -> None:
+    """500 connections to the tunnel port from 10 addresses and 500 to a public port, half silent,
+    half sending a byte a second: a client's handshake still takes under a second, the pending
+    ones stay capped (the oldest make room, busy addresses are held back), the real client gets
+    back in and carries users, and nothing is left open once the flood ends."""
+    token = "Slow-Loris-Token-55"
+    hold = socket.create_server((HOST, 0), backlog=2048)   # a target that never accepts: users sit
+    tunnel = Tunnel(launcher, [str(hold.getsockname()[1]), str(echo_service.port)], token, transport=transport,
+                    label=transport)
+    drip = (b"GET /channel HTTP/1.1\r\nHost: x\r\n" if transport.startswith("ws") else ltv(SG_CHAN, token.encode()))
+    with hold, nofile_at_least(4 * SLOW):
+        tunnel.up()
+        server, client = tunnel.server, tunnel.client
+        assert server is not None and client is not None
+        idle_fds = server.fds()
+        flood = Slowloris(tunnel.bind_port, tunnel.public[0], drip)
+        try:
+            assert flood.opened.wait(20)
+            time.sleep(SLOW_HOLD)
+            settled(server)  # the flood's users have their links: from now on it only holds and drips
+            took = timed_handshake(transport, tunnel.bind_port, token)
+            assert took < HANDSHAKE_BOUND, f"a handshake took {took:.2f} s under the flood"
+            # our handshake took the control channel (ws: reset it): the real client comes back
+            wait_until(lambda: len(client.lines("control channel up")) >= 2, 10, "the client to reconnect")
+            echo_works(tunnel.public[1], size=100_000, seed=90)
+            busy = server.fds()
+        finally:
+            flood.stop()
+            # Users that closed wait, half-closed, for a target that never answers nor closes (as
+            # they would without the tunnel): its end ends them.
+            hold.close()
+        assert server.wait_for_log("to make room", timeout=5), "the pending cap was never reached"
+        assert server.lines("refusing connections from 127.0.0."), "no address of the flood was held back"
+        wait_until(lambda: server.fds() <= idle_fds + 64, 15, "the server to close the flood's connections")
+        print(f"\n{transport}: handshake {took * 1000:.0f} ms under the flood; server fds {idle_fds} idle, "
+              f"{busy} during, {server.fds()} after")
+        echo_works(tunnel.public[1], size=100_000, seed=91)
+        assert server.alive() and client.alive()
+        assert "Traceback" not in server.log() + client.log()
