@@ -434,8 +434,8 @@ def _readable_file(reader: _Reader, name: str, *, required: bool) -> str:
     try:
         with open(path, "rb") as handle:
             handle.read(1)
-    except OSError as exc:
-        raise reader.error(name, f"cannot read the file: {exc.strerror or exc}", path) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise reader.error(name, f"cannot read the file: {getattr(exc, 'strerror', None) or exc}", path) from None
     return path
 
 

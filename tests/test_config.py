@@ -1160,3 +1160,10 @@ def test_auth_other_values_are_refused_precisely(text: str, key: str, value: str
 def test_auth_must_be_a_string() -> None:
     with pytest.raises(ConfigError, match=r"server\.auth = True: expected a string"):
         parse(SERVER + "auth = true\n")
+
+
+def test_a_nul_in_a_file_path_is_a_config_error() -> None:
+    """Found by the fuzz suite: open() raises ValueError, not OSError, for such a path."""
+    with pytest.raises(ConfigError) as caught:
+        parse(CLIENT + 'tls_ca = "a\\u0000b"\n', "cfg.toml")
+    assert str(caught.value) == "cfg.toml: client.tls_ca = 'a\\x00b': cannot read the file: embedded null byte"
