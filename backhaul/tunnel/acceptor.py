@@ -7,7 +7,8 @@ a proof of the current session makes it a link. Either way each is read on the r
 with a 2 s deadline, capped in all and per source address; when the cap is reached the oldest
 silent one makes room, because a real client speaks at once and a flood of silent connections
 must not keep it out. Failures count per address (tunnel/limiter.py): an address past the limit
-is refused unread for the rest of its window.
+is refused unread for the rest of its window, except the last one that proved the token (its
+links in flight when its control channel drops fail by the dozen, and must not keep it out).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class HandshakeAcceptor:
         self.on_link = on_link
         self.challenge = challenge
         self.control_ip = ""     # set by the owner while a control channel is up
+        self.proven_ip = ""      # the address of the last client that proved the token: never held back
         self.links: LinkChecker | None = None   # challenge: the current session's, set by the owner
         self.limiter = FailureLimiter()
         self.pending: PendingSet[Handshake] = PendingSet(reactor, "handshakes", HANDSHAKE_TIMEOUT, self._expired,
@@ -102,7 +104,7 @@ class HandshakeAcceptor:
     def arrived(self, sock: socket.socket, addr: tuple) -> None:
         """A new connection on the tunnel port."""
         ip = addr[0]
-        if ip != self.control_ip and self.limiter.refuses(ip):
+        if ip != self.control_ip and ip != self.proven_ip and self.limiter.refuses(ip):
             sock.close()
             return
         sock.setblocking(False)
@@ -148,6 +150,7 @@ class HandshakeAcceptor:
             reply = entry.challenge.welcome() if entry.challenge else hello(self.token)
             links = entry.challenge.links() if entry.challenge else None
             self._end(entry, close=False)
+            self.proven_ip = entry.ip
             self.on_control(entry.sock, entry.peer, entry.ip, reply, links)
         elif kind == "linked":
             self._end(entry, close=False)

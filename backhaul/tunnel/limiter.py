@@ -3,8 +3,9 @@ connections are closed unread until its window ends.
 
 Token guessing and floods of junk cost the server a read, a judgement and a log line each; an
 address that keeps failing gets one line a window and costs an accept and a close afterwards.
-The control channel's address is never refused (it proved the token), and the table of addresses
-is bounded, oldest first out.
+The owners never refuse the address of the last client that proved the token (its own links
+fail in numbers when its control channel drops), and the table of addresses is bounded, oldest
+first out.
 """
 
 from __future__ import annotations
