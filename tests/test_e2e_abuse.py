@@ -9,6 +9,7 @@ import random
 import re
 import selectors
 import socket
+import struct
 import threading
 import time
 
@@ -477,3 +478,22 @@ def test_slowloris_does_not_delay_a_real_handshake(launcher: Launcher, echo_serv
         echo_works(tunnel.public[1], size=100_000, seed=91)
         assert server.alive() and client.alive()
         assert "Traceback" not in server.log() + client.log()
+
+
+@pytest.mark.parametrize("transport", ["wss", "wssmux"])
+def test_connections_reset_before_their_tls_starts_do_not_stop_the_port(launcher: Launcher, echo_service: Service,
+                                                                       transport: str) -> None:
+    """A connection reset with bytes unread before the server wraps it in TLS made wrap_socket raise
+    inside the listener, and the reactor stopped watching the tunnel port for good (found by the
+    reconnect cycles). 300 of them, then a new client must still get in."""
+    tunnel = Tunnel(launcher, [str(echo_service.port)], transport=transport).up()
+    assert tunnel.server is not None and tunnel.client is not None
+    for _ in range(300):
+        with connect(tunnel.bind_port, timeout=5, source="127.0.0.5") as sock:
+            sock.sendall(b"\x16\x03\x01\x00\x05hello")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    tunnel.client.kill()
+    tunnel.start_client()
+    tunnel.wait_connected(server_count=2, timeout=10)
+    echo_works(tunnel.public[0], size=50_000, seed=95)
+    assert "Traceback" not in tunnel.server.log(), tunnel.server.log()

@@ -9,6 +9,7 @@ The heads are read and answered by our own codec (protocol/http_upgrade.py), the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
@@ -203,6 +204,7 @@ class UpgradePort(Port):
         self.context: ssl.SSLContext | None = None
         self.challenge = self.config.auth == "challenge"
         self.link_checker: LinkChecker | None = None    # challenge: the current session's
+        self.proven_ip = ""     # the last client that proved the token: never held back (see acceptor.py)
         self.limiter = FailureLimiter()
         self.pending: PendingSet[Head] = PendingSet(self.reactor, "upgrade heads", HEAD_TIMEOUT, self._too_slow)
         self.challenges: PendingSet[Challenge] = PendingSet(self.reactor, "challenges", HANDSHAKE_TIMEOUT,
@@ -233,12 +235,19 @@ class UpgradePort(Port):
 
     # --- heads ----------------------------------------------------------------------------------
     def _arrived(self, sock: socket.socket, addr: tuple) -> None:
-        if addr[0] != self.pending.trusted_ip and self.limiter.refuses(addr[0]):
+        if addr[0] not in (self.pending.trusted_ip, self.proven_ip) and self.limiter.refuses(addr[0]):
             sock.close()
             return
         sock.setblocking(False)
         if self.context is not None:
-            sock = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            try:
+                sock = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (ssl.SSLError, OSError) as exc:  # gone already (a reset with bytes unread)
+                HANDSHAKE_FAILURES.inc(1, "tls")
+                self.limiter.failed(addr[0])
+                self._warn.warning("tls", "rejected client %s:%d: %s", addr[0], addr[1], tls_reason(exc))
+                sock.close()
+                return
         entry = Head(sock, f"{addr[0]}:{addr[1]}", addr[0], self.tls)
         self.pending.add(entry)
         self.reactor.watch(sock, READ, lambda _m: self._step(entry))
@@ -330,6 +339,9 @@ class UpgradePort(Port):
             except AuthError as exc:
                 self._reject(entry, exc.kind, f"data connection: {exc}", 401)
                 return
+        if self.tls:  # the 101 must not wait behind the TLS tickets for an ACK (Nagle): 40 ms a connection
+            with contextlib.suppress(OSError):
+                entry.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._answer(entry.sock, http.accept_response(request.key))
         self.pending.end(entry, close=False)
         sock, peer = entry.sock, entry.peer
@@ -412,6 +424,7 @@ class UpgradePort(Port):
 
     # --- the control channel --------------------------------------------------------------------
     def _control_up(self, ws: WebSocket, peer: str, links: LinkChecker | None = None) -> None:
+        self.proven_ip = peer.rsplit(":", 1)[0]
         if self.channel is not None:
             # PROTOCOL.md 3.1: a second /channel resets the server; the client reconnects.
             log.warning("client %s opened a second control channel: closing both (the one from %s too)",
@@ -421,7 +434,7 @@ class UpgradePort(Port):
             ws.close()
             return
         self.link_checker = links
-        self._install(WebSocketCarrier(ws), peer, peer.rsplit(":", 1)[0], rtt_probe=False)
+        self._install(WebSocketCarrier(ws), peer, self.proven_ip, rtt_probe=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -641,10 +654,14 @@ class UpgradeDial:
         tune(sock, nodelay=True, keepalive=cfg.keepalive_period, mss=cfg.mss, rcvbuf=cfg.so_rcvbuf,
              sndbuf=cfg.so_sndbuf)
         self.reactor.forget(sock)
-        if uses_tls(cfg.transport):
-            sock = client_context(cfg).wrap_socket(sock, server_hostname=cfg.remote_host,
-                                                   do_handshake_on_connect=False)
         self.sock = sock
+        if uses_tls(cfg.transport):
+            try:
+                self.sock = client_context(cfg).wrap_socket(sock, server_hostname=cfg.remote_host,
+                                                            do_handshake_on_connect=False)
+            except (ssl.SSLError, OSError) as exc:  # the connection broke already
+                self._fail(f"TLS handshake failed: {tls_reason(exc)}")
+                return
         self._step(0)
 
     def _step(self, _mask: int) -> None:
