@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 HOST = "127.0.0.1"
 CHUNK = 64 * 1024
-HISTORY = 10_000
+HISTORY = 10_000             # closed connections remembered in ``pairs`` (for tests that look back)
 _RESET = struct.pack("ii", 1, 0)
 
 
@@ -97,9 +97,10 @@ class FaultProxy:
     """Forwards connections from ``port`` to ``upstream_host:upstream_port``; see the module text."""
 
     def __init__(self, upstream_port: int, upstream_host: str = HOST, listen_host: str = HOST,
-                 max_buffer: int = 1 << 20, seed: int = 0, record: int = 0) -> None:
+                 max_buffer: int = 1 << 20, seed: int = 0, record: int = 0, history: int = HISTORY) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.record = record
+        self.history = history
         self.max_buffer = max_buffer
         self.rng = random.Random(seed)
         self.listener = socket.create_server((listen_host, 0), backlog=4096)
@@ -282,7 +283,7 @@ class FaultProxy:
             down.setblocking(False)
             down.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             pair = Pair(down)
-            if len(self.pairs) >= HISTORY:
+            if len(self.pairs) >= self.history:
                 self.pairs = [p for p in self.pairs if not p.closed]
             self.pairs.append(pair)
             self._active[pair] = None
