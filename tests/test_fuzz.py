@@ -346,10 +346,10 @@ def run_smux_fuzz(launcher: Launcher, count: int, seed: int = 5) -> dict[str, ob
                 good.send(PSH, 3, payload[::-1])
                 if recv_exact(user, len(payload)) != payload[::-1]:
                     failures.append(f"the good stream lost bytes after input {i}")
+        if server.lines("waiting for the client to reconnect"):  # checked before we close it
+            failures.append("the control channel went down")
     if not server.alive() or "Traceback" in server.log():
         failures.append("the server died or logged a traceback")
-    if server.lines("waiting for the client to reconnect"):
-        failures.append("the control channel went down")
     return {"inputs": count, "seconds": time.monotonic() - start, "failures": failures}
 
 
