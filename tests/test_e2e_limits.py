@@ -141,10 +141,12 @@ def hold_users(port: int, count: int) -> list[socket.socket]:
     return users
 
 
-def test_server_out_of_fds_pauses_accepting_and_recovers(launcher: Launcher, echo_service: Service) -> None:
+@pytest.mark.parametrize("transport", harness.TRANSPORTS)
+def test_server_out_of_fds_pauses_accepting_and_recovers(launcher: Launcher, echo_service: Service,
+                                                          transport: str) -> None:
     """With 64 descriptors the server runs out while 120 users hold connections: it must not spin
     (it used to burn a core and log ~38,000 lines a second), and serves again once they go."""
-    tunnel = Tunnel(launcher, [str(echo_service.port)])
+    tunnel = Tunnel(launcher, [str(echo_service.port)], transport=transport)
     tunnel.server = launcher.start("server", tunnel.server_text, wrap=("prlimit", "--nofile=64:64"))
     tunnel.server.wait_for_log(f"tunnel listening on {HOST}:{tunnel.bind_port}")
     tunnel.start_client()
@@ -175,10 +177,12 @@ def _echo_fails(port: int) -> bool:
     return False
 
 
-def test_client_out_of_fds_closes_what_it_holds_and_recovers(launcher: Launcher, echo_service: Service) -> None:
+@pytest.mark.parametrize("transport", harness.TRANSPORTS)
+def test_client_out_of_fds_closes_what_it_holds_and_recovers(launcher: Launcher, echo_service: Service,
+                                                              transport: str) -> None:
     """The client runs out while dialing targets: every path closes what it holds, one line a
     second at most, no traceback, and it serves again when descriptors free up."""
-    tunnel = Tunnel(launcher, [str(echo_service.port)], client_extra={"connection_pool": 4})
+    tunnel = Tunnel(launcher, [str(echo_service.port)], transport=transport, client_extra={"connection_pool": 4})
     tunnel.start_server()
     tunnel.client = launcher.start("client", tunnel.client_text, wrap=("prlimit", "--nofile=48:48"))
     tunnel.wait_connected()
