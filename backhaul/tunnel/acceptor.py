@@ -146,7 +146,6 @@ class HandshakeAcceptor:
         except OSError as exc:
             kind, verdict = "failed", f"connection failed during the handshake: {exc.strerror or exc}"
         if kind == "ok":
-            assert entry.challenge is not None or not self.challenge
             reply = entry.challenge.welcome() if entry.challenge else hello(self.token)
             links = entry.challenge.links() if entry.challenge else None
             self._end(entry, close=False)
