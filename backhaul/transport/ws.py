@@ -334,7 +334,8 @@ class UpgradePort(Port):
             return
         if route == "data" and self.challenge:
             try:
-                assert self.link_checker is not None
+                if self.link_checker is None:
+                    raise AuthError("no session to prove a link of", "early")
                 self.link_checker.check_authorization(request.authorization)
             except AuthError as exc:
                 self._reject(entry, exc.kind, f"data connection: {exc}", 401)
@@ -554,6 +555,8 @@ def _read_message(sock: socket.socket, conn: Connection, reader: _ExactReader) -
                 if not isinstance(event.data, bytes):
                     raise ProtocolError("a text message during the challenge")
                 parts.append(event.data)
+                if sum(map(len, parts)) > CHALLENGE_FRAME_LIMIT:
+                    raise ProtocolError("a challenge message longer than any the challenge has")
                 if event.message_finished:
                     return b"".join(parts)
 
