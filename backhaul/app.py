@@ -11,6 +11,7 @@ import resource
 import threading
 import time
 
+from backhaul import memory
 from backhaul.client import Client
 from backhaul.config import Config
 from backhaul.reactor import Reactor
@@ -77,6 +78,7 @@ class App:
                 raise
         log.info("moving bytes with %s", "splice" if RELAY_MODE == "splice" else
                  "recv_into and send (BACKHAUL_RELAY=copy or no splice on this system)")
+        memory.start(self.reactor)
         self.reactor.start()
         if self.server is not None:
             self.reactor.call_soon(self.server.start)

@@ -1,9 +1,10 @@
 """The fault suite: a server process and a client process whose tunnel connections cross a fault
 proxy (tests/faultproxy.py), on every transport at once, each in its own thread.
 
-On each transport, in order: jittered chunk timing under concurrent transfers, a black hole
-shorter than the silence limit under a transfer, cuts with FIN and with RST, a black hole long
-enough to be noticed, kill -9 of the client and of the server, each during a transfer. After every
+On each transport, in order: jittered chunk timing under concurrent transfers and across a
+reconnection, a throttled path, a black hole shorter than the silence limit under a transfer,
+cuts with FIN and with RST, a black hole long enough to be noticed, kill -9 of the client and of
+the server, each during a transfer. After every
 fault the tunnel must carry a new user within ``retry_interval`` + 1 s of the fault's end; a
 black-holed control channel must be noticed within the documented bound; every transfer that did
 not start during a fault is sha256-exact, and one that a fault cut short received only right bytes.
@@ -205,6 +206,19 @@ def jitter_reconnect(f: Faulted, run: Run) -> None:
     run.check(outcomes.count("complete") == 8, f"jitter-reconnect: transfers {outcomes}")
 
 
+def throttled(f: Faulted, run: Run) -> None:
+    """Every tunnel connection held to 256 KiB/s each way: a transfer through it takes seconds
+    and stays exact, and the session lives through it."""
+    assert f.proxy is not None and f.tunnel.client is not None
+    lost_before = len(f.tunnel.client.lines("lost the server"))
+    f.proxy.throttle(256 * 1024)
+    transfer = Transfer(f.port, 512 * 1024, seed=1200)
+    outcome = transfer.result()
+    f.proxy.throttle(0)
+    run.check(outcome == "complete", f"throttled: transfer {outcome} at {transfer.got}")
+    run.check(len(f.tunnel.client.lines("lost the server")) == lost_before, "throttled: the session ended")
+
+
 def short_blackhole(f: Faulted, run: Run) -> None:
     """1.5 s of black hole, shorter than the silence limit: a running transfer resumes and
     completes exact, and the session survives."""
@@ -290,7 +304,7 @@ def kill_server(f: Faulted, run: Run) -> None:
     run.check(after.result() == "complete", f"kill -9 server: transfer after {after.outcome}")
 
 
-SCRIPT = [jitter_phase, jitter_reconnect, short_blackhole, lambda f, r: cut(f, r, rst=False), lambda f, r: cut(f, r, rst=True),
+SCRIPT = [jitter_phase, jitter_reconnect, throttled, short_blackhole, lambda f, r: cut(f, r, rst=False), lambda f, r: cut(f, r, rst=True),
           long_blackhole, kill_client, kill_server]
 
 
