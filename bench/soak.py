@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             rss = {role: f"{warm[role][1]:.1f}->{end[role][1]:.1f} ({growth[role]:+.1%})" for role in end}  # type: ignore[index]
             print(f"{transport:9} {args.minutes:4g} {counts.ok:8} {counts.cut:5} {counts.stray:5} {counts.corrupt:7} "
                   f"{counts.bytes / 1e9:6.1f} {rss['server']:>26} {rss['client']:>26} "
-                  f"{end['server'][2]:>5}/{end['client'][2]:<5}{'  FAILED' if bad else ''}", flush=True)  # type: ignore[index]
+                  f"{end['server'][2]:>5.0f}/{end['client'][2]:<5.0f}{'  FAILED' if bad else ''}", flush=True)  # type: ignore[index]
             if args.timeline:
                 for at, sample in result["samples"]:  # type: ignore[attr-defined]
                     if int(at) % 60 < SAMPLE_EVERY:
