@@ -13,11 +13,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, Message, Ping
 
 from backhaul.protocol import auth
 from backhaul.protocol import http_upgrade as http
 from backhaul.protocol.framing import FrameReader, encode_ltv
-from backhaul.transport import ws as ws_transport
+from backhaul.transport.ws_challenge import challenge
 from tests import harness
 from tests.faultproxy import FaultProxy
 from tests.harness import (
@@ -316,10 +318,10 @@ def test_ws_channel_and_link_refusals_leave_the_session_alone(launcher: Launcher
         with raw_connection(port, tls, timeout=5) as raw:
             response = upgrade(raw, port, "/channel", None)
             assert response.status == 101
-            fake = ws_transport.Connection(ws_transport.ConnectionType.CLIENT, trailing_data=response.rest)
-            raw.sendall(fake.send(ws_transport.BytesMessage(data=encode_ltv(auth.HELLO, bytes(32)))))
+            fake = Connection(ConnectionType.CLIENT, trailing_data=response.rest)
+            raw.sendall(fake.send(BytesMessage(data=encode_ltv(auth.HELLO, bytes(32)))))
             raw.recv(1024)  # the challenge
-            raw.sendall(fake.send(ws_transport.BytesMessage(data=encode_ltv(auth.PROOF, bytes(32)))))
+            raw.sendall(fake.send(BytesMessage(data=encode_ltv(auth.PROOF, bytes(32)))))
             assert closed_by_peer(raw, timeout=5)
         refusal("wrong token", "token")
         # data connections: no proof, the token, a proof copied off the wire (ws: in clear)
@@ -350,30 +352,26 @@ def test_ws_channel_and_link_refusals_leave_the_session_alone(launcher: Launcher
 def play_server(sock: socket.socket, welcome: bytes | None, after: bytes = b"") -> None:
     """Answer the client's HELLO with a CHALLENGE (a ping first), its PROOF with ``welcome`` (the
     right one when None) and ``after`` in the same write."""
-    conn = ws_transport.Connection(ws_transport.ConnectionType.SERVER)
+    conn = Connection(ConnectionType.SERVER)
     server = auth.ServerHandshake(TOKEN, bytes(range(32)))
     messages: list[bytes] = []
 
     def message() -> bytes:
         while not messages:
             conn.receive_data(sock.recv(4096))
-            messages.extend(e.data for e in conn.events() if isinstance(e, ws_transport.Message))
+            messages.extend(e.data for e in conn.events() if isinstance(e, Message))
         return messages.pop(0)
 
     hello = FrameReader(typed=True)
     hello.feed(message())
-    sock.sendall(conn.send(ws_transport.Ping(payload=b"p"))
-                 + conn.send(ws_transport.BytesMessage(data=server.challenge(hello.kind, hello.payload))))
+    sock.sendall(conn.send(Ping(payload=b"p"))
+                 + conn.send(BytesMessage(data=server.challenge(hello.kind, hello.payload))))
     proof = FrameReader(typed=True)
     proof.feed(message())
     if welcome is None:
         server.check(proof.kind, proof.payload)
         welcome = server.welcome()
-    sock.sendall(conn.send(ws_transport.BytesMessage(data=welcome)) + after)
-
-
-class _Config:
-    token = TOKEN
+    sock.sendall(conn.send(BytesMessage(data=welcome)) + after)
 
 
 def test_ws_client_challenge_reads_nothing_past_the_welcome() -> None:
@@ -382,7 +380,7 @@ def test_ws_client_challenge_reads_nothing_past_the_welcome() -> None:
         after = b"\x82\x01\x00"  # a heartbeat message right behind the welcome
         player = threading.Thread(target=play_server, args=(theirs, None, after))
         player.start()
-        signer, rest = ws_transport.challenge(ours, _Config, b"")  # type: ignore[arg-type]
+        signer, rest = challenge(ours, TOKEN, b"")
         player.join(5)
         assert rest == b"" and ours.recv(16) == after
         assert signer.frame()[:3] == bytes.fromhex("002845")
@@ -395,5 +393,5 @@ def test_ws_client_challenge_refuses_a_server_without_the_token() -> None:
         player = threading.Thread(target=play_server, args=(theirs, forged))
         player.start()
         with pytest.raises(auth.AuthError, match="the server could not prove the token"):
-            ws_transport.challenge(ours, _Config, b"")  # type: ignore[arg-type]
+            challenge(ours, TOKEN, b"")
         player.join(5)
