@@ -48,6 +48,7 @@ RSS_BOUND = 0.10
 SAMPLE_EVERY = 5.0
 WARM_UP = 180.0        # seconds at least: the mux transports' sessions take minutes to reach their number
 WINDOW = 60.0          # the RSS after the warm-up and at the end: medians over this long
+RECOVERY = 10.0        # an exchange that began this soon after a reset may still meet its effects
 IDLE = 100
 CHURN_THREADS = 6
 BULK_THREADS = 2
@@ -60,19 +61,23 @@ class Counts:
 
     ok: int = 0
     cut: int = 0            # ended early near a tunnel reset: every byte so far right
-    stray: int = 0          # ended early far from any reset
+    stray: int = 0          # ended early far from any reset (the kinds in ``strays``)
     corrupt: int = 0
     bytes: int = 0
     resets: list[float] = field(default_factory=list)
+    strays: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def near_reset(self, start: float, end: float) -> bool:
-        return any(start - 1 <= t <= end + 5 for t in self.resets)
+        """A reset happened while the exchange ran, or shortly before it began (the tunnel comes
+        back within a few seconds, and a user who finds no link within 3 s is closed)."""
+        return any(start - RECOVERY <= t <= end + 1 for t in self.resets)
 
-    def add(self, outcome: str, moved: int, start: float) -> None:
+    def add(self, outcome: str, moved: int, start: float, kind: str) -> None:
         with self.lock:
             if outcome == "cut" and not self.near_reset(start, time.monotonic()):
                 outcome = "stray"
+                self.strays.append(f"{kind} after {moved} bytes, {time.monotonic() - start:.1f} s")
             setattr(self, outcome, getattr(self, outcome) + 1)
             self.bytes += moved
 
@@ -124,14 +129,14 @@ class Load:
         while not self.halt.is_set():
             start = time.monotonic()
             outcome, moved = exchange(self.port, rng.randbytes(rng.randint(1024, 32 * 1024)))
-            self.counts.add(outcome, moved, start)
+            self.counts.add(outcome, moved, start, "churn")
 
     def _bulk(self, index: int) -> None:
         rng = random.Random(self.seed * 1000 + index)
         while not self.halt.is_set():
             start = time.monotonic()
             outcome, moved = exchange(self.port, rng.randbytes(BULK_SIZE), timeout=120)
-            self.counts.add(outcome, moved, start)
+            self.counts.add(outcome, moved, start, "bulk")
 
     def _idle(self) -> None:
         """IDLE held connections; every second a tenth of them ping, one in fifty is replaced."""
@@ -153,7 +158,7 @@ class Load:
                         outcome = "ok" if echoed == byte else ("cut" if not echoed else "corrupt")
                     except OSError:
                         outcome = "cut"
-                    self.counts.add(outcome, 1, opened)
+                    self.counts.add(outcome, 1, opened, "idle")
                     if outcome != "ok" or rng.random() < 0.02:
                         sock.close()
                         held[i] = (socket.create_connection((HOST, self.port), timeout=10), time.monotonic())
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                     if int(at) % 60 < SAMPLE_EVERY:
                         print(f"    {at / 60:5.1f} min: server {sample['server'][1]:.1f} MiB, client "
                               f"{sample['client'][1]:.1f} MiB, threads {sample['server'][0]}/{sample['client'][0]}")
-            for note in result["notes"]:  # type: ignore[attr-defined]
+            for note in result["notes"] + counts.strays:  # type: ignore[operator]
                 print(f"    {note}")
             if bad:
                 for role, lines in result["logs"].items():  # type: ignore[attr-defined]
