@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import logging
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any
 
 try:
     import tomllib
@@ -24,6 +26,8 @@ LOG_LEVELS = ("panic", "fatal", "error", "warn", "warning", "info", "debug", "tr
 AUTH_MODES = ("token", "challenge")  # ours: "challenge" is docs/auth.md, both ends this program
 
 DEFAULT_HEARTBEAT = 40
+DEFAULT_WEB_ADDR = "127.0.0.1"   # ours: the status page is local unless asked otherwise
+DEFAULT_DRAIN = 10               # ours: seconds open user connections get to finish on SIGTERM
 MAX_TOKEN_BYTES = 0xFFFF  # the handshake's u16 length
 MAX_RANGE_PORTS = 1000
 _INT_MAX = 2**31 - 1
@@ -57,81 +61,101 @@ class PortMapping:
         return (self.listen_host or "0.0.0.0", self.listen_port)
 
 
+def setting(default: Any, doc: str, *, secret: bool = False) -> Any:
+    """A key of the file: its default (REQUIRED: none) and the line the man page says about it.
+
+    The description sits beside the key so that adding a key documents it in the same place.
+    """
+    return field(default=default, repr=not secret, metadata={"doc": doc})
+
+
+REQUIRED: Any = MISSING
+_TRANSPORT_DOC = f"tunnel transport, the same on both sides: {', '.join(TRANSPORTS)}"
+_TOKEN_DOC = f'shared secret, the same on both sides; unset: "{DEFAULT_TOKEN}" (a warning is logged)'
+_LOG_LEVEL_DOC = f"least severe level logged: {', '.join(LOG_LEVELS)}"
+_AUTH_DOC = '"token" (v0.7.2) or "challenge": HMAC proofs, the token never sent; the same on both sides (ours)'
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The ``[server]`` table."""
 
-    bind_addr: str
-    bind_host: str
-    bind_port: int
-    transport: str = "tcp"
-    token: str = field(default=DEFAULT_TOKEN, repr=False)
+    bind_addr: str = setting(REQUIRED, 'tunnel listen address, host:port (e.g. "0.0.0.0:3080"); clients dial it')
+    bind_host: str = ""
+    bind_port: int = 0
+    transport: str = setting("tcp", _TRANSPORT_DOC)
+    token: str = setting(DEFAULT_TOKEN, _TOKEN_DOC, secret=True)
     token_is_default: bool = True
-    nodelay: bool = False
-    keepalive_period: int = 75
-    channel_size: int = 2048
-    connection_pool: int = 8
-    mux_session: int = 1
-    log_level: str = "info"
-    ports: tuple[PortMapping, ...] = ()
-    heartbeat: int = DEFAULT_HEARTBEAT
-    mux_con: int = 8
-    mux_version: int = 1
-    mux_framesize: int = 32768
-    mux_recievebuffer: int = 4194304
-    mux_streambuffer: int = 65536
-    accept_udp: bool = False
-    proxy_protocol: bool = False
-    tls_cert: str = ""
-    tls_key: str = ""
-    sniffer: bool = False
-    web_port: int = 0
-    sniffer_log: str = "backhaul.json"
-    skip_optz: bool = False
-    pprof: bool = False
-    mss: int = 0
-    so_rcvbuf: int = 0
-    so_sndbuf: int = 0
-    auth: str = "token"
+    nodelay: bool = setting(False, "TCP_NODELAY on tunnel and user connections")
+    keepalive_period: int = setting(75, "seconds between TCP keepalive probes on tunnel connections")
+    channel_size: int = setting(2048, "bound of the queues of waiting user connections and of idle data connections")
+    connection_pool: int = setting(8, "idle data connections kept ready for the next users")
+    mux_session: int = setting(1, "accepted for compatibility; the client decides how many sessions it opens")
+    log_level: str = setting("info", _LOG_LEVEL_DOC)
+    ports: tuple[PortMapping, ...] = setting((), "public listeners and the target each sends to the client (see PORTS)")
+    heartbeat: int = setting(DEFAULT_HEARTBEAT, "seconds between heartbeats on the control channel (0: the default)")
+    mux_con: int = setting(8, "tcpmux, wsmux: streams per smux session before the client is asked for another")
+    mux_version: int = setting(1, "smux protocol version, 1 or 2, the same on both sides (2: per-stream windows)")
+    mux_framesize: int = setting(32768, "largest smux frame sent and accepted, in bytes")
+    mux_recievebuffer: int = setting(4194304, "unread bytes per smux session before its socket is no longer read")
+    mux_streambuffer: int = setting(65536, "smux version 2: the window granted to each stream, in bytes")
+    accept_udp: bool = setting(False, "tcp transport: the public ports also carry UDP, one flow per user address")
+    udp_max_flows: int = setting(4096, "UDP flows kept at once, all ports together; past it one makes room (ours)")
+    proxy_protocol: bool = setting(False, "send a PROXY v2 header to the target before the user's bytes")
+    tls_cert: str = setting("", "wss, wssmux: the server certificate, a PEM file (required by those transports)")
+    tls_key: str = setting("", "wss, wssmux: the certificate's private key, a PEM file (required by those transports)")
+    sniffer: bool = setting(False, "write the per-port usage to sniffer_log every few seconds")
+    web_port: int = setting(0, "port of the status page, /metrics and /healthz (0: off)")
+    sniffer_log: str = setting("backhaul.json", "file the per-port usage is written to (JSON) when sniffer is on")
+    web_addr: str = setting(DEFAULT_WEB_ADDR, "address the status page listens on (ours)")
+    drain_timeout: int = setting(DEFAULT_DRAIN, "seconds open connections may take to finish after SIGTERM (ours)")
+    skip_optz: bool = setting(False, "accepted for compatibility; the host's settings are never changed")
+    pprof: bool = setting(False, "accepted for compatibility; logs that it has no effect")
+    mss: int = setting(0, "TCP maximum segment size on tunnel and user sockets (0: the OS default)")
+    so_rcvbuf: int = setting(0, "SO_RCVBUF on tunnel and user sockets, in bytes (0: the OS default)")
+    so_sndbuf: int = setting(0, "SO_SNDBUF on tunnel sockets, in bytes (0: the OS default)")
+    auth: str = setting("token", _AUTH_DOC)
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     """The ``[client]`` table."""
 
-    remote_addr: str
-    remote_host: str
-    remote_port: int
-    transport: str = "tcp"
-    token: str = field(default=DEFAULT_TOKEN, repr=False)
+    remote_addr: str = setting(REQUIRED, "the server's bind_addr as reachable from here, host:port")
+    remote_host: str = ""
+    remote_port: int = 0
+    transport: str = setting("tcp", _TRANSPORT_DOC)
+    token: str = setting(DEFAULT_TOKEN, _TOKEN_DOC, secret=True)
     token_is_default: bool = True
-    connection_pool: int = 8
-    aggressive_pool: bool = False
-    retry_interval: int = 1
-    dial_timeout: int = 10
-    nodelay: bool = False
-    keepalive_period: int = 75
-    log_level: str = "info"
-    pprof: bool = False
-    mux_version: int = 1
-    mux_framesize: int = 32768
-    mux_recievebuffer: int = 4194304
-    mux_streambuffer: int = 65536
-    mux_session: int = 1
-    edge_ip: str = ""
-    tls_verify: bool = False
-    tls_ca: str = ""
-    tls_pin: str = ""
-    sniffer: bool = False
-    web_port: int = 0
-    sniffer_log: str = "backhaul.json"
-    skip_optz: bool = False
-    mss: int = 0
-    so_rcvbuf: int = 0
-    so_sndbuf: int = 0
-    heartbeat: int = DEFAULT_HEARTBEAT
-    forwarder: tuple[tuple[str, str], ...] = ()
-    auth: str = "token"
+    connection_pool: int = setting(8, "data connections (mux: sessions) opened right after the handshake")
+    aggressive_pool: bool = setting(False, "grow the pool of data connections faster under load")
+    retry_interval: int = setting(1, "seconds between attempts to reach the server, forever")
+    dial_timeout: int = setting(10, "seconds allowed for a connection to the server or to a target")
+    nodelay: bool = setting(False, "TCP_NODELAY on data connections (the control channel and targets always have it)")
+    keepalive_period: int = setting(75, "seconds between TCP keepalive probes on tunnel and target connections")
+    log_level: str = setting("info", _LOG_LEVEL_DOC)
+    pprof: bool = setting(False, "accepted for compatibility; logs that it has no effect")
+    mux_version: int = setting(1, "smux protocol version, 1 or 2, the same on both sides (2: per-stream windows)")
+    mux_framesize: int = setting(32768, "largest smux frame sent and accepted, in bytes")
+    mux_recievebuffer: int = setting(4194304, "unread bytes per smux session before its socket is no longer read")
+    mux_streambuffer: int = setting(65536, "smux version 2: the window granted to each stream, in bytes")
+    mux_session: int = setting(1, "tcpmux, wsmux: smux sessions kept open at least")
+    edge_ip: str = setting("", "ws transports: connect to this IP address (a CDN edge); Host and SNI stay remote_addr")
+    tls_verify: bool = setting(False, "wss, wssmux: check the server's certificate against tls_ca or the system's CAs")
+    tls_ca: str = setting("", "wss, wssmux: a PEM file of the certificate authorities to trust")
+    tls_pin: str = setting("", "wss, wssmux: sha256 fingerprint of the server's certificate (64 hex digits)")
+    sniffer: bool = setting(False, "write the per-port usage to sniffer_log every few seconds")
+    web_port: int = setting(0, "port of the status page, /metrics and /healthz (0: off)")
+    sniffer_log: str = setting("backhaul.json", "file the per-port usage is written to (JSON) when sniffer is on")
+    web_addr: str = setting(DEFAULT_WEB_ADDR, "address the status page listens on (ours)")
+    drain_timeout: int = setting(DEFAULT_DRAIN, "seconds open connections may take to finish after SIGTERM (ours)")
+    skip_optz: bool = setting(False, "accepted for compatibility; the host's settings are never changed")
+    mss: int = setting(0, "TCP maximum segment size on tunnel sockets (0: the OS default)")
+    so_rcvbuf: int = setting(0, "SO_RCVBUF on tunnel sockets, in bytes (0: the OS default)")
+    so_sndbuf: int = setting(0, "SO_SNDBUF on tunnel sockets, in bytes (0: the OS default)")
+    auth: str = setting("token", _AUTH_DOC)
+    heartbeat: int = setting(DEFAULT_HEARTBEAT, "accepted; the silence limit follows the server's heartbeats")
+    forwarder: tuple[tuple[str, str], ...] = setting((), '"TARGET=HOST:PORT": dial HOST:PORT for the target TARGET')
 
     def forward_target(self, target: str) -> str:
         """The address to dial for ``target``: a forwarder's right side, or ``target`` itself."""
@@ -150,10 +174,47 @@ class Config:
     client: ClientConfig | None
 
 
-# Keys computed from others, never read from the file.
+# Fields computed from others, never read from the file.
 _DERIVED = {"bind_host", "bind_port", "remote_host", "remote_port", "token_is_default"}
-_SERVER_KEYS = tuple(f.name for f in fields(ServerConfig) if f.name not in _DERIVED)
-_CLIENT_KEYS = tuple(f.name for f in fields(ClientConfig) if f.name not in _DERIVED)
+
+
+def file_keys(side: type[ServerConfig] | type[ClientConfig]) -> tuple[Field[Any], ...]:
+    """The fields of ``side`` that are keys of the file, in the order the man page lists them."""
+    return tuple(f for f in fields(side) if f.name not in _DERIVED)
+
+
+def file_value(side: ServerConfig | ClientConfig, name: str) -> object:
+    """The value of key ``name`` in effect, as it would be written in the file."""
+    value = getattr(side, name)
+    if name == "ports":
+        return list(dict.fromkeys(mapping.entry for mapping in value))  # a range is one entry
+    if name == "forwarder":
+        return [f"{left}={right}" for left, right in value]
+    return value
+
+
+def toml_value(value: object) -> str:
+    """``value`` (a string, integer, boolean or a sequence of strings) written as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    return str(value)
+
+
+_SERVER_KEYS = tuple(f.name for f in file_keys(ServerConfig))
+_CLIENT_KEYS = tuple(f.name for f in file_keys(ClientConfig))
+
+
+def changed_keys(old: ServerConfig | ClientConfig, new: ServerConfig | ClientConfig) -> list[str]:
+    """The keys of the file whose values differ between two configs of one side (a reload)."""
+    keys = _SERVER_KEYS if isinstance(old, ServerConfig) else _CLIENT_KEYS
+    changed = [name for name in keys if getattr(old, name) != getattr(new, name)]
+    if "token" not in changed and old.token_is_default != new.token_is_default:
+        changed.append("token")
+    return changed
 
 
 def python_log_level(name: str) -> int:
@@ -203,6 +264,14 @@ def parse(text: str, source: str = "<config>") -> Config:
         if "client" in document
         else None
     )
+    if server is not None and client is not None and server.web_port and server.web_port == client.web_port \
+            and server.web_addr == client.web_addr:
+        raise ConfigError(source, "client.web_port", f"{client.web_addr}:{client.web_port} is already the "
+                          "server's status page; give each side its own port", client.web_port)
+    if server is not None and client is not None and server.sniffer and client.sniffer \
+            and server.sniffer_log == client.sniffer_log:
+        raise ConfigError(source, "client.sniffer_log", "the server writes its usage to this file already; "
+                          "give each side its own file", client.sniffer_log)
     return Config(source=source, server=server, client=client)
 
 
@@ -330,7 +399,9 @@ def _common(reader: _Reader) -> dict[str, object]:
         "heartbeat": heartbeat,
         "sniffer": reader.boolean("sniffer"),
         "web_port": reader.integer("web_port", 0, 0, 65535),
-        "sniffer_log": reader.string("sniffer_log", "backhaul.json"),
+        "sniffer_log": _sniffer_log(reader),
+        "web_addr": _web_addr(reader),
+        "drain_timeout": reader.integer("drain_timeout", DEFAULT_DRAIN, 0, 3600),
         "skip_optz": reader.boolean("skip_optz"),
         "pprof": reader.boolean("pprof"),
         "mss": _mss(reader),
@@ -349,6 +420,23 @@ def _auth(reader: _Reader) -> str:
         raise reader.error("auth", 'expected "token" (the handshake of Backhaul v0.7.2, the default) or '
                            '"challenge" (ours, docs/auth.md: this program on both ends)', value)
     return value
+
+def _web_addr(reader: _Reader) -> str:
+    """The address the status page binds: an IP address, never a name (no lookup at start)."""
+    text = reader.string("web_addr", DEFAULT_WEB_ADDR)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise reader.error("web_addr", 'expected an IP address to serve the status page on, e.g. "127.0.0.1" '
+                           'or "::1"', text) from None
+    return text
+
+
+def _sniffer_log(reader: _Reader) -> str:
+    text = reader.string("sniffer_log", "backhaul.json")
+    if not text or text.endswith("/"):
+        raise reader.error("sniffer_log", "expected the path of a file to write the usage to", text)
+    return text
 
 
 def _mss(reader: _Reader) -> int:
@@ -386,6 +474,7 @@ def _server(table: dict[str, object], source: str) -> ServerConfig:
         channel_size=reader.integer("channel_size", 2048, 1, 1_000_000),
         mux_con=reader.integer("mux_con", 8, 1, 65535),
         accept_udp=reader.boolean("accept_udp"),
+        udp_max_flows=reader.integer("udp_max_flows", 4096, 1, 1_000_000),
         proxy_protocol=reader.boolean("proxy_protocol"),
         tls_cert=_readable_file(reader, "tls_cert", required=_uses_tls(reader)),
         tls_key=_readable_file(reader, "tls_key", required=_uses_tls(reader)),
@@ -593,7 +682,8 @@ def _ports_without_target(text: str) -> list[tuple[str, int, str]]:
     return [("", port, str(port)) for port in range(start, end + 1)]
 
 
-def _address_text(host: str, port: int) -> str:
+def address_text(host: str, port: int) -> str:
+    """``host:port`` as an operator writes it: all interfaces for no host, IPv6 in brackets."""
     shown = host or "0.0.0.0"
     return f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"
 
@@ -618,7 +708,7 @@ def parse_ports(
             slot = ((host or "0.0.0.0").lower(), port)
             if slot in owners:
                 first, text = owners[slot]
-                problem = f"listen address {_address_text(host, port)} is already used by {key}[{first}] ({text!r})"
+                problem = f"listen address {address_text(host, port)} is already used by {key}[{first}] ({text!r})"
                 raise ConfigError(source, where, problem, entry)
             owners[slot] = (index, entry)
             mappings.append(

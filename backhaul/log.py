@@ -1,6 +1,8 @@
 """Logging set-up: logrus level names from the config, one line per event.
 
-Under systemd (JOURNAL_STREAM set) the journal adds its own timestamp, so we leave ours out.
+When stderr is the journal (``JOURNAL_STREAM`` names it), each line starts with its syslog
+priority (``<3>`` ... ``<7>``) so journald files it at the right level, and carries no timestamp
+(the journal adds its own); anywhere else lines start with the time.
 """
 
 from __future__ import annotations
@@ -12,17 +14,51 @@ import time
 
 from backhaul.config import python_log_level
 
+# syslog priorities (sd-daemon(3)): what journald reads from a "<N>" prefix
+_PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+class JournalFormatter(logging.Formatter):
+    """``<N>`` priority prefix, no timestamp: the journal stores both."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in _PRIORITY if record.levelno >= level), 7)
+        # A traceback's lines are one journal entry each: each carries the priority too.
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def to_journal(environ: dict[str, str] | None = None, stream: object = None) -> bool:
+    """True when ``stream`` (stderr) is the journal stream systemd told us about: JOURNAL_STREAM
+    holds its device and inode, so a redirected stderr of a child is not mistaken for it."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    try:
+        fd = (sys.stderr if stream is None else stream).fileno()  # type: ignore[attr-defined]
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):
+        return False
+
 
 def setup(level: str = "info") -> None:
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt, "%Y-%m-%d %H:%M:%S"))
+    if to_journal():
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                               "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger("backhaul")
     root.handlers[:] = [handler]
     root.setLevel(python_log_level(level))
     root.propagate = False
+
+
+def set_level(level: str) -> None:
+    """Change the level of a running program (a reload)."""
+    logging.getLogger("backhaul").setLevel(python_log_level(level))
 
 
 class Throttle:

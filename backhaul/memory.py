@@ -42,4 +42,6 @@ def start(reactor: Reactor) -> None:
         reactor.submit(libc.malloc_trim, 0)  # a foreign call: the GIL is free meanwhile
         reactor.call_later(TRIM_EVERY, trim)
 
-    reactor.call_later(TRIM_EVERY, trim)
+    # The first one at once: the worker it takes exists from the start, not as a thread that
+    # appears 10 s into the run.
+    reactor.call_soon(trim)

@@ -104,6 +104,13 @@ class Gauge:
         return sorted(totals.items())
 
 
+class SourcedCounter(Gauge):
+    """A counter whose owners keep the number (bytes the running relays moved) and are read on
+    every scrape, as a gauge's are; only owners whose numbers never go down may feed one."""
+
+    kind = "counter"
+
+
 class Registry:
     """Every metric of one process, in the order they were made."""
 
@@ -117,6 +124,9 @@ class Registry:
     def gauge(self, name: str, help_text: str, labels: tuple[str, ...] = ()) -> Gauge:
         return self._get(Gauge, name, help_text, labels)  # type: ignore[return-value]
 
+    def sourced_counter(self, name: str, help_text: str, labels: tuple[str, ...] = ()) -> SourcedCounter:
+        return self._get(SourcedCounter, name, help_text, labels)  # type: ignore[return-value]
+
     def _get(self, kind: type, name: str, help_text: str, labels: tuple[str, ...]) -> Counter | Gauge:
         """One metric per name: modules that share one (several transports count the same
         thing) get the same object."""
@@ -124,7 +134,7 @@ class Registry:
             metric = self._metrics.get(name)
             if metric is None:
                 metric = self._metrics[name] = kind(name, help_text, labels)
-            elif not isinstance(metric, kind) or metric.labels != labels:
+            elif type(metric) is not kind or metric.labels != labels:
                 raise ValueError(f"metric {name} exists as a {metric.kind} with labels {metric.labels}")
             return metric
 

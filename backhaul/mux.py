@@ -24,7 +24,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from backhaul.buffers import scratch as thread_scratch
 from backhaul.errors import ProtocolError
+from backhaul.metrics import METRICS
 from backhaul.net import reason
 from backhaul.protocol.chunks import advance
 from backhaul.protocol.smux import Session, StreamData, StreamEnded, StreamOpened, StreamWritable
@@ -40,6 +42,20 @@ IN_FLIGHT = 1024 * 1024   # bytes read that the reactor has not taken yet
 POLL_MS = 1000            # how often an idle demux thread looks whether its session closed
 IOV_MAX = 1024            # buffers one sendmsg may take (Linux)
 TLS_WRITE = 256 * 1024    # bytes joined into one TLS write
+
+# Every open session of the process, for the metrics (side: the server opens the streams).
+_OPEN: set[MuxConnection] = set()
+
+
+def _by_side(count: Callable[[MuxConnection], int]) -> list[tuple[tuple[str, ...], float]]:
+    totals = {"server": 0, "client": 0}
+    for conn in list(_OPEN):
+        totals["server" if conn.session_opener else "client"] += count(conn)
+    return [((side,), number) for side, number in totals.items()]
+
+
+METRICS.gauge("backhaul_mux_sessions", "smux sessions open.", ("side",)).watch(lambda: _by_side(lambda _c: 1))
+METRICS.gauge("backhaul_mux_streams", "smux streams open.", ("side",)).watch(lambda: _by_side(len))
 
 
 class MuxSettings:
@@ -70,6 +86,7 @@ class MuxConnection:
         self.on_stream = on_stream
         self.on_lost = on_lost
         self.on_stream_closed: Callable[[MuxConnection], None] | None = None
+        self.session_opener = opener
         self.closed = False
         try:
             self.address: tuple[str, int] = sock.getpeername()[:2]
@@ -99,6 +116,7 @@ class MuxConnection:
     def start(self, first: bytes = b"") -> None:
         """Begin; ``first`` holds session bytes read before (behind an HTTP 101 on wsmux)."""
         self.sock.setblocking(False)
+        _OPEN.add(self)
         if first:
             self.reactor.call_soon(self._take_chunk, first)
         self._thread.start()
@@ -195,7 +213,7 @@ class MuxConnection:
 
     def _read_now(self) -> None:
         """One inline read; a full buffer means bulk: the demux thread reads on from here."""
-        scratch = _inline_buffer()
+        scratch = thread_scratch(INLINE_READ)
         try:
             got = self.sock.recv_into(scratch) if self._tls_lock is None else self._recv_tls(scratch)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -387,6 +405,7 @@ class MuxConnection:
         if self.closed:
             return
         self.closed = True
+        _OPEN.discard(self)
         if self._timer is not None:
             self._timer.cancel()
         streams, self.streams = self.streams, {}
@@ -405,17 +424,6 @@ class MuxConnection:
         self.reactor.close_socket(self.sock)
         self._pending = []
         self._blocked.clear()
-
-
-_inline_buffers = threading.local()
-
-
-def _inline_buffer() -> memoryview:
-    """The reactor thread's buffer for inline reads (one per thread, shared by every session)."""
-    buf = getattr(_inline_buffers, "buf", None)
-    if buf is None:
-        buf = _inline_buffers.buf = memoryview(bytearray(INLINE_READ))
-    return buf
 
 
 class MuxStream:
@@ -499,7 +507,8 @@ class MuxStream:
         if conn.streams.pop(self.sid, None) is not None and not conn.closed:
             if self.sid in conn.session:
                 conn.session.close_stream(self.sid)
-            conn.flush()
+            # What it had not read is dropped: the session reads on if that filled its buffer.
+            conn.consumed()
             conn.stream_closed(self)
 
     # --- from the session ----------------------------------------------------------------------

@@ -166,6 +166,10 @@ class Reactor:
             self._poller.modify(fd, _TO_POLL[events])
         self._masks[fd] = events
 
+    def watched(self, sock: socket.socket) -> int:
+        """The events the reactor waits for on ``sock`` now (0: not watched)."""
+        return self._masks.get(sock.fileno(), 0)
+
     def forget(self, sock: socket.socket) -> None:
         """Stop watching ``sock``, however it is registered; safe if it is not."""
         fd = sock.fileno()

@@ -44,9 +44,9 @@ telling the peer deadlocks two Python peers whose both ends half-closed (neither
 
 In stream mode the peer's end of data is that Ping, its Close frame, or TCP EOF (a Go peer closes
 its socket at its first EOF): ``read`` then returns None once the buffered bytes are read. A
-clean ``close`` (our FIN sent and the peer's read) sends what is still queued (for at most
-``LINGER`` seconds) and closes (TLS: after our close_notify); any other ``close`` resets the TCP
-connection (SO_LINGER 0), so the peer's stream fails.
+clean ``close`` (our FIN sent and the peer's read) sends what is still queued (as long as the
+peer takes some of it every ``LINGER`` seconds) and closes (TLS: after our close_notify); any
+other ``close`` resets the TCP connection (SO_LINGER 0), so the peer's stream fails.
 
 TLS (wss): ``sock`` may be an ``ssl.SSLSocket`` past its handshake. SSL_read and SSL_write
 wants are handled (a blocked write is retried with the very same buffer), and bytes already
@@ -56,8 +56,9 @@ when ragged EOFs are suppressed, so we turn that off: only the peer's close_noti
 ``tls.Conn.Close`` sends one) reads as the end of its data, a bare FIN or a reset is a broken
 link; at a clean end we send our close_notify before closing.
 
-Reactor thread only, for every method of every class here; stream listeners are called through
-``reactor.call_soon``, never from inside a stream method.
+Reactor thread only, for every method of every class here. A stream's listener is never called
+from inside a stream method: what a socket event brings is told when the event's handling is
+done, anything else through ``reactor.call_soon``.
 """
 
 from __future__ import annotations
@@ -69,10 +70,9 @@ import ssl
 import struct
 from collections.abc import Callable
 
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
-from wsproto.utilities import LocalProtocolError
+from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
+from backhaul.buffers import scratch
 from backhaul.net import reason
 from backhaul.protocol.chunks import ChunkQueue, advance
 from backhaul.reactor import READ, WRITE, Reactor, Timer
@@ -85,14 +85,18 @@ MESSAGE_SIZE = 64 * 1024        # payload of one binary message a stream sends
 FIN_PING = b"backhaul:eof"      # Ping payload: no more data from this side (see the module text)
 ROUNDS = 4                      # socket reads per event before other connections get a turn
 IOV_MAX = 1024                  # buffers one sendmsg may take (Linux)
-LINGER = 10.0                   # seconds a clean close waits for the socket to take the rest
+LINGER = 30.0                   # seconds a clean close waits for the socket to take more of the rest
 PONG_SLACK = 64 * 1024          # pongs may queue this far past out_limit (a full stream's)
 TLS_READ = 64 * 1024            # one TLS recv (it returns at most one 16 KiB record anyway)
 _RESET = struct.pack("ii", 1, 0)
+CACHED_FRAME = 125              # messages up to this size (a control frame's limit) ...
+CACHED_FRAMES = 256             # ... and this many of them are framed once (see _message_frame)
+_SERVER_FRAMES: dict[bytes | str, bytes] = {}
 
 OnMessage = Callable[[bytes | str], None]
 
 _IDLE, _MESSAGES, _STREAM = 0, 1, 2
+_BINARY, _TEXT, _PING, _PONG, _CLOSE = Opcode.BINARY, Opcode.TEXT, Opcode.PING, Opcode.PONG, Opcode.CLOSE
 
 
 class WebSocket:
@@ -105,10 +109,11 @@ class WebSocket:
     """
 
     __slots__ = ("reactor", "sock", "client", "peer", "max_message", "read_size", "out_limit", "in_limit",
-                 "_tls", "_conn", "_mode", "_mask", "_out", "_out_size", "_parts", "_part_size", "_inbox",
+                 "_tls", "_proto", "_mode", "_mask", "_unparsed", "_out", "_out_size", "_parts", "_part_size", "_inbox",
                  "_eof", "_paused", "_closed", "_failure", "_ended_why",
                  "_on_message", "_on_lost", "_stream", "_read_wants_write", "_write_wants_read",
-                 "_resume_posted", "_lingering", "_linger_timer")
+                 "_resume_posted", "_lingering", "_linger_timer", "_linger_left", "_goodbye_waits",
+                 "_dispatching", "_due")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, *, client: bool, peer: str, first: bytes = b"",
                  max_message: int = 1 << 20, read_size: int = 256 * 1024, out_limit: int = 1 << 20,
@@ -122,10 +127,18 @@ class WebSocket:
         self.out_limit = out_limit
         self.in_limit = in_limit
         self._tls = isinstance(sock, ssl.SSLSocket)
-        self._conn = Connection(ConnectionType.CLIENT if client else ConnectionType.SERVER)
-        self._conn.receive_data(first)  # only buffered: parsed once a mode is chosen
+        # wsproto's frame engine itself: its Connection only wraps each frame in an event object
+        # and each send in a state check, which the states of this class make redundant (we
+        # never start a close; a Close frame received ends the websocket at once).
+        self._proto = FrameProtocol(client, [])
+        self._proto.receive_bytes(first)      # only buffered: parsed once a mode is chosen
+        self._unparsed = bool(first)          # wsproto holds bytes not parsed yet
         self._mode = _IDLE
-        self._mask = 0
+        # A socket still watched (from its upgrade) is taken over as it is: _update changes the
+        # events only if they must change, and an idle websocket's first event drops them.
+        self._mask = reactor.watched(sock)
+        if self._mask:
+            reactor.watch(sock, self._mask, self._event)
         self._out: list[bytes | bytearray | memoryview] = []  # frames for the socket, in order
         self._out_size = 0
         self._parts: list[bytes | str] = []   # pieces of the message being received (messages mode)
@@ -144,6 +157,10 @@ class WebSocket:
         self._resume_posted = False
         self._lingering = False               # a clean close waits for the socket to take the rest
         self._linger_timer: Timer | None = None
+        self._linger_left = 0                 # bytes queued at the last look of a lingering close
+        self._goodbye_waits = False           # TLS: our close_notify waits for room in the socket
+        self._dispatching = False             # in our own socket event or resume
+        self._due = 0                         # READ / WRITE: the stream's listener hears it after that
         if sock.gettimeout() != 0.0:
             sock.setblocking(False)
         if self._tls:
@@ -181,7 +198,8 @@ class WebSocket:
             if self._failure:
                 self.reactor.call_soon(self._tell_lost)
             return
-        self._post_resume()  # ``first`` may hold whole messages already
+        if self._unparsed or (self._tls and self.sock.pending()):
+            self._post_resume()  # ``first`` may hold whole messages already
         self._update()
 
     def send_binary(self, *payloads: bytes | bytearray | memoryview) -> None:
@@ -189,24 +207,15 @@ class WebSocket:
         than ``out_limit`` bytes unread loses the websocket."""
         if self._closed:
             return
-        conn = self._conn
-        try:
-            for payload in payloads:
-                self._queue(conn.send(BytesMessage(data=payload)))
-        except LocalProtocolError as exc:
-            self._fail(f"websocket to {self.peer}: {exc}")
-            return
+        for payload in payloads:
+            self._queue(self._message_frame(payload))
         self._flush_checked()
 
     def send_text(self, text: str) -> None:
         """Send one text message (the target, on a data websocket); ignored once closed."""
         if self._closed:
             return
-        try:
-            self._queue(self._conn.send(TextMessage(data=text)))
-        except LocalProtocolError as exc:
-            self._fail(f"websocket to {self.peer}: {exc}")
-            return
+        self._queue(self._message_frame(text))
         self._flush_checked()
 
     def fail(self, why: str) -> None:
@@ -236,6 +245,21 @@ class WebSocket:
         self._close_socket()
 
     # --- sending --------------------------------------------------------------------------------
+    def _message_frame(self, payload: bytes | bytearray | memoryview | str) -> bytes | bytearray:
+        """One whole message as wsproto frames it. A server's frame is the same bytes whenever
+        the payload is (it is not masked): small ones are framed once per process, since the
+        same few (a link request, a target) go out on every connection."""
+        if self.client or len(payload) > CACHED_FRAME:
+            return self._proto.send_data(payload, True)
+        key = payload if isinstance(payload, str | bytes) else bytes(payload)
+        frame = _SERVER_FRAMES.get(key)
+        if frame is None:
+            frame = bytes(self._proto.send_data(payload, True))
+            if len(_SERVER_FRAMES) >= CACHED_FRAMES:
+                _SERVER_FRAMES.clear()  # many different messages: not the usual few
+            _SERVER_FRAMES[key] = frame
+        return frame
+
     def _queue(self, frame: bytes | bytearray) -> None:
         self._out.append(frame)
         self._out_size += len(frame)
@@ -296,10 +320,13 @@ class WebSocket:
     def _send_stream(self, data: bytes | memoryview, count: int) -> None:
         """``data[:count]`` as binary messages of at most MESSAGE_SIZE bytes; wsproto copies
         (and, on a client, masks) each one."""
-        conn = self._conn
+        send_data = self._proto.send_data
+        if count <= MESSAGE_SIZE:
+            self._queue(send_data(data if count == len(data) else memoryview(data)[:count], True))
+            return
         view = memoryview(data)
         for offset in range(0, count, MESSAGE_SIZE):
-            self._queue(conn.send(BytesMessage(data=view[offset:min(count, offset + MESSAGE_SIZE)])))
+            self._queue(send_data(view[offset:min(count, offset + MESSAGE_SIZE)], True))
 
     # --- receiving ------------------------------------------------------------------------------
     def _reading_wanted(self) -> bool:
@@ -307,6 +334,13 @@ class WebSocket:
                 and not self._lingering)
 
     def _event(self, mask: int) -> None:
+        self._dispatching = True
+        self._handle(mask)
+        self._dispatching = False
+        if self._due:
+            self._deliver_due()
+
+    def _handle(self, mask: int) -> None:
         if mask & WRITE or (mask & READ and self._write_wants_read):
             self._flush()
             if self._closed:
@@ -316,6 +350,17 @@ class WebSocket:
             if self._closed:
                 return
         self._update()
+
+    def _deliver_due(self) -> None:
+        """Tell the stream's listener what a socket event brought, now that this websocket is
+        done with it (not from inside a stream method: the reactor called us)."""
+        due, self._due = self._due, 0
+        stream = self._stream
+        if stream is not None:
+            if due & READ:
+                stream._deliver_readable()
+            if due & WRITE:
+                stream._deliver_writable()
 
     def _read(self) -> None:
         """Read up to ROUNDS batches of ``read_size`` bytes, each fed to wsproto and handled."""
@@ -340,14 +385,15 @@ class WebSocket:
     def _recv_batch(self) -> tuple[int, str]:
         """Feed wsproto up to ``read_size`` bytes: one recv (TCP), or records until that many
         (TLS: each recv returns at most one record). Status: "more", "drained", "eof" or "error"
-        (the websocket is lost then)."""
-        sock, conn, size = self.sock, self._conn, self.read_size
-        chunk = min(size, TLS_READ) if self._tls else size
+        (the websocket is lost then). Reads go into the thread's scratch buffer, which wsproto
+        copies from at once."""
+        sock, proto, size = self.sock, self._proto, self.read_size
+        view = scratch(min(size, TLS_READ) if self._tls else size)
         got = 0
         self._read_wants_write = False
         while got < size:
             try:
-                data = sock.recv(chunk)
+                count = sock.recv_into(view)
             except (BlockingIOError, ssl.SSLWantReadError):
                 return got, "drained"
             except ssl.SSLWantWriteError:
@@ -357,34 +403,44 @@ class WebSocket:
                 self._process()  # what arrived before the error still counts
                 self._fail(f"websocket to {self.peer} failed: {reason(exc)}")
                 return 0, "error"
-            if not data:
+            if not count:
                 return got, "eof"
-            conn.receive_data(data)
-            got += len(data)
+            proto.receive_bytes(view[:count])  # type: ignore[arg-type]  # copied into its buffer
+            got += count
             if not self._tls:
-                return got, ("drained" if got < size else "more")
+                return got, ("drained" if count < len(view) else "more")
         return got, "more"
 
     def _process(self) -> None:
-        """Handle what wsproto parsed. The mode is looked up per event: ``on_message`` may switch
-        to stream mode, and the rest of this batch then belongs to the stream."""
-        conn = self._conn
+        """Handle the frames wsproto parsed. The mode is looked up per frame: ``on_message`` may
+        switch to stream mode, and the rest of this batch then belongs to the stream. A data
+        frame's opcode is its message's (wsproto tracks continuations), its payload ``bytes``
+        for a binary message and ``str`` for a text one; a frame may be part of one."""
+        proto = self._proto
+        self._unparsed = False
         try:
-            for event in conn.events():
-                if isinstance(event, Message):
-                    self._data(event.data, event.message_finished)
-                elif isinstance(event, Ping):
-                    if event.payload == FIN_PING and self._mode == _STREAM:
+            for frame in proto.received_frames():
+                opcode = frame.opcode
+                if opcode is _BINARY and self._mode == _STREAM:  # the bulk of the traffic
+                    if frame.payload:
+                        self._inbox.append(frame.payload)  # type: ignore[arg-type]
+                        if self._stream is not None:
+                            self._stream._notify_readable()
+                    continue
+                if opcode is _BINARY or opcode is _TEXT:
+                    self._data(frame.payload, frame.message_finished)  # type: ignore[arg-type]
+                elif opcode is _PING:
+                    if frame.payload == FIN_PING and self._mode == _STREAM:
                         self._peer_eof()
                     else:
-                        self._queue(conn.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    self._close_frame(event)
+                        self._queue(proto.pong(frame.payload))  # type: ignore[arg-type]
+                elif opcode is _CLOSE:
+                    self._close_frame(*frame.payload)  # type: ignore[misc]
                     return
                 if self._closed:
                     return
-        except LocalProtocolError as exc:
-            self._fail(f"websocket with {self.peer}: {exc}")
+        except ParseFailed as exc:
+            self._fail(f"{self.peer} broke the websocket protocol: {exc}")
             return
         if self._out:
             self._flush()  # pongs
@@ -415,18 +471,14 @@ class WebSocket:
             assert self._on_message is not None
             self._on_message(message)
 
-    def _close_frame(self, event: CloseConnection) -> None:
-        conn = self._conn
-        if conn.state is not ConnectionState.REMOTE_CLOSING:
-            # wsproto reports a frame it cannot parse as a Close it made up (code 1002 or 1007).
-            self._fail(f"{self.peer} broke the websocket protocol: {event.reason}")
-            return
+    def _close_frame(self, code: int, why: str) -> None:
+        """The peer's Close frame: answered with the same code and reason, as RFC 6455 asks."""
         try:
-            self._queue(conn.send(event.response()))
+            self._queue(self._proto.close(code, why))
             self._write_out()
-        except (LocalProtocolError, OSError):
+        except OSError:
             pass
-        why = f"{self.peer} closed the websocket (code {int(event.code)}{': ' + event.reason if event.reason else ''})"
+        why = f"{self.peer} closed the websocket (code {int(code)}{': ' + why if why else ''})"
         if self._mode == _STREAM:
             self._ended_why = why
             self._eof = True
@@ -464,11 +516,15 @@ class WebSocket:
         self._resume_posted = False
         if self._closed or self._mode == _IDLE:
             return
+        self._dispatching = True
         self._process()
         if self._reading_wanted():
             self._read()
         if not self._closed:
             self._update()
+        self._dispatching = False
+        if self._due:
+            self._deliver_due()
 
     # --- the end --------------------------------------------------------------------------------
     def _fail(self, why: str) -> None:
@@ -496,7 +552,9 @@ class WebSocket:
             pass
 
     def _close_after_flush(self) -> None:
-        """The clean end of a stream: what is queued goes first, for at most LINGER seconds."""
+        """The clean end of a stream: what is queued goes first, while the peer keeps taking it.
+        A busy machine may drain a full queue slowly; only a peer that takes nothing for LINGER
+        seconds loses the rest (a reset)."""
         if self._closed:
             return
         try:
@@ -508,8 +566,18 @@ class WebSocket:
             self._goodbye()
             return
         self._lingering = True
-        self._linger_timer = self.reactor.call_later(LINGER, self.abort)
+        self._linger_left = self._out_size
+        self._linger_timer = self.reactor.call_later(LINGER, self._linger_check)
         self._update()
+
+    def _linger_check(self) -> None:
+        if self._closed:
+            return
+        if self._out_size < self._linger_left:
+            self._linger_left = self._out_size
+            self._linger_timer = self.reactor.call_later(LINGER, self._linger_check)
+        else:
+            self.abort()
 
     def _goodbye(self) -> None:
         """Close at the clean end. On TLS our close_notify goes first: the peer reads it as the end
@@ -518,6 +586,17 @@ class WebSocket:
         if self._tls:
             try:
                 self.sock.unwrap()  # type: ignore[attr-defined]
+            except ssl.SSLWantWriteError:
+                # The socket is full: closing now would drop our close_notify, and the peer would
+                # read a bare FIN (a broken link) and lose what it has not read yet. It goes when
+                # there is room, within the linger's bound.
+                self._goodbye_waits = True
+                if not self._lingering:
+                    self._lingering = True
+                    self._linger_left = 0
+                    self._linger_timer = self.reactor.call_later(LINGER, self._linger_check)
+                self._update()
+                return
             except (OSError, ValueError):
                 pass  # SSLWantReadError: ours is sent, the peer's is not here yet
         self._close_socket()
@@ -541,7 +620,7 @@ class WebSocket:
         if self._closed:
             return
         mask = ((READ if self._reading_wanted() or self._write_wants_read else 0)
-                | (WRITE if self._out or self._read_wants_write else 0))
+                | (WRITE if self._out or self._read_wants_write or self._goodbye_waits else 0))
         if mask != self._mask:
             self.reactor.watch(self.sock, mask, self._event)
             self._mask = mask
@@ -580,7 +659,11 @@ class WebSocketStream:
         ws._parts = []
         ws._part_size = 0
         if not ws._closed:
-            ws._post_resume()
+            # Only a websocket fresh from its upgrade holds bytes nobody parsed: in messages
+            # mode every read is parsed at once, and what follows the message at hand in the
+            # same read is parsed by the loop that runs this (the stream's now).
+            if ws._unparsed or (ws._tls and ws.sock.pending()):
+                ws._post_resume()
             ws._update()
 
     @property
@@ -599,8 +682,12 @@ class WebSocketStream:
     def listen(self, listener: StreamListener) -> None:
         self.listener = listener
         self._want_read = True
-        # Data or EOF may be waiting already: a notification too many is harmless.
-        self.ws.reactor.call_soon(self._deliver_failed if self.ws._failure else self._deliver_readable)
+        ws = self.ws
+        if ws._failure:
+            ws.reactor.call_soon(self._deliver_failed)
+        elif ws._inbox or ws._eof or ws._closed:
+            ws.reactor.call_soon(self._deliver_readable)
+        # Otherwise the first data or EOF to arrive notifies (``_want_read`` is set).
 
     def read(self, limit: int) -> bytes | None:
         ws = self.ws
@@ -624,11 +711,8 @@ class WebSocketStream:
             raise BrokenPipeError(errno.EPIPE, ws._ended_why or "the websocket is closed")
         size = len(data)
         count = min(size, max(0, ws.out_limit - ws._out_size))
-        try:
-            if count:
-                ws._send_stream(data, count)
-        except LocalProtocolError as exc:
-            raise BrokenPipeError(errno.EPIPE, str(exc)) from None
+        if count:
+            ws._send_stream(data, count)
         if count < size:
             self._want_write = True
         ws._flush()
@@ -643,10 +727,7 @@ class WebSocketStream:
         self._shut = True
         if ws._closed or ws._eof:
             return  # the peer has ended: our close is all it needs (the relay's is next)
-        try:
-            ws._queue(ws._conn.send(Ping(payload=FIN_PING)))
-        except LocalProtocolError as exc:
-            raise BrokenPipeError(errno.EPIPE, str(exc)) from None
+        ws._queue(ws._proto.ping(FIN_PING))
         ws._flush()
 
     def close(self) -> None:
@@ -661,15 +742,25 @@ class WebSocketStream:
             ws.abort()
 
     # --- from the websocket -----------------------------------------------------------------------
+    # Inside the websocket's own socket event (or resume) a notification is delivered when that
+    # is done with (``_deliver_due``); from anywhere else, such as a write, it is posted.
     def _notify_readable(self) -> None:
         if self._want_read and self.listener is not None:
             self._want_read = False
-            self.ws.reactor.call_soon(self._deliver_readable)
+            ws = self.ws
+            if ws._dispatching:
+                ws._due |= READ
+            else:
+                ws.reactor.call_soon(self._deliver_readable)
 
     def _notify_writable(self) -> None:
         if self.listener is not None:
             self._want_write = False
-            self.ws.reactor.call_soon(self._deliver_writable)
+            ws = self.ws
+            if ws._dispatching:
+                ws._due |= WRITE
+            else:
+                ws.reactor.call_soon(self._deliver_writable)
 
     def _notify_failed(self) -> None:
         if self.listener is not None:

@@ -44,10 +44,18 @@ def raise_nofile_limit() -> int:
 
 
 def free_port() -> int:
-    """Return a port that was free a moment ago (for configs that need explicit ports)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    """Return a port that was free a moment ago over TCP and UDP (for configs that need explicit
+    ports; the UDP tunnels bind both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port = sock.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            try:
+                udp.bind((HOST, port))
+            except OSError:
+                continue
+        return port
 
 
 def listen(port: int = 0, backlog: int = 4096) -> socket.socket:

@@ -2,8 +2,10 @@
 against every path in turn (direct, relay, tunnel, and the Go program when
 BACKHAUL_GO is set) and returns table rows."""
 
+import dataclasses
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -447,3 +449,136 @@ def _await_pairing(holder: Helper, n: int, timeout: float) -> dict:
         if time.monotonic() >= next_log:
             log(f"  idle: {state['paired']:,}/{n:,} paired, {sum(state['failed'].values())} failed")
             next_log = time.monotonic() + 5
+
+
+# ---------------------------------------------------------------------- UDP
+
+UDP_SIZES = (64, 1400)
+# (transport, label, server lines): UDP over the tcp transport (accept_udp) and the udp transport
+UDP_MODES = (("tcp", "tcp carrier", ("accept_udp=true",)), ("udp", "udp transport", ()))
+PACED_SHARE = 0.3       # the paced run offers this share of direct's Mbit/s: no loss expected (tcp carrier)
+UDP_FLOWS = 200         # flows opened to see that threads do not grow with them
+
+
+class IperfUdp:
+    """iperf3 -u: its control connection is TCP to the same port number as the datagrams."""
+
+    def __init__(self) -> None:
+        self.sink = IperfSink()
+        self.port = self.sink.port
+
+    def run(self, port: int, size: int, seconds: float, mbps: float = 0.0) -> dict[str, float]:
+        """One test at an offered rate (0: as fast as the sender goes); what the receiver got.
+
+        A pause first: datagrams of the previous test still on their way would reach the next one
+        (iperf3's server takes the first source it hears as its client). Socket buffers of 4 MiB
+        at both ends, so that the receiver's own bursts are not what is measured."""
+        time.sleep(1.0)
+        argv = [shutil.which("iperf3") or "iperf3", "-c", HOST, "-p", str(port), "-u", "-l", str(size),
+                "-b", str(int(mbps * 1e6)), "-w", "4M", "-t", str(seconds), "-J"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+        report = json.loads(done.stdout or "{}")
+        if "error" in report or done.returncode != 0:
+            raise RuntimeError(f"iperf3: {report.get('error', done.stderr.strip())}")
+        end = report["end"]
+        got = end.get("sum_received") or end["sum"]   # iperf3 >= 3.12 has sum_received
+        sent, lost = int(got["packets"]), int(got["lost_packets"])
+        return {"mbps": got["bits_per_second"] / 1e6, "pps": (sent - lost) / got["seconds"], "sent": sent,
+                "lost": lost}
+
+    def stop(self) -> None:
+        self.sink.stop()
+
+
+def measure_udp(s: Settings) -> list[Row]:
+    """Datagrams/s and Mbit/s of 64 B and 1400 B datagrams through both UDP modes, and the loss at
+    a paced rate; needs iperf3."""
+    if not shutil.which("iperf3"):
+        s.notes.append("udp: not measured (needs iperf3: apt-get install iperf3)")
+        return []
+    rows: list[Row] = []
+    iperf = IperfUdp()
+    try:
+        for mode, label, lines in UDP_MODES:
+            ms = dataclasses.replace(s, transport=mode, server_extra=s.server_extra + lines)
+            for size in UDP_SIZES:
+                rows += _udp_rows(ms, iperf, size, label)
+    finally:
+        iperf.stop()
+    with Helper.script("services.py", "echo") as echo:
+        port = int(echo.expect("PORT", 10))
+        for mode, label, lines in UDP_MODES:
+            ms = dataclasses.replace(s, transport=mode, server_extra=s.server_extra + lines)
+            name = f"threads with 1 -> {UDP_FLOWS} UDP flows ({label})"
+            rows += each_path(name, [name], port, ms, lambda ep, n=name: _flow_threads(ep, n), paths=("tunnel", "go"))
+    return rows
+
+
+def _udp_rows(s: Settings, iperf: IperfUdp, size: int, label: str) -> list[Row]:
+    mbit = f"UDP {size} B Mbit/s ({label})"
+    rate = f"UDP {size} B datagrams/s ({label})"
+    names = [mbit, rate]
+    paced = f"UDP {size} B lost at {PACED_SHARE:g}x direct's Mbit/s ({label})"
+    if size == max(UDP_SIZES):
+        names.append(paced)
+    offered: dict[str, float] = {}
+
+    def one(ep: Endpoint) -> dict[str, Cell]:
+        with _iperf_control(ep, s, iperf.port):
+            full = iperf.run(ep.port, size, s.seconds)
+            cells = {mbit: Cell(full["mbps"], extra=f"{_lost(full)} lost"), rate: Cell(full["pps"])}
+            if paced in names:
+                if ep.path == "direct":
+                    offered["mbps"] = full["mbps"] * PACED_SHARE
+                got = iperf.run(ep.port, size, s.seconds, offered["mbps"])
+                cells[paced] = Cell(text=f"{_lost(got)} ({got['lost']:,} of {got['sent']:,} at "
+                                         f"{offered['mbps']:,.0f} Mbit/s)")
+        return cells
+
+    rows = each_path(mbit, names, iperf.port, s, one, paths=("direct", "tunnel", "go"))
+    rows[0].kind, rows[1].kind = "higher", "higher"
+    return rows
+
+
+def _lost(result: dict[str, float]) -> str:
+    return f"{100 * result['lost'] / result['sent']:.1f}%" if result["sent"] else "-"
+
+
+@contextmanager
+def _iperf_control(ep: Endpoint, s: Settings, iperf_port: int) -> Iterator[None]:
+    """The udp transport carries datagrams only: iperf3's control connection goes through a plain
+    relay listening on the TCP port of the same number."""
+    if ep.path == "direct" or s.transport != "udp":
+        yield
+        return
+    with Helper.script("relay.py", iperf_port, "--listen", ep.port) as relay:
+        relay.expect("PORT", 10)
+        yield
+
+
+def _flow_threads(ep: Endpoint, name: str) -> dict[str, Cell]:
+    """Threads of the tunnel processes with one UDP flow, then with UDP_FLOWS flows open."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(UDP_FLOWS)]
+    try:
+        _echo_datagram(socks[0], ep.port)
+        before = {role: threads_and_rss(pid)[0] for role, pid in ep.pids.items()}
+        for sock in socks[1:]:
+            _echo_datagram(sock, ep.port)
+        after = {role: threads_and_rss(pid)[0] for role, pid in ep.pids.items()}
+    finally:
+        for sock in socks:
+            sock.close()
+    text = " + ".join(f"{role} {before[role]} -> {after[role]}" for role in ep.pids)
+    return {name: Cell(text=text)}
+
+
+def _echo_datagram(sock: socket.socket, port: int, tries: int = 5) -> None:
+    sock.settimeout(1.0)
+    for _ in range(tries):
+        sock.sendto(b"flow", (HOST, port))
+        try:
+            if sock.recv(64) == b"flow":
+                return
+        except TimeoutError:
+            continue
+    raise RuntimeError(f"no echo through UDP port {port}")

@@ -1,6 +1,6 @@
 """The plain relay baseline: the simplest honest TCP relay in Python.
 
-    python relay.py TARGET_PORT
+    python relay.py TARGET_PORT [--listen PORT]
 
 One accept thread; per connection it dials the target and starts one thread per
 direction, each moving data with recv/sendall and 64 KiB buffers. Prints
@@ -75,9 +75,10 @@ def handle(client: socket.socket, target_port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("target_port", type=int)
+    parser.add_argument("--listen", type=int, default=0, metavar="PORT", help="listen on this port (default: any)")
     args = parser.parse_args()
     raise_nofile_limit()
-    listener = listen()
+    listener = listen(args.listen)
     announce("PORT", str(listener.getsockname()[1]))
     signal.alarm(MAX_LIFETIME)
     while True:

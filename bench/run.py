@@ -28,6 +28,7 @@ from measure import (
     measure_idle,
     measure_latency,
     measure_throughput,
+    measure_udp,
 )
 from report import Row, render_markdown, render_text
 from tunnel import check_available, check_go
@@ -39,9 +40,10 @@ MEASUREMENTS: dict[str, Callable[[Settings], list[Row]]] = {
     "ab": measure_ab,
     "latency": measure_latency,
     "idle": measure_idle,
+    "udp": measure_udp,
 }
 # "cpu" is measured during the 1-stream throughput run, so a full run skips it.
-FULL_RUN = ("throughput", "connrate", "ab", "latency", "idle")
+FULL_RUN = ("throughput", "connrate", "ab", "latency", "idle", "udp")
 GO_ENV = "BACKHAUL_GO"  # names the Go program's binary; its pair becomes the "go" path
 LOG_LINES_SHOWN = 20
 

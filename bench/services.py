@@ -1,6 +1,7 @@
 """Target services of the benchmark, each run as its own process.
 
-    python services.py echo            echo every byte back; hold the connection until the peer closes
+    python services.py echo            echo every byte back; hold the connection until the peer closes;
+                                       and every UDP datagram to the same port number
     python services.py reqrep [-w N]   answer each request line with a short reply (N forked workers)
     python services.py sink            swallow bytes; report each connection's count when it ends
 
@@ -106,6 +107,22 @@ def _close(sel: selectors.BaseSelector, conn: _Conn) -> None:
     conn.sock.close()
 
 
+def serve_udp_echo(port: int) -> None:
+    """Echo every datagram to its sender, on the UDP port of the same number (a thread)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", port))
+
+    def serve() -> None:
+        while True:
+            data, addr = sock.recvfrom(65536)
+            try:
+                sock.sendto(data, addr)
+            except OSError:
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
 def serve_sink(listener: socket.socket) -> None:
     """Thread per connection; each reports bytes and first/last byte times when its peer is done."""
     lock = threading.Lock()
@@ -146,6 +163,8 @@ def main() -> None:
         signal.alarm(MAX_LIFETIME)
         serve_sink(listener)
     handler = echo_handler if args.kind == "echo" else reqrep_handler
+    if args.kind == "echo":
+        serve_udp_echo(listener.getsockname()[1])
     for _ in range(args.workers - 1):
         if os.fork() == 0:
             break  # the child serves too; the driver ends the whole group

@@ -205,9 +205,11 @@ class TunnelPair:
         return proc
 
     def _wait_ready(self, deadline: float) -> None:
+        # The udp transport's public ports are UDP only: its echo goes as a datagram.
+        check = probe_udp if self.transport == "udp" else probe
         while time.monotonic() < deadline:
             self.check_alive()
-            if probe(self.probe_public_port, timeout=min(1.0, max(0.1, deadline - time.monotonic()))):
+            if check(self.probe_public_port, timeout=min(1.0, max(0.1, deadline - time.monotonic()))):
                 return
             time.sleep(0.05)
         raise TunnelError(f"not ready within {READY_TIMEOUT:.0f} s (no echo through the tunnel)" + self._log_hint())
@@ -278,5 +280,16 @@ def probe(port: int, timeout: float) -> bool:
                     return False
                 got += chunk
             return got == PROBE
+    except OSError:
+        return False
+
+
+def probe_udp(port: int, timeout: float) -> bool:
+    """One datagram echoed through `port`."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(timeout)
+            sock.sendto(PROBE, (HOST, port))
+            return sock.recv(64) == PROBE
     except OSError:
         return False

@@ -8,9 +8,9 @@ Only loopback addresses and ephemeral ports are used. A tunnel config needs expl
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from backhaul.config import toml_value
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -64,27 +66,23 @@ def thread_is_sleeping(thread: threading.Thread) -> bool:
 # ports and configs
 
 def free_port(host: str = HOST) -> int:
-    """A port nothing listens on right now (bind port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
+    """A port nothing listens on right now, over TCP and over UDP (bind port 0, read it, close):
+    the UDP transports bind the same number for both."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            try:
+                udp.bind((host, port))
+            except OSError:
+                continue
+        return port
 
 
 def toml_section(name: str, values: dict[str, object]) -> str:
     lines = [f"[{name}]"]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -222,22 +220,29 @@ class Launcher:
         path.write_text(text)
         return path
 
-    def start(self, name: str, config_text: str, wrap: tuple[str, ...] = ()) -> Backhaul:
-        return self.start_file(name, self.write_config(name, config_text), wrap)
+    def start(self, name: str, config_text: str, wrap: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> Backhaul:
+        return self.start_file(name, self.write_config(name, config_text), wrap, env)
 
-    def start_file(self, name: str, config: Path, wrap: tuple[str, ...] = ()) -> Backhaul:
-        """Start ``python -m backhaul -c config``; ``wrap`` is a command that runs it (prlimit, setpriv)."""
+    def start_file(self, name: str, config: Path, wrap: tuple[str, ...] = (),
+                   env: dict[str, str] | None = None) -> Backhaul:
+        """Start ``python -m backhaul -c config``; ``wrap`` is a command that runs it (prlimit, setpriv),
+        ``env`` adds to its environment."""
         self._serial += 1
         log_path = self.directory / f"{name}.{self._serial}.stderr"
         out_path = self.directory / f"{name}.{self._serial}.stdout"
-        env = dict(os.environ)
-        env.pop("JOURNAL_STREAM", None)
-        env.pop("BACKHAUL_RELAY", None)
+        environ = dict(os.environ)
+        for name_ in ("JOURNAL_STREAM", "BACKHAUL_RELAY", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            environ.pop(name_, None)
         if self.relay_mode == "copy":
-            env["BACKHAUL_RELAY"] = "copy"
+            environ["BACKHAUL_RELAY"] = "copy"
+        environ.update(env or {})
         with open(log_path, "wb") as err, open(out_path, "wb") as out:
+            if "JOURNAL_STREAM" in environ and environ["JOURNAL_STREAM"] == "":  # stderr is "the journal"
+                st = os.fstat(err.fileno())
+                environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
             proc = subprocess.Popen([*wrap, sys.executable, "-m", "backhaul", "-c", str(config)], cwd=REPO,
-                                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+                                    env=environ, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         bh = Backhaul(name, config, log_path, proc)
         self.procs.append(bh)
         return bh
@@ -371,6 +376,60 @@ def echo_service() -> Iterator[Service]:
         yield service
     finally:
         service.close()
+
+
+class UdpEcho:
+    """A UDP echo service on 127.0.0.1:<ephemeral>, one thread; ``sources`` counts the datagrams
+    per source address (a tunnel client's flow shows as one source), ``first_bytes`` the first
+    byte of each datagram seen, ``seen`` the (datagram, source) pairs of datagrams that start with
+    ``watch``."""
+
+    def __init__(self, watch: bytes = b"\xff" * 8) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            self.sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+        self.sock.bind((HOST, 0))
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self.sources: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.first_bytes: set[int] = set()
+        self.watch = watch
+        self.seen: set[tuple[bytes, tuple[str, int]]] = set()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="udp-echo", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                continue
+            self.sources[addr] += 1
+            if data:
+                self.first_bytes.add(data[0])
+                if data.startswith(self.watch):
+                    self.seen.add((data, addr))
+            try:
+                self.sock.sendto(data, addr)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[UdpEcho]:
+    echo = UdpEcho()
+    try:
+        yield echo
+    finally:
+        echo.close()
 
 
 class Listener:

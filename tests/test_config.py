@@ -15,6 +15,7 @@ from backhaul.config import (
     Config,
     PortMapping,
     ServerConfig,
+    changed_keys,
     load,
     parse,
     parse_ports,
@@ -171,6 +172,7 @@ def test_server_defaults() -> None:
         server.tls_cert,
         server.tls_key,
     ) == (False, False, "", "")
+    assert server.udp_max_flows == 4096
     assert (server.sniffer, server.web_port, server.sniffer_log) == (
         False,
         0,
@@ -653,12 +655,39 @@ INVALID = [
         "cfg.toml: server.mux_con = 0: must be between 1 and 65535",
     ),
     (
+        SERVER + "udp_max_flows = 0\n",
+        "cfg.toml: server.udp_max_flows = 0: must be between 1 and 1000000",
+    ),
+    (
         SERVER + "mux_session = 0\n",
         "cfg.toml: server.mux_session = 0: must be between 1 and 65535",
     ),
     (
         SERVER + "web_port = 70000\n",
         "cfg.toml: server.web_port = 70000: must be between 0 and 65535",
+    ),
+    (
+        SERVER + 'web_addr = "localhost"\n',
+        "cfg.toml: server.web_addr = 'localhost': expected an IP address to serve the status page on, "
+        'e.g. "127.0.0.1" or "::1"',
+    ),
+    (
+        CLIENT + "drain_timeout = 3601\n",
+        "cfg.toml: client.drain_timeout = 3601: must be between 0 and 3600",
+    ),
+    (
+        SERVER + 'sniffer_log = ""\n',
+        "cfg.toml: server.sniffer_log = '': expected the path of a file to write the usage to",
+    ),
+    (
+        SERVER + "web_port = 2060\n" + CLIENT + "web_port = 2060\n",
+        "cfg.toml: client.web_port = 2060: 127.0.0.1:2060 is already the server's status page; give each side "
+        "its own port",
+    ),
+    (
+        SERVER + "sniffer = true\n" + CLIENT + "sniffer = true\n",
+        "cfg.toml: client.sniffer_log = 'backhaul.json': the server writes its usage to this file already; "
+        "give each side its own file",
     ),
     (
         SERVER + "mss = 50\n",
@@ -1167,3 +1196,24 @@ def test_a_nul_in_a_file_path_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         parse(CLIENT + 'tls_ca = "a\\u0000b"\n', "cfg.toml")
     assert str(caught.value) == "cfg.toml: client.tls_ca = 'a\\x00b': cannot read the file: embedded null byte"
+
+def test_operations_keys_of_ours() -> None:
+    """web_addr and drain_timeout: defaults, both sides, and a status page per side on one port when
+    the addresses differ."""
+    config = parse(SERVER + CLIENT, "cfg.toml")
+    assert config.server is not None and config.client is not None
+    assert (config.server.web_addr, config.server.drain_timeout) == ("127.0.0.1", 10)
+    assert (config.client.web_addr, config.client.drain_timeout) == ("127.0.0.1", 10)
+    config = parse(SERVER + 'web_port = 2060\nweb_addr = "::1"\ndrain_timeout = 0\n'
+                   + CLIENT + "web_port = 2060\n", "cfg.toml")
+    assert config.server is not None and config.client is not None
+    assert (config.server.web_addr, config.server.web_port, config.server.drain_timeout) == ("::1", 2060, 0)
+    assert (config.client.web_addr, config.client.web_port) == ("127.0.0.1", 2060)
+
+
+def test_changed_keys_names_what_a_reload_changes() -> None:
+    old = parse(SERVER + 'ports = ["8000=9000"]\n', "a.toml").server
+    new = parse(SERVER + 'ports = ["8000=9001"]\ntoken = "x"\nheartbeat = 5\n', "b.toml").server
+    assert old is not None and new is not None
+    assert changed_keys(old, new) == ["token", "ports", "heartbeat"]
+    assert changed_keys(old, old) == []

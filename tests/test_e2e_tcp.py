@@ -565,7 +565,10 @@ class Flood:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_both_processes_with_exit_0(launcher: Launcher, echo_service: Service, sig: int) -> None:
-    tunnel = Tunnel(launcher, [str(echo_service.port)]).up()
+    """With drain_timeout = 0, a signal stops at once however busy the relays are (the drain with
+    a timeout is tested in test_e2e_ops.py)."""
+    tunnel = Tunnel(launcher, [str(echo_service.port)], server_extra={"drain_timeout": 0},
+                    client_extra={"drain_timeout": 0}).up()
     assert tunnel.server is not None and tunnel.client is not None
     with connect(tunnel.public[0], timeout=10) as idle:
         idle.sendall(b"x" * 1000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backhaul.errors import ProtocolError
+from backhaul.protocol.chunks import LARGE, ChunkQueue
 from backhaul.protocol.framing import (
     SG_CHAN,
     SG_RTT,
@@ -146,3 +147,21 @@ def test_proxy_v2_mixed_families_use_mapped_ipv6():
     assert header[32:48] == bytes.fromhex("20010db8000000000000000000000001")
     assert header[48:] == bytes.fromhex("0001 0002")
     assert len(header) == 16 + 36
+
+
+def test_chunk_queue_joins_small_chunks_and_hands_large_ones_out_alone():
+    queue = ChunkQueue()
+    small = [bytes([i]) * 1000 for i in range(5)]
+    large = b"L" * LARGE
+    for chunk in [*small[:3], large, *small[3:]]:
+        queue.append(chunk)
+    assert queue.size == 5000 + LARGE
+    assert queue.take(2500) == small[0] + small[1] + small[2][:500]  # joined, cut inside a chunk
+    assert queue.take(1 << 20) == small[2][500:]  # the large chunk is not joined to it ...
+    got = queue.take(1 << 20)
+    assert got is large  # ... it comes alone, not copied
+    assert queue.take(100) == small[3][:100]
+    assert queue.take(1 << 20) == small[3][100:] + small[4]
+    assert queue.size == 0 and not queue
+    queue.append(large)
+    assert queue.take(10) == b"L" * 10 and queue.take(LARGE) == b"L" * (LARGE - 10) and queue.size == 0

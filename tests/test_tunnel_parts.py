@@ -1,5 +1,6 @@
 """Parts of the tunnel core in this process, on real sockets: the control carrier's bound, name
-lookups that never hold the relay workers, and the pipe pool's budget and sizes."""
+lookups that never hold the relay workers, the pipe pool's budget and sizes, and an smux
+session's receive buffer."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import hashlib
 import random
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from backhaul import pipes as pipes_module
 from backhaul import resolver as resolver_module
+from backhaul.mux import MuxConnection, MuxSettings, MuxStream
 from backhaul.pipes import SMALL, PipePool
+from backhaul.protocol.smux import Session
 from backhaul.reactor import Reactor
 from backhaul.relay.splice import Relay
 from backhaul.resolver import Resolver
@@ -197,3 +201,55 @@ def test_cancelled_timers_are_swept_and_live_ones_still_run(reactor: Reactor) ->
     wait_until(lambda: fired, 5, "the live timer to fire")
     assert fired == [1]
     assert on_reactor(reactor, lambda: len(reactor._heap.entries)) < 3000
+
+
+# --- an smux session's receive buffer ---------------------------------------------------------
+
+class _Heard:
+    """A stream listener that only notes what it is told."""
+
+    def __init__(self) -> None:
+        self.told: list[str] = []
+
+    def stream_readable(self) -> None:
+        self.told.append("readable")
+
+    def stream_writable(self) -> None:
+        self.told.append("writable")
+
+    def stream_failed(self, reason: str) -> None:
+        self.told.append(f"failed: {reason}")
+
+
+def test_a_stream_closed_unread_gives_its_share_of_the_receive_buffer_back(reactor: Reactor) -> None:
+    """One stream's unread bytes fill the session's receive buffer, so the session stops reading
+    its socket (TCP backpressure); closing that stream drops them, and the session must read on
+    for its other streams instead of waiting for a read that never comes."""
+    receive_buffer = 64 * 1024
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        theirs = socket.create_connection(server.getsockname()[:2], timeout=10)
+        ours, _ = server.accept()
+    opened: list[MuxStream] = []
+    lost: list[str] = []
+    conn = MuxConnection(reactor, ours, "peer test", MuxSettings(1, 32768, receive_buffer, receive_buffer),
+                         opener=False, on_stream=opened.append, on_lost=lambda _c, why: lost.append(why))
+    peer = Session(1, True, 32768, 1 << 20, 1 << 20, now=time.monotonic())
+    try:
+        on_reactor(reactor, lambda: conn.start(b""))
+        hog, other = peer.open_stream(), peer.open_stream()
+        peer.write(hog, b"h" * (2 * receive_buffer))  # never read on our side
+        theirs.sendall(peer.outgoing())
+        wait_until(lambda: len(opened) == 2 and not on_reactor(reactor, lambda: conn.session.wants_input), 10,
+                   "the receive buffer to fill")
+        heard = _Heard()
+        on_reactor(reactor, lambda: opened[1].listen(heard))
+        on_reactor(reactor, opened[0].close)
+        peer.write(other, b"still here")
+        theirs.sendall(peer.outgoing())
+        got = wait_until(lambda: on_reactor(reactor, lambda: opened[1].read(1024)), 10,
+                         "the other stream's data (the session no longer reads its socket)")
+        assert got == b"still here"
+        assert "readable" in heard.told and not lost
+    finally:
+        on_reactor(reactor, conn.close)
+        theirs.close()

@@ -27,6 +27,7 @@ import pytest
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
+from backhaul import ws as ws_module
 from backhaul.reactor import Reactor, Timer
 from backhaul.relay.stream import READ_CHUNK, Stream, StreamListener, StreamRelay
 from backhaul.ws import FIN_PING, MESSAGE_SIZE, WebSocket, WebSocketCarrier, WebSocketStream
@@ -502,9 +503,11 @@ def test_close_frame_in_stream_mode_ends_the_data_and_the_writes(reactor, listen
 class WsBench(conformance.Bench):
     """user <-> StreamRelay <-> WebSocketStream(client) <=> WebSocketStream(server) <-> StreamRelay <-> target."""
 
-    def __init__(self, tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None, **options: Any) -> None:
+    def __init__(self, tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None, socket_buffers: int = 0,
+                 **options: Any) -> None:
         super().__init__("stream")
         self.tls = tls
+        self.socket_buffers = socket_buffers   # SO_SNDBUF/SO_RCVBUF of every socket (0: the system's)
         self.options = options
         self.websockets: list[WebSocket] = []
 
@@ -512,6 +515,9 @@ class WsBench(conformance.Bench):
         user, near = tcp_pair(self.listener)
         far, target = tcp_pair(self.listener)
         client_sock, server_sock = tcp_pair(self.listener)
+        for sock in (user, near, far, target, client_sock, server_sock) if self.socket_buffers else ():
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.socket_buffers)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.socket_buffers)
         if self.tls is not None:
             client_sock, server_sock = tls_pair(self.tls, client_sock, server_sock)
         self.sockets += [user, target]
@@ -641,6 +647,56 @@ def test_request_then_half_close_gets_the_full_answer(ws_bench):
     assert ws_bench.closed.acquire(timeout=5), "both relays close once both directions ended"
     ws_bench.on_reactor(lambda: None)
     assert all(ws.closed for ws in link.ws)
+
+
+def slow_upload(bench: WsBench) -> None:
+    """The user sends 4 MiB then its FIN, the target answers at once and ends its side, then reads
+    the upload slowly: the user's side has both directions ended and closes with the tail queued."""
+    try:
+        link = bench.link()
+        payload = random.Random(12).randbytes(4 << 20)
+        link.target.sendall(b"answer")
+        link.target.shutdown(socket.SHUT_WR)                # the target's direction ends at once
+        sender = send_and_finish(link.user, payload)        # everything, then the user's FIN
+        got = bytearray()
+        while chunk := link.target.recv(16 * 1024):         # slowly: seconds in all, LINGER many times over
+            got += chunk
+            time.sleep(0.01)
+        sender.join(10)
+        assert len(got) == len(payload)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        assert read_all(link.user) == b"answer"
+    finally:
+        bench.close()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_a_clean_close_waits_while_a_slow_peer_keeps_reading(monkeypatch, request, tls):
+    """Catches: a clean close that gives up after a fixed time while the peer still takes bytes,
+    which lost the tail of uploads on a busy machine: the side whose both directions ended closes
+    first and holds the last queued bytes; a reader that keeps reading, however slowly, gets all."""
+    # Twice the pause between the reader's bursts (one relay read of READ_CHUNK at its pace), and
+    # a fraction of the time the tail takes to drain.
+    monkeypatch.setattr(ws_module, "LINGER", 0.6)
+    contexts = request.getfixturevalue("tls_contexts") if tls else None
+    slow_upload(WsBench(tls=contexts, socket_buffers=64 * 1024))   # small kernel buffers: the queues hold the tail
+
+
+def test_a_close_notify_that_meets_a_full_socket_waits_for_room(monkeypatch, tls_contexts):
+    """Catches: a clean TLS close whose close_notify did not fit the socket and was dropped: the
+    peer then reads a bare FIN, which is a broken link, and loses what it had not read yet."""
+    real_unwrap = ssl.SSLSocket.unwrap
+    refused: set[int] = set()
+
+    def unwrap(sock: ssl.SSLSocket) -> socket.socket:
+        if id(sock) not in refused:   # the first try of each socket meets a full socket
+            refused.add(id(sock))
+            raise ssl.SSLWantWriteError(ssl.SSL_ERROR_WANT_WRITE, "the socket is full")
+        return real_unwrap(sock)
+
+    monkeypatch.setattr(ssl.SSLSocket, "unwrap", unwrap)
+    slow_upload(WsBench(tls=tls_contexts, socket_buffers=64 * 1024))
+    assert refused, "no clean TLS close happened"
 
 
 def test_half_close_toward_a_go_peer_still_gets_the_answer(reactor, listener):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import deque
 
+LARGE = 64 * 1024  # a chunk this large is handed out alone, never joined
+
 
 class ChunkQueue:
     """Received chunks in order, read from the front in pieces of any size; a large backlog
@@ -25,24 +27,30 @@ class ChunkQueue:
         self.size += len(data)
 
     def take(self, limit: int) -> bytes | memoryview:
-        """Up to ``limit`` bytes from the front (a chunk itself when it is all that is asked)."""
+        """Up to ``limit`` bytes from the front (a chunk itself when it is all that is asked).
+        Small chunks are joined into one piece; a chunk of LARGE bytes or more comes alone, as
+        it is: joining it would copy it once more to gain nothing (a websocket's messages)."""
         pieces = []
-        want = limit
+        taken = 0
         chunks = self.chunks
-        while want and chunks:
+        while taken < limit and chunks:
             head = chunks[0]
             start = self.offset
             avail = len(head) - start
-            if avail <= want:
+            if avail >= LARGE and pieces:
+                break  # it comes alone, next time
+            count = min(avail, limit - taken)
+            if count == avail:
                 pieces.append(head[start:] if start else head)
                 chunks.popleft()
                 self.offset = 0
-                want -= avail
             else:
-                pieces.append(head[start : start + want])
-                self.offset = start + want
-                want = 0
-        self.size -= limit - want
+                pieces.append(head[start : start + count])
+                self.offset = start + count
+            taken += count
+            if avail >= LARGE:
+                break
+        self.size -= taken
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def clear(self) -> None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import random
 import re
 from dataclasses import dataclass
+from typing import NoReturn
 
 from backhaul.errors import ProtocolError
 
@@ -95,13 +97,22 @@ USER_AGENTS: tuple[str, ...] = (
 )
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_NAME = re.compile(_TOKEN)
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") (/[\x21-\x7e]*) (HTTP/[0-9]\.[0-9])")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: ([\x20-\x7e\x80-\xff\t]*))?")
 _FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HT; a bare CR or LF inside a line is one
+# A well-formed field line in one step: the name, and the value without the whitespace before it
+# (every byte after the colon is HT or not a CTL, as _FORBIDDEN demands of the whole line).
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([\t\x20-\x7e\x80-\xff]*)")
 _VALUE_OK = re.compile(r"[\x20-\x7e\x80-\U0010ffff\t]*")
 _PATH_OK = re.compile(r"/[\x21-\x7e]*")
 _HOST_OK = re.compile(r"[\x21-\x7e]+")
+
+# A client sends most of its lines unchanged on every connection (Host, User-Agent, Upgrade...):
+# parsed once, they are looked up afterwards. Not the lines that differ per request, nor the
+# token's, and at most MEMO_SIZE of them.
+MEMO_SIZE = 256
+_NOT_MEMOIZED = frozenset({"sec-websocket-key", "sec-websocket-accept", "x-user-id", "authorization"})
+_FIELD_MEMO: dict[bytes, tuple[str, str]] = {}
 
 # Fields that must not repeat: two Authorization or Key values would make "which one counts" a
 # question an attacker could exploit; RFC 6455 forbids a repeated key, RFC 9112 a repeated Host.
@@ -151,9 +162,11 @@ def new_key_and_id(rng: random.Random) -> tuple[bytes, int]:
     """Fresh key bytes and user id for one dial, as the Go client draws them.
 
     The id is a non-negative int31 (Go's ``rand.Int31``). Pass ``random.SystemRandom()`` in
-    production and a seeded ``random.Random`` in tests.
+    production and a seeded ``random.Random`` in tests. One draw for both (one system call with
+    SystemRandom).
     """
-    return rng.randbytes(16), rng.getrandbits(31)
+    drawn = rng.randbytes(20)
+    return drawn[:16], int.from_bytes(drawn[16:], "big") >> 1
 
 
 def pick_user_agent(rng: random.Random) -> str:
@@ -179,29 +192,37 @@ def upgrade_request(host: str, path: str, authorization: str | None, user_agent:
                     *, what: str = "authorization") -> bytes:
     """``client_request`` with any Authorization value, or none (auth = "challenge": a link
     proof on /tunnel/<N>, nothing on /channel; docs/auth.md). ``what`` names the value in errors."""
-    if not _HOST_OK.fullmatch(host):
-        raise ProtocolError(f"host {host!r} cannot go into a Host header", remote=False)
     if not _PATH_OK.fullmatch(path):
         raise ProtocolError(f"path {path!r} is not an origin-form request target", remote=False)
     if user_id < 0:
         raise ProtocolError(f"user id {user_id} is negative", remote=False)
+    _check_constant_fields(host, user_agent)
     # Go refuses to send a field value with a control character; so do we (no header injection).
-    for name, value in ((what, authorization or ""), ("user agent", user_agent)):
-        if not _VALUE_OK.fullmatch(value):
-            raise ProtocolError(f"the {name} holds a control character", remote=False)
-    lines = [
+    if authorization is not None and not _VALUE_OK.fullmatch(authorization):
+        raise ProtocolError(f"the {what} holds a control character", remote=False)
+    lines = (
         f"GET {path} HTTP/1.1",
         f"Host: {host}",
         f"User-Agent: {user_agent}",
-        *([f"Authorization: {authorization}"] if authorization is not None else []),
+        *([f"Authorization: {authorization}"] if authorization is not None else ()),
         "Connection: Upgrade",
         f"Sec-WebSocket-Extensions: {EXTENSIONS_OFFER}",
         f"Sec-WebSocket-Key: {encode_key(key)}",
         "Sec-WebSocket-Version: 13",
         "Upgrade: websocket",
         f"X-User-Id: {user_id}",
-    ]
+    )
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+
+@functools.lru_cache(maxsize=64)
+def _check_constant_fields(host: str, user_agent: str) -> None:
+    """The fields that stay the same over a client's dials, checked once (a ProtocolError is not
+    cached: it comes again)."""
+    if not _HOST_OK.fullmatch(host):
+        raise ProtocolError(f"host {host!r} cannot go into a Host header", remote=False)
+    if not _VALUE_OK.fullmatch(user_agent):
+        raise ProtocolError("the user agent holds a control character", remote=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,16 +438,16 @@ def _valid_key(key: str) -> bool:
 
 def _parse_fields(lines: list[bytes], error: type[ProtocolError]) -> dict[str, str]:
     headers: dict[str, str] = {}
+    memo = _FIELD_MEMO
     for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            raise error(f"obsolete line folding at {_show(line)}")
-        if _FORBIDDEN.search(line):
-            raise error(f"control character in header line {_show(line)}")
-        raw_name, colon, raw_value = line.partition(b":")
-        if not colon or not _NAME.fullmatch(raw_name):
-            raise error(f"header line {_show(line)} is malformed")
-        name = raw_name.decode("ascii").lower()
-        value = raw_value.strip(b" \t").decode("latin-1")
+        parsed = memo.get(line)
+        if parsed is None:
+            parsed = _parse_field(line, error)
+            if parsed[0] not in _NOT_MEMOIZED:
+                if len(memo) >= MEMO_SIZE:
+                    memo.clear()  # many distinct lines: not a client repeating itself
+                memo[line] = parsed
+        name, value = parsed
         if name in headers:
             if name in _SINGLE:
                 raise error(f"repeated {name} field")
@@ -436,9 +457,27 @@ def _parse_fields(lines: list[bytes], error: type[ProtocolError]) -> dict[str, s
     return headers
 
 
+def _parse_field(line: bytes, error: type[ProtocolError]) -> tuple[str, str]:
+    """One field line: its name in lower case and its value without the whitespace around it."""
+    match = _FIELD.fullmatch(line)
+    if match is None:
+        _bad_field(line, error)
+    return match[1].lower().decode("ascii"), match[2].rstrip(b" \t").decode("latin-1")
+
+
+def _bad_field(line: bytes, error: type[ProtocolError]) -> NoReturn:
+    """Say what is wrong with a field line that is not well-formed."""
+    if line[:1] in (b" ", b"\t"):
+        raise error(f"obsolete line folding at {_show(line)}")
+    if _FORBIDDEN.search(line):
+        raise error(f"control character in header line {_show(line)}")
+    raise error(f"header line {_show(line)} is malformed")
+
+
 def _has_token(headers: dict[str, str], name: str, token: str) -> bool:
     """A comma-separated list field holds ``token``, compared without case (gorilla's rule)."""
-    return any(item.strip(" \t").lower() == token for item in headers.get(name, "").split(","))
+    value = headers.get(name, "").lower()
+    return value == token or any(item.strip(" \t") == token for item in value.split(","))
 
 
 def _show(line: bytes) -> str:

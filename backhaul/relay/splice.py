@@ -13,10 +13,10 @@ import logging
 import os
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable
 
+from backhaul.buffers import scratch
 from backhaul.pipes import SMALL, Pipe, PipePool
 from backhaul.reactor import READ, WRITE, Reactor
 
@@ -47,20 +47,10 @@ def choose_mode() -> str:
 MODE = choose_mode()
 
 
-_buffers = threading.local()
-
-
-def _thread_buffer() -> memoryview:
-    buf = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = memoryview(bytearray(COPY_CHUNK))
-    return buf
-
-
 class Direction:
     """One way of a relay: bytes from ``src`` to ``dst``, and what is stuck between them."""
 
-    __slots__ = ("src", "dst", "pipes", "splice", "pipe", "queued", "held", "stuck", "state")
+    __slots__ = ("src", "dst", "pipes", "splice", "pipe", "queued", "held", "stuck", "state", "moved")
 
     def __init__(self, src: socket.socket, dst: socket.socket, pipes: PipePool | None) -> None:
         self.src = src
@@ -72,6 +62,7 @@ class Direction:
         self.held = 0            # of which counted as pinned while the receiver does not read
         self.stuck = b""         # bytes not yet written, outside any pipe
         self.state = WANT_READ
+        self.moved = 0           # bytes read from src: one addition per read, read by the status page
 
     def pump(self, rounds: int, inline: bool = False) -> int:
         """Move bytes for at most ``rounds`` reads; returns why it stopped.
@@ -115,6 +106,7 @@ class Direction:
             if got == 0:
                 return EOF
             self.queued = got
+            self.moved += got
             if got < bite:
                 break
         if self.queued and not self._drain_pipe(pipe.r, dst):
@@ -161,7 +153,7 @@ class Direction:
 
     def _pump_copy(self, rounds: int) -> int:
         src, dst = self.src, self.dst
-        buf = _thread_buffer()
+        buf = scratch(COPY_CHUNK)
         pending: memoryview | bytes = self.stuck
         self.stuck = b""
         try:
@@ -172,6 +164,7 @@ class Direction:
                 got = src.recv_into(buf)
                 if got == 0:
                     return EOF
+                self.moved += got
                 pending = buf[:got]
                 if got < len(buf):  # drained: asking again would only raise EAGAIN
                     break
@@ -231,6 +224,7 @@ class Relay:
         if first is not None:
             direction = self.ab if first is self.a else self.ba
             direction.stuck = early
+            direction.moved += len(early)
             self._run_inline(direction)
             if self._closed:
                 return
@@ -329,6 +323,14 @@ class Relay:
         done = all(s in (EOF, FAILED) for s in states)
         if done or self._failed:
             self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def counts(self) -> tuple[int, int]:
+        """Bytes read so far from ``a`` (towards ``b``) and from ``b``; any thread."""
+        return self.ab.moved, self.ba.moved
 
     def close(self) -> None:
         """Close both sockets now; reactor thread only, never while a worker pumps."""

@@ -15,10 +15,10 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-import threading
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from backhaul.buffers import scratch
 from backhaul.reactor import READ, WRITE, Reactor
 
 log = logging.getLogger("backhaul.relay")
@@ -28,16 +28,6 @@ ROUNDS = 4               # reads per event and direction before other connection
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH,
          errno.ENETUNREACH, errno.ECONNABORTED)
 _EMPTY = memoryview(b"")
-
-
-_buffers = threading.local()
-
-
-def _scratch() -> memoryview:
-    buf = getattr(_buffers, "stream_buf", None)
-    if buf is None:
-        buf = _buffers.stream_buf = memoryview(bytearray(READ_CHUNK))
-    return buf
 
 
 @runtime_checkable
@@ -134,6 +124,10 @@ class StreamRelay:
     def closed(self) -> bool:
         return self._closed
 
+    def counts(self) -> tuple[int, int]:
+        """Bytes read from the socket so far, and written to it."""
+        return self.up_bytes, self.down_bytes
+
     def start(self) -> None:
         """Arm the socket and listen to the stream; reactor thread only."""
         if self._closed:
@@ -202,16 +196,16 @@ class StreamRelay:
                     self._up = self._up[accepted:]
                     return
                 self._up = _EMPTY
-            scratch = _scratch()
+            buf = scratch(READ_CHUNK)
             for _ in range(ROUNDS):
                 # Read into this thread's buffer and hand the stream bytes of the size read: it
                 # may keep them without another copy (smux frames are slices of them), and no
                 # read allocates (and maps) a large buffer only to shrink it.
                 try:
-                    got = self.sock.recv_into(scratch)
+                    got = self.sock.recv_into(buf)
                 except BlockingIOError:
                     return
-                data = scratch[:got].tobytes()
+                data = buf[:got].tobytes()
                 if got == 0:
                     self.up_ended = True
                     stream.shutdown_write()

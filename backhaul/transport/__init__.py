@@ -21,6 +21,7 @@ MODULES = {
     "wss": "ws",
     "wsmux": "ws",
     "wssmux": "ws",
+    "udp": "udp",
 }
 NEEDS = {"ws": "wsproto", "wss": "wsproto", "wsmux": "wsproto", "wssmux": "wsproto"}   # optional packages by transport
 

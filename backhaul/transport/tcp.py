@@ -1,5 +1,6 @@
 """The ``tcp`` transport (PROTOCOL.md 1): a control channel plus a pool of plain TCP links, each
-carrying one user connection after an LTV target header.
+carrying one user connection after an LTV target header (type 0x04), or one UDP flow of
+accept_udp as frames (type 0x05, PROTOCOL.md 4.1).
 
 Only what is tcp's own lives here: what a link is, how it is announced and dialed. The handshake
 judging, the control channel and the pool policy are shared (backhaul/tunnel/).
@@ -11,6 +12,7 @@ import functools
 import logging
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from backhaul.errors import ProtocolError
 from backhaul.log import Throttles
@@ -18,6 +20,7 @@ from backhaul.net import dial, peer_of, tune
 from backhaul.protocol.auth import LinkSigner
 from backhaul.protocol.framing import SG_TCP, SG_UDP, FrameReader, encode_ltv
 from backhaul.reactor import READ, Reactor
+from backhaul.relay.datagram import FramedRelay
 from backhaul.relay.splice import Relay
 from backhaul.tunnel.acceptor import has_bytes
 from backhaul.tunnel.carrier import SocketCarrier
@@ -27,6 +30,10 @@ from backhaul.tunnel.dialer import handshake, send_link_proof
 from backhaul.tunnel.pool import ClientPool, LinkPool
 from backhaul.tunnel.port import TunnelPort
 
+if TYPE_CHECKING:
+    from backhaul.flows import Flow
+    from backhaul.udp import Peer
+
 log = logging.getLogger("backhaul.tcp")
 
 MAX_CLIENT_LINKS = 4096        # idle plus dialing links on the client
@@ -34,8 +41,8 @@ LINK_READ = 16384              # the first read of a link: its header and what f
 
 
 @functools.lru_cache(maxsize=1024)
-def target_header(target: str) -> bytes:
-    return encode_ltv(SG_TCP, target.encode())
+def target_header(target: str, kind: int = SG_TCP) -> bytes:
+    return encode_ltv(kind, target.encode())
 
 
 class SocketLink:
@@ -66,6 +73,39 @@ class SocketLink:
     def attach(self, other: socket.socket, on_close: OnRelayClosed) -> Relay:
         relay = Relay(self.reactor, other, self.sock, on_close=on_close)
         relay.start(first=self.sock if self.link_first else other, early=self.early)
+        return relay
+
+    def attach_flow(self, flow: Flow, on_close: OnRelayClosed, rtt_ms: int) -> FramedRelay | None:
+        """Server side: announce the UDP flow (SG_UDP header, never a PROXY header) and relay it."""
+        header = target_header(flow.mapping.target, SG_UDP)
+        try:
+            if self.sock.send(header) != len(header):
+                return None
+        except OSError:
+            return None  # a stale link: its client end is gone
+        relay = FramedRelay(self.reactor, flow, self.sock, server=True, on_close=on_close, rtt_ms=rtt_ms,
+                            on_congested=flow.retire)
+        relay.start()
+        return relay
+
+    def close(self) -> None:
+        self.reactor.close_socket(self.sock)
+
+
+class FlowSocketLink:
+    """The client's end of a tcp link that carries a UDP flow (accept_udp); ``early``: frames
+    read together with the header."""
+
+    __slots__ = ("reactor", "sock", "early")
+
+    def __init__(self, reactor: Reactor, sock: socket.socket, early: bytes) -> None:
+        self.reactor = reactor
+        self.sock = sock
+        self.early = early
+
+    def attach_flow(self, target: Peer, on_close: OnRelayClosed) -> FramedRelay:
+        relay = FramedRelay(self.reactor, target, self.sock, server=False, on_close=on_close)
+        relay.start(self.early)
         return relay
 
     def close(self) -> None:
@@ -215,8 +255,7 @@ class TcpSession:
         if reader.kind == SG_TCP:
             self.core.carry(SocketLink(self.reactor, sock, link_first=True, early=early), target)
         elif reader.kind == SG_UDP:
-            log.warning("dropped a UDP flow for %s: accept_udp is not supported by this client yet", target)
-            sock.close()
+            self.core.carry_flow(FlowSocketLink(self.reactor, sock, early), target)
         else:
             log.warning("dropped a data connection: unknown header type 0x%02x", reader.kind or 0)
             sock.close()

@@ -117,9 +117,6 @@ class Challenge(Pending):
     def discard(self, reactor: Reactor) -> None:
         self.ws.close()
 
-    def release(self, reactor: Reactor) -> None:
-        """The websocket keeps its socket and its watch: it becomes the control channel."""
-
 
 def server_context(cfg: ServerConfig) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -343,17 +340,20 @@ class UpgradePort(Port):
         self._answer(entry.sock, http.accept_response(request.key))
         self.pending.end(entry, close=False)
         sock, peer = entry.sock, entry.peer
-        if route == "control":
-            ws = WebSocket(self.reactor, sock, client=False, peer=f"client {peer}", first=request.rest)
-            if self.challenge:
-                self._begin_challenge(ws, peer, entry.ip)
-            else:
-                self._control_up(ws, peer)
-        elif self.mux:
-            self.sessions.add(sock, request.rest)
-        else:
+        if route == "data" and not self.mux:
+            # Still watched: the websocket takes the registration over (no system call).
             self.websockets.add(WebSocket(self.reactor, sock, client=False, peer=f"client {peer}",
                                           first=request.rest))
+            return
+        self.reactor.forget(sock)
+        if route == "data":
+            self.sessions.add(sock, request.rest)
+            return
+        ws = WebSocket(self.reactor, sock, client=False, peer=f"client {peer}", first=request.rest)
+        if self.challenge:
+            self._begin_challenge(ws, peer, entry.ip)
+        else:
+            self._control_up(ws, peer)
 
     def _credentials(self, request: http.Request, route: str | None) -> tuple[str, str] | None:
         """Why the request's Authorization is refused (kind, why), or None. Token mode: the
@@ -547,7 +547,9 @@ def connect(core: ClientCore) -> WebSocketSession:
 
 class UpgradeDial:
     """One data connection on the reactor: connect, TLS, upgrade to /tunnel/<N>; ``done(sock,
-    first, "")`` or ``done(None, b"", reason)`` once, within dial_timeout."""
+    first, "")`` or ``done(None, b"", reason)`` once, within dial_timeout. The socket comes still
+    watched by the reactor: ``done`` watches it with a callback of its own (a ``WebSocket`` takes
+    the registration over), forgets it or closes it with ``reactor.close_socket``."""
 
     def __init__(self, core: ClientCore, addr: tuple[str, int],
                  done: Callable[[socket.socket | None, bytes, str], None], signer: LinkSigner | None = None) -> None:
@@ -573,13 +575,19 @@ class UpgradeDial:
         cfg = self.cfg
         tune(sock, nodelay=True, keepalive=cfg.keepalive_period, mss=cfg.mss, rcvbuf=cfg.so_rcvbuf,
              sndbuf=cfg.so_sndbuf)
-        self.reactor.forget(sock)
+        # The socket stays watched (for WRITE, by the dial): every step below watches it anew
+        # or closes it, which saves a system call or two per connection.
         self.sock = sock
         if uses_tls(cfg.transport):
+            # wrap_socket takes the descriptor over, and closes it when it fails (a connection
+            # reset already): the reactor must not be left watching a number that is reused.
+            self.reactor.forget(sock)
             try:
                 self.sock = client_context(cfg).wrap_socket(sock, server_hostname=cfg.remote_host,
                                                             do_handshake_on_connect=False)
             except (ssl.SSLError, OSError) as exc:  # the connection broke already
+                sock.close()   # nothing left to close when wrap_socket took it over
+                self.sock = None
                 self._fail(f"TLS handshake failed: {tls_reason(exc)}")
                 return
         self._step(0)
@@ -595,9 +603,10 @@ class UpgradeDial:
             if self.head:
                 sent = sock.send(self.head)
                 self.head = self.head[sent:]
-                if self.head:
-                    self.reactor.watch(sock, WRITE, self._step)
-                    return
+                # The answer cannot be here before the server has read the head: wait for it
+                # instead of a read that fails.
+                self.reactor.watch(sock, WRITE if self.head else READ, self._step)
+                return
             while True:
                 data = sock.recv(16384)
                 if not data:
@@ -631,7 +640,6 @@ class UpgradeDial:
             return
         done, self.done = self.done, None
         self.timer.cancel()
-        self.reactor.forget(sock)
         assert done is not None
         done(sock, response.rest, "")
 
@@ -683,7 +691,7 @@ class WebSocketSession:
         if sock is None:
             return
         if self.closed:
-            sock.close()
+            self.reactor.close_socket(sock)
             return
         ws = WebSocket(self.reactor, sock, client=True, peer="the server", first=first)
         self.links.add(ws)
@@ -718,6 +726,7 @@ def connect_mux(core: ClientCore) -> MuxClientSession:
     control = connect(core)
 
     def upgrade(done: Callable[[socket.socket | None, str, bytes], None]) -> None:
+        # MuxClientSession forgets the socket first thing: its session reads it on its own.
         UpgradeDial(core, control.server_addr, lambda sock, first, error: done(sock, error, first), control.signer)
 
     ws = WebSocket(core.reactor, control.sock, client=True, peer="the server", first=control.first)

@@ -213,6 +213,8 @@ class HandshakeAcceptor:
 
     def _end(self, entry: Handshake, close: bool = True) -> None:
         self.pending.end(entry, close)
+        if not close:
+            self.reactor.forget(entry.sock)
 
     def close(self) -> None:
         self.pending.close()

@@ -66,6 +66,7 @@ class ServerChannel(_Channel):
         self.machine = ServerControl(heartbeat, time.monotonic(), rtt_probe=rtt_probe)
         self.on_lost = on_lost
         self.closed = False
+        self.rtt_ms = 0      # whole ms, as the Go server keeps it (accept_udp's congestion flag)
         self._timer: Timer | None = None
         self._flush_queued = False
 
@@ -104,6 +105,7 @@ class ServerChannel(_Channel):
     def _data(self, data: bytes) -> None:
         for event in self.machine.receive(data, time.monotonic()):
             if isinstance(event, RttMeasured):
+                self.rtt_ms = int(event.ms)
                 log.debug("rtt to %s: %.1f ms", self.peer, event.ms)
             elif isinstance(event, PeerClosing):
                 self._end(f"{self.peer} is shutting down or restarting", notify=False, goodbye=True)

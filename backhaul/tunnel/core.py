@@ -15,12 +15,20 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from backhaul.config import ClientConfig, ServerConfig
+    from backhaul.flows import Flow
     from backhaul.reactor import Reactor
     from backhaul.resolver import Resolver
+    from backhaul.udp import Peer
 
 
 class Relaying(Protocol):
     """A running relay (splice or stream): ``abort`` tears it down from outside."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def counts(self) -> tuple[int, int]:
+        """Bytes read from the user's (or target's) socket so far, and written to it."""
 
     def abort(self) -> None: ...
 
@@ -40,6 +48,11 @@ class ServerLink(Protocol):
     def attach(self, user: socket.socket, on_close: OnRelayClosed) -> Relaying:
         """Relay between ``user`` and this link until both directions end."""
 
+    def attach_flow(self, flow: Flow, on_close: OnRelayClosed, rtt_ms: int) -> Relaying | None:
+        """Announce a UDP flow to ``flow.mapping.target`` and relay its datagrams until it ends;
+        None: the link is dead. Only the transports that carry UDP (tcp, udp) have it; ``rtt_ms``
+        is the control channel's RTT (0 when unknown)."""
+
     def close(self) -> None: ...
 
 
@@ -48,6 +61,9 @@ class ClientLink(Protocol):
 
     def attach(self, target: socket.socket, on_close: OnRelayClosed) -> Relaying:
         """Relay between this link and the ``target`` socket until both directions end."""
+
+    def attach_flow(self, target: Peer, on_close: OnRelayClosed) -> Relaying:
+        """Relay datagrams between this link (a UDP flow) and the ``target`` UDP peer."""
 
     def close(self) -> None: ...
 
@@ -72,6 +88,9 @@ class ClientCore(Protocol):
     def carry(self, link: ClientLink, target: str) -> None:
         """Dial the target a link was assigned to and relay between them."""
 
+    def carry_flow(self, link: ClientLink, target: str) -> None:
+        """Open a UDP socket to the target of a UDP flow and relay datagrams between them."""
+
     def session_ended(self, session: ClientSession, reason: str) -> None:
         """The session closed (``reason`` empty when we closed it on purpose)."""
 
@@ -85,8 +104,14 @@ class ServerTransport(Protocol):
     def start(self) -> None:
         """Start accepting clients."""
 
+    rtt_ms: int
+    """The control channel's round trip in whole ms, as Go measures it (0: unknown)."""
+
     def user_arrived(self) -> None:
-        """A user connection was accepted: ask for what the pool policy wants."""
+        """A user connection was accepted (or a UDP flow began): ask for what the pool policy wants."""
+
+    def peer(self) -> str:
+        """The client's address while its control channel is up, else ""."""
 
     def take_link(self) -> ServerLink | None:
         """A ready link, taken out of the pool, or None. It may still be watched for reading:

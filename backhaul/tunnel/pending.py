@@ -43,10 +43,6 @@ class Pending:
         """Close what the entry holds (a subclass may hold more than its socket, a WebSocket)."""
         reactor.close_socket(self.sock)
 
-    def release(self, reactor: Reactor) -> None:
-        """Hand the socket on: the reactor stops watching it for this reader."""
-        reactor.forget(self.sock)
-
 
 P = TypeVar("P", bound=Pending)
 
@@ -102,7 +98,10 @@ class PendingSet(Generic[P]):
             self.end(entry)
 
     def end(self, entry: P, close: bool = True) -> bool:
-        """Stop tracking ``entry`` (closing its socket unless told not to); False if it was not."""
+        """Stop tracking ``entry``, closing its socket; False if it was not tracked. With
+        ``close=False`` the caller takes the socket over still watched by the reactor: it must
+        watch it with a callback of its own (no system call when the events stay), forget it
+        or close it before the next event."""
         if self.entries.pop(entry.sock, None) is None:
             return False
         self.per_ip[entry.ip] -= 1
@@ -112,8 +111,6 @@ class PendingSet(Generic[P]):
             entry.timer.cancel()
         if close:
             entry.discard(self.reactor)
-        else:
-            entry.release(self.reactor)
         return True
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from backhaul.log import Throttles
+from backhaul.metrics import METRICS
 from backhaul.poolsize import PoolSizer
 from backhaul.reactor import Reactor, Timer
 
@@ -23,6 +24,8 @@ REQUEST_TTL = 5.0      # a link asked for and not arrived by then is asked for a
 TOP_UP_EVERY = 1.0
 
 L = TypeVar("L")
+
+IDLE = METRICS.gauge("backhaul_pool_idle_links", "Tunnel links open and waiting for a user (tcp, ws).", ("side",))
 
 
 class LinkPool(Generic[L]):
@@ -36,17 +39,23 @@ class LinkPool(Generic[L]):
         self.idle: collections.deque[L] = collections.deque()
         self.requested: collections.deque[float] = collections.deque()
         self._timer: Timer | None = None
+        self._unwatch: Callable[[], None] | None = None
 
     def start(self) -> None:
         """Begin topping up, a moment from now: a client dials its own pool right after the
         handshake, and asking at once would double it."""
         self._timer = self.reactor.call_later(TOP_UP_EVERY, self._top_up)
+        if self._unwatch is None:
+            self._unwatch = IDLE.watch(lambda: [(("server",), len(self.idle))])
 
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self.requested.clear()
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
 
     def add(self, link: L) -> bool:
         """Keep ``link`` ready; False when ``capacity`` links already wait (the caller refuses it)."""
@@ -113,9 +122,12 @@ class ClientPool:
         self.closed = False
         self._timer: Timer | None = None
         self.warn = Throttles(log)
+        self._unwatch: Callable[[], None] | None = None
 
     def start(self, initial: int) -> None:
         self._timer = self.reactor.call_later(1.0, self._sample)
+        if self.what == "data connection":   # sessions are counted by the mux metrics
+            self._unwatch = IDLE.watch(lambda: [(("client",), self.idle())])
         for _ in range(initial):
             self.open()
 
@@ -123,6 +135,9 @@ class ClientPool:
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
 
     def requested(self, count: int) -> None:
         """The server asked for ``count`` more (one SG_CHAN each)."""

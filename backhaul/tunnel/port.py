@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from backhaul.listener import Listener
+from backhaul.metrics import METRICS
 from backhaul.net import listen, peer_of, tune
 from backhaul.protocol.auth import LinkChecker
 from backhaul.tunnel.acceptor import HandshakeAcceptor
@@ -21,6 +22,9 @@ from backhaul.tunnel.control import ServerChannel
 from backhaul.tunnel.core import ServerCore, ServerLink
 
 log = logging.getLogger("backhaul.server")
+
+RECONNECTS = METRICS.counter("backhaul_reconnects_total", "Control channels established after the first one.",
+                             ("side",))
 
 
 class Links(Protocol):
@@ -60,6 +64,7 @@ class Port:
         self.listener: Listener | None = None
         self.channel: ServerChannel | None = None
         self.links: Links
+        self._had_channel = False
 
     def open(self) -> None:
         cfg = self.config
@@ -84,12 +89,19 @@ class Port:
             self.listener.close()
             self.listener = None
 
+    @property
+    def rtt_ms(self) -> int:
+        return self.channel.rtt_ms if self.channel is not None else 0
+
     def user_arrived(self) -> None:
         if self.channel is not None:
             self.links.user_arrived()
 
     def take_link(self) -> ServerLink | None:
         return self.links.take()
+
+    def peer(self) -> str:
+        return self.channel.peer.removeprefix("client ") if self.channel is not None else ""
 
     # --- for the subclasses -------------------------------------------------------------------
     def _arrived(self, sock: socket.socket, addr: tuple) -> None:
@@ -113,6 +125,9 @@ class Port:
         if self.channel is not channel:
             return
         self.links.start()
+        if self._had_channel:
+            RECONNECTS.inc(1, "server")
+        self._had_channel = True
         log.info("client %s connected: control channel up", peer)
         if cfg.token_is_default:
             log.warning("the default token is in use; set token on both sides")

@@ -1,0 +1,344 @@
+"""The ``udp`` transport (PROTOCOL.md 4.2): the tcp transport's control channel (token handshake,
+RTT probe), and links that are UDP 5-tuples to the same port number over UDP.
+
+A link announces itself with one datagram holding the raw token; while pooled the server pings it
+(a 1-byte 0x02 datagram every heartbeat); a flow is given to it as one datagram holding the
+target string, then datagrams are relayed one for one. The public ports are UDP only.
+"""
+
+from __future__ import annotations
+
+import heapq
+import hmac
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+from backhaul.errors import TransportError
+from backhaul.flows import EVICTED, Flow
+from backhaul.log import Throttles
+from backhaul.net import reason
+from backhaul.protocol.framing import SG_PING
+from backhaul.reactor import READ, Reactor, Timer
+from backhaul.relay.datagram import PairRelay
+from backhaul.tunnel.carrier import SocketCarrier
+from backhaul.tunnel.control import ClientChannel
+from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
+from backhaul.tunnel.dialer import handshake
+from backhaul.tunnel.pool import ClientPool, LinkPool
+from backhaul.tunnel.port import TunnelPort
+from backhaul.udp import WARN, AddressPeer, ConnectedPeer, DatagramSocket, Peer, bind_udp, connected_udp, drop, show
+
+log = logging.getLogger("backhaul.udp")
+
+MAX_CLIENT_LINKS = 4096       # links on the client, idle or carrying a flow (two sockets each then)
+EVICT_SHARE = 8               # at that cap, an eighth of the flows makes room at once
+REAP_EVERY = 10.0             # seconds between looks for idle links the server no longer pings
+MAX_TARGET = 1024             # a datagram longer than this is no target string
+PING = bytes((SG_PING,))
+
+
+# ------------------------------------------------------------------------------------------------
+# server side
+
+class UdpLink:
+    """The server's end of one link: the client's address on the UDP tunnel port. It carries
+    UDP flows only (the public ports of this transport are UDP)."""
+
+    __slots__ = ("reactor", "tunnel")
+
+    def __init__(self, reactor: Reactor, tunnel: AddressPeer) -> None:
+        self.reactor = reactor
+        self.tunnel = tunnel
+
+    def peer(self) -> tuple[str, int]:
+        return self.tunnel.addr[:2]
+
+    def attach_flow(self, flow: Flow, on_close: OnRelayClosed, _rtt_ms: int) -> PairRelay | None:
+        if self.tunnel.closed:
+            return None
+        self.tunnel.send(flow.mapping.target.encode())
+        relay = PairRelay(self.reactor, flow, self.tunnel, on_close)
+        relay.start()
+        return relay
+
+    def close(self) -> None:
+        self.tunnel.close()
+
+
+class UdpLinks:
+    """udp's links: client addresses that sent the token to the UDP tunnel port, pooled and
+    pinged every heartbeat until a flow takes them. A TCP connection on this transport is
+    only ever a handshake."""
+
+    def __init__(self, core: ServerCore, ask: Callable[[int], None], talking: Callable[[socket.socket], None]) -> None:
+        self.core = core
+        self.reactor = core.reactor
+        self.config = core.config
+        self.talking = talking
+        self.pool: LinkPool[UdpLink] = LinkPool(self.reactor, self.config.channel_size,
+                                                self.config.connection_pool, ask)
+        self.socket: DatagramSocket | None = None
+        self.up = False
+        self._timer: Timer | None = None
+        self._warn = Throttles(log)
+
+    def open(self) -> None:
+        cfg = self.config
+        sock = bind_udp(cfg.bind_host, cfg.bind_port)
+        self.socket = DatagramSocket(self.reactor, sock, f"the UDP tunnel port {cfg.bind_host}:{cfg.bind_port}",
+                                     self._unknown)
+
+    def listen(self) -> None:
+        assert self.socket is not None
+        self.socket.start()
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+
+    def start(self) -> None:
+        self.up = True
+        self.pool.start()
+        self._timer = self.reactor.call_later(self.config.heartbeat, self._ping)
+
+    def stop(self) -> None:
+        self.up = False
+        self.pool.stop()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for link in self.pool.drain():
+            link.close()
+
+    def add(self, sock: socket.socket) -> None:
+        self.talking(sock)
+
+    def _unknown(self, addr: tuple, data: bytes) -> None:
+        """A datagram from an address that is no link: it must be the token."""
+        if not hmac.compare_digest(data, self.config.token.encode()):
+            drop("not_a_link", "dropped a datagram from %s on the UDP tunnel port: not from a link, and not "
+                 "the token", show(addr))
+            return
+        if not self.up:
+            drop("no_control", "dropped a link from %s on the UDP tunnel port: no control channel is up",
+                 show(addr))
+            return
+        assert self.socket is not None
+        link = UdpLink(self.reactor, AddressPeer(self.socket, addr, f"client link {show(addr)}"))
+        if not self.pool.add(link):
+            self._warn.warning("links", "closed UDP link from %s: %d idle already (channel_size)", show(addr),
+                               len(self.pool.idle))
+            link.close()
+            return
+        link.tunnel.listen(lambda batch: self._spoke(link, batch), lambda _why: self._gone(link))
+        self.core.link_available()
+
+    def _spoke(self, link: UdpLink, batch: list[bytes]) -> None:
+        for _ in batch:
+            drop("idle_link", "dropped a datagram from idle %s: nothing is sent on a link before its target",
+                 link.tunnel.name)
+
+    def _gone(self, link: UdpLink) -> None:
+        if self.pool.remove(link):
+            link.close()
+
+    def _ping(self) -> None:
+        for link in self.pool.idle:
+            link.tunnel.send(PING)
+        self._timer = self.reactor.call_later(self.config.heartbeat, self._ping)
+
+    def user_arrived(self) -> None:
+        self.pool.request(1)
+
+    def take(self) -> UdpLink | None:
+        return self.pool.take()
+
+
+class UdpTunnelPort(TunnelPort):
+    """The tcp family's port, with the UDP socket of the same address beside it."""
+
+    links: UdpLinks
+
+    def __init__(self, core: ServerCore) -> None:
+        super().__init__(core, "udp", UdpLinks, rtt_probe=True)
+
+    def open(self) -> None:
+        super().open()
+        try:
+            self.links.open()
+        except TransportError:
+            self.close()
+            raise
+
+    def start(self) -> None:
+        super().start()
+        self.links.listen()
+
+    def close(self) -> None:
+        super().close()
+        self.links.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# client side
+
+class UdpClientLink:
+    """The client's end of a link whose target arrived: its connected UDP socket to the server."""
+
+    __slots__ = ("session", "sock")
+
+    def __init__(self, session: UdpSession, sock: socket.socket) -> None:
+        self.session = session
+        self.sock = sock
+
+    def attach_flow(self, target: Peer, on_close: OnRelayClosed) -> PairRelay:
+        flows = self.session.flows
+
+        def closed(relay: PairRelay) -> None:
+            flows.discard(relay)
+            on_close(relay)
+
+        tunnel = ConnectedPeer(self.session.reactor, self.sock, "the server's UDP tunnel port")
+        relay = PairRelay(self.session.reactor, target, tunnel, closed)
+        flows.add(relay)
+        relay.start()
+        return relay
+
+    def close(self) -> None:
+        self.reactor.close_socket(self.sock)
+
+
+def connect(core: ClientCore) -> UdpSession:
+    """Dial the control channel and do the token handshake; blocking, the client's own thread."""
+    sock, addr, _signer = handshake(core)
+    return UdpSession(core, sock, addr)
+
+
+class UdpSession:
+    """The client's end of one control channel and the UDP links it opened."""
+
+    def __init__(self, core: ClientCore, sock: socket.socket, server_addr: tuple[str, int]) -> None:
+        self.core = core
+        self.config = core.config
+        self.reactor = core.reactor
+        self.server_addr = server_addr
+        self.family = sock.family
+        self.channel = ClientChannel(self.reactor, SocketCarrier(self.reactor, sock, "the server"), rtt_echo=True,
+                                     on_links=self._links_requested, on_lost=self._lost)
+        self.links: dict[socket.socket, float] = {}    # idle links: when the server was last heard on each
+        # Flows carried on this session's links. The server never says that it dropped one (it
+        # may have, to make room), so they end only when idle: a cap keeps them bounded.
+        self.flows: set[PairRelay] = set()
+        self.closed = False
+        self.pool = ClientPool(self.reactor, self.config.connection_pool, self.config.aggressive_pool,
+                               MAX_CLIENT_LINKS, "UDP link", self._open_link,
+                               idle=lambda: len(self.links), open_now=lambda: len(self.links))
+        self._timer: Timer | None = None
+
+    def start(self) -> None:
+        if self.closed:
+            return
+        self.channel.start()
+        if not self.closed:
+            self.pool.start(self.config.connection_pool)
+            self._timer = self.reactor.call_later(REAP_EVERY, self._reap)
+
+    def _links_requested(self, count: int) -> None:
+        self.pool.requested(count)
+
+    def _lost(self, reason: str, _goodbye: bool) -> None:
+        self.close(reason, notify=False)
+
+    def _open_link(self) -> None:
+        """A new UDP socket to the server's port, announced by the token (no answer comes)."""
+        if len(self.links) + len(self.flows) >= MAX_CLIENT_LINKS and not self._make_room():
+            self.pool.opened(f"{MAX_CLIENT_LINKS} UDP links open (idle or carrying a flow), the most a client keeps")
+            return
+        try:
+            sock = connected_udp(self.family, self.server_addr)
+            sock.send(self.config.token.encode())
+        except OSError as exc:
+            self.pool.opened(f"cannot open a UDP link to {show(self.server_addr)}: {reason(exc)}")
+            return
+        self.pool.opened()
+        self.links[sock] = time.monotonic()
+        self.reactor.watch(sock, READ, lambda _m: self._link_event(sock))
+
+    def _link_event(self, sock: socket.socket) -> None:
+        if sock not in self.links:
+            return
+        while True:
+            try:
+                data = sock.recv(MAX_TARGET + 1)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # refused: the server's UDP port is gone
+                log.debug("UDP link dropped: %s", reason(exc))
+                self._drop(sock)
+                return
+            if data != PING:
+                break
+            self.links[sock] = time.monotonic()
+        del self.links[sock]
+        self.reactor.watch(sock, 0)
+        target = data.decode("utf-8", "replace")
+        if len(data) > MAX_TARGET:
+            log.warning("dropped a UDP link: the server sent a datagram of %d bytes where a target belongs",
+                        len(data))
+            sock.close()
+            return
+        self.core.carry_flow(UdpClientLink(self, sock), target)
+
+    def _make_room(self) -> bool:
+        """Close a share of the flows that carried one datagram from the server only, the oldest
+        first (a flood of new sources asks again and again); False when there is none such. A
+        flow in use is never closed to make room: it ends when idle."""
+        passing = [relay for relay in self.flows if relay.down <= 1]   # far (the server) -> near (the target)
+        victims = heapq.nsmallest(max(1, len(self.flows) // EVICT_SHARE), passing, key=lambda r: r.idle.last)
+        if not victims:
+            return False
+        EVICTED.inc(len(victims), "client")
+        WARN.warning("evict-client", "closed %d UDP flows that carried one datagram to make room: %d links "
+                     "open, the most a client keeps", len(victims), MAX_CLIENT_LINKS)
+        for relay in victims:
+            relay.close()
+        return True
+
+    def _reap(self) -> None:
+        """Close idle links the server stopped pinging: it forgets a link it has no room for, and
+        says nothing. Their silence is judged by the server's heartbeat, learnt on the control
+        channel (pings come as often); before it is known, no link is judged."""
+        limit = self.channel.machine.silence_limit
+        if limit is not None:
+            now = time.monotonic()
+            silent = [sock for sock, heard in self.links.items() if now - heard > limit]
+            if silent:
+                log.info("closed %d idle UDP links the server no longer pings (silent for %.0f s)", len(silent),
+                         limit)
+            for sock in silent:
+                self._drop(sock)
+        self._timer = self.reactor.call_later(REAP_EVERY, self._reap)
+
+    def _drop(self, sock: socket.socket) -> None:
+        del self.links[sock]
+        self.reactor.close_socket(sock)
+
+    def close(self, reason: str, *, notify: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.channel.close(notify=notify)
+        self.pool.stop()
+        if self._timer is not None:
+            self._timer.cancel()
+        for sock in self.links:
+            self.reactor.close_socket(sock)
+        self.links.clear()
+        self.core.session_ended(self, reason)
+
+
+SERVER = UdpTunnelPort
+CONNECT = connect
