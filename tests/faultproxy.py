@@ -19,6 +19,12 @@ queue. Standard library only, so the benchmarks use it too.
 Every queue is bounded: a direction stops reading its source while ``max_buffer`` bytes wait.
 With ``record`` the first that many bytes of each direction are kept (``Direction.seen``), so a
 test can read what crossed the wire.
+
+With ``udp`` it also forwards UDP datagrams on the same port number (the udp transport's links
+go to the port of its control channel): one upstream socket per client address, at most
+``MAX_UDP_PEERS``. A cut or a black hole drops every datagram until ``heal`` (UDP has nothing
+to close, and a black hole's datagrams are as lost as a cut's); delay and throttle leave
+datagrams alone. With ``record`` the first ``UDP_RECORD`` datagrams up are kept (``udp_seen``).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from collections.abc import Callable
 HOST = "127.0.0.1"
 CHUNK = 64 * 1024
 HISTORY = 10_000             # closed connections remembered in ``pairs`` (for tests that look back)
+MAX_UDP_PEERS = 4096         # client addresses with an upstream UDP socket at once
+UDP_RECORD = 10_000          # datagrams up kept when recording
 _RESET = struct.pack("ii", 1, 0)
 
 
@@ -93,19 +101,43 @@ class Pair:
         return self.to_up.moved, self.to_down.moved if self.to_down else 0
 
 
+def _listen(host: str, udp: bool) -> tuple[socket.socket, socket.socket | None]:
+    """A TCP listener on a free port, and with ``udp`` a UDP socket on the same port number."""
+    for _ in range(50):
+        listener = socket.create_server((host, 0), backlog=4096)
+        if not udp:
+            return listener, None
+        datagrams = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            datagrams.bind((host, listener.getsockname()[1]))
+        except OSError:   # the UDP port of that number is taken: another one
+            datagrams.close()
+            listener.close()
+            continue
+        datagrams.setblocking(False)
+        return listener, datagrams
+    raise OSError("no port free for both TCP and UDP")
+
+
 class FaultProxy:
     """Forwards connections from ``port`` to ``upstream_host:upstream_port``; see the module text."""
 
     def __init__(self, upstream_port: int, upstream_host: str = HOST, listen_host: str = HOST,
-                 max_buffer: int = 1 << 20, seed: int = 0, record: int = 0, history: int = HISTORY) -> None:
+                 max_buffer: int = 1 << 20, seed: int = 0, record: int = 0, history: int = HISTORY,
+                 udp: bool = False) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.record = record
         self.history = history
         self.max_buffer = max_buffer
         self.rng = random.Random(seed)
-        self.listener = socket.create_server((listen_host, 0), backlog=4096)
+        self.listener, self.udp = _listen(listen_host, udp)
         self.listener.setblocking(False)
         self.port: int = self.listener.getsockname()[1]
+        self._udp_up: dict[tuple, socket.socket] = {}     # client address -> its upstream socket
+        self._udp_down: dict[socket.socket, tuple] = {}
+        self.udp_seen: list[bytes] = []      # datagrams up, when recording
+        self.udp_moved = [0, 0]              # datagrams forwarded up, down
+        self.udp_dropped = 0                 # datagrams dropped by a cut or a black hole
         self.pairs: list[Pair] = []          # connections in arrival order (closed ones forgotten past HISTORY)
         self._active: dict[Pair, None] = {}  # the open ones
         self.accepted = 0
@@ -127,6 +159,8 @@ class FaultProxy:
         self.error: BaseException | None = None
         self._sel.register(self.listener, selectors.EVENT_READ, None)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        if self.udp is not None:
+            self._sel.register(self.udp, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
         self._thread.start()
 
@@ -190,6 +224,10 @@ class FaultProxy:
                     sock = key.fileobj
                     if sock is self.listener:
                         self._accept()
+                    elif sock is self.udp:
+                        self._udp_from_client()
+                    elif sock in self._udp_down:
+                        self._udp_from_server(sock)  # type: ignore[arg-type]
                     elif sock is self._wake_r:
                         with contextlib.suppress(BlockingIOError):
                             self._wake_r.recv(4096)
@@ -207,6 +245,10 @@ class FaultProxy:
             for pair in list(self._active):
                 self._close_pair(pair, rst=False)
             self.listener.close()
+            for up in self._udp_down:
+                up.close()
+            if self.udp is not None:
+                self.udp.close()
 
     def _next_timeout(self) -> float | None:
         if self._calls:
@@ -260,6 +302,52 @@ class FaultProxy:
         for pair in list(self._active):
             self._close_pair(pair, rst)
         self._set_mode("cut", rst)
+
+    # --- datagrams ------------------------------------------------------------------------------
+    def _udp_from_client(self) -> None:
+        assert self.udp is not None
+        for _ in range(256):
+            try:
+                data, addr = self.udp.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue   # an ICMP error from an earlier send
+            if self._mode != "open":
+                self.udp_dropped += 1
+                continue
+            if self.record and len(self.udp_seen) < UDP_RECORD:
+                self.udp_seen.append(data)
+            up = self._udp_up.get(addr)
+            if up is None:
+                if len(self._udp_up) >= MAX_UDP_PEERS:
+                    self.udp_dropped += 1
+                    continue
+                up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                up.setblocking(False)
+                up.connect(self.upstream)
+                self._udp_up[addr] = up
+                self._udp_down[up] = addr
+                self._sel.register(up, selectors.EVENT_READ, None)
+            with contextlib.suppress(OSError):
+                up.send(data)
+                self.udp_moved[0] += 1
+
+    def _udp_from_server(self, up: socket.socket) -> None:
+        assert self.udp is not None
+        for _ in range(256):
+            try:
+                data = up.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue   # the server's port was closed for a moment (a restart)
+            if self._mode != "open":
+                self.udp_dropped += 1
+                continue
+            with contextlib.suppress(OSError):
+                self.udp.sendto(data, self._udp_down[up])
+                self.udp_moved[1] += 1
 
     # --- connections ----------------------------------------------------------------------------
     def _accept(self) -> None:

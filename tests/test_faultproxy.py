@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import socket
@@ -107,3 +108,31 @@ def test_cut_of_one_connection_leaves_the_others(proxy: FaultProxy) -> None:
         proxy.cut(index=0)
         assert closed_by_peer(first, timeout=5)
         assert echo_roundtrip_once(second, b"still")
+
+
+def test_udp_side_forwards_both_ways_per_client_and_a_fault_drops_datagrams() -> None:
+    """With ``udp`` the proxy forwards datagrams on its port number to the UDP echo of the same
+    number behind it, one upstream socket per client; a cut or a black hole drops them until heal."""
+    echo = harness.UdpEcho()
+    with contextlib.closing(echo), FaultProxy(echo.port, udp=True, record=1) as fp:
+        users = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+        try:
+            for i, user in enumerate(users):
+                user.settimeout(2)
+                user.sendto(b"hello %d" % i, (HOST, fp.port))
+                assert user.recv(100) == b"hello %d" % i
+            assert len(echo.sources) == 2, "one upstream socket per client address"
+            for fault in (lambda: fp.cut(), fp.blackhole):
+                fault()
+                users[0].settimeout(0.5)
+                users[0].sendto(b"lost", (HOST, fp.port))
+                with pytest.raises(TimeoutError):
+                    users[0].recv(100)
+                fp.heal()
+                users[0].settimeout(2)
+                users[0].sendto(b"back", (HOST, fp.port))
+                assert users[0].recv(100) == b"back"
+            assert fp.udp_dropped == 2 and fp.udp_seen[:2] == [b"hello 0", b"hello 1"]
+        finally:
+            for user in users:
+                user.close()
