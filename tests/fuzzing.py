@@ -6,7 +6,7 @@ process without sockets.
 fields off by a little or a lot, cuts, repeats, splices of two messages) or from nothing (random
 bytes). Each entry of ``CODECS`` feeds one input to the code that parses that kind of message and
 may raise only the program's own errors: anything else escaping is a bug the fuzz reports. A new
-kind of input (UDP frames) is one more entry. Standard library and the package only.
+kind of input is one more entry. Standard library and the package only.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from backhaul.protocol.framing import SG_CHAN, SG_TCP, SG_UDP, FrameReader, enco
 from backhaul.protocol.handshake import client_accepts, server_accepts
 from backhaul.protocol.smux import FIN, NOP, PSH, SYN, UPD, Session, encode_frame
 from backhaul.protocol.target import resolve_target
+from backhaul.protocol.udp_frames import MAX_DATAGRAM, CongestionWatch, FrameDecoder, encode_down, encode_up
 
 INTERESTING = (0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x0A, 0x0D, 0x20, 0x3A, 0x41, 0x45, 0x7F, 0x80, 0xFF)
 
@@ -120,6 +121,14 @@ def smux_corpus() -> list[bytes]:
     return frames
 
 
+def udp_frames_corpus() -> list[bytes]:
+    """Datagrams framed on a tcp data connection (accept_udp), both directions; the second byte
+    of the first frame tells the decoder which direction (see feed_udp_frames)."""
+    return [encode_down(b"ping") + encode_down(b""), encode_down(b"x" * 1000) * 3, encode_down(b"y" * MAX_DATAGRAM),
+            encode_up(b"pong", 123_456) + encode_up(b"z" * 300, 599_999), encode_up(b"", 0),
+            encode_up(b"w" * MAX_DATAGRAM, 1)]
+
+
 def head_corpus(host: str = "127.0.0.1:3080") -> list[bytes]:
     key = bytes(range(16))
     heads = [http.client_request(host, http.CONTROL_PATH, TOKEN, http.USER_AGENTS[0], 1, key),
@@ -203,6 +212,22 @@ def feed_smux(data: bytes, rng: random.Random) -> None:
         for sid in list(session._streams):
             session.read(sid, 1 << 16)
         session.outgoing()
+
+
+def feed_udp_frames(data: bytes, rng: random.Random) -> None:
+    """Both decoders on the same bytes: every datagram they hand up fits, and the timestamps
+    of the client's frames feed the congestion watch as the server does."""
+    for timestamped in (False, True):
+        decoder = FrameDecoder(timestamped)
+        watch = CongestionWatch(rng.choice((0, 1, 40, 100)))
+        for part in splits(rng, data):
+            for payload in decoder.feed(part):
+                if len(payload) > MAX_DATAGRAM:
+                    raise AssertionError(f"a datagram of {len(payload)} bytes came out of the decoder")
+            for stamp in decoder.timestamps:
+                watch.congested(stamp, rng.randrange(1 << 42))
+            if decoder.pending > MAX_DATAGRAM + 6:
+                raise AssertionError(f"{decoder.pending} bytes held for one frame")
 
 
 def feed_request(data: bytes, rng: random.Random) -> None:
@@ -291,6 +316,7 @@ CODECS: dict[str, tuple[Callable[[], list[bytes]], Feed]] = {
     "control": (control_corpus, feed_control),
     "target": (target_corpus, feed_target),
     "smux": (smux_corpus, feed_smux),
+    "udp-frames": (udp_frames_corpus, feed_udp_frames),
     "http-request": (head_corpus, feed_request),
     "http-response": (response_corpus, feed_response),
     "toml": (config_corpus, feed_config),

@@ -8,7 +8,10 @@
   smux frames on sessions (tcpmux). Each bad input must end its own connection, be accounted for
   in a log line (one a second per kind, with a count), and leave the good client working.
 - Against a running client, from a server played by the test: target headers on its data
-  connections, control bytes on its control channel.
+  connections, control bytes on its control channel, framed datagrams on an accept_udp flow.
+- UDP: garbage datagrams to the udp transport's tunnel port (no token, the token with garbage
+  after it, a forged link proof, oversize) from other addresses while a good client carries UDP
+  flows; and against a udp transport client, target datagrams with garbage after the target.
 - Bad config files through the command line: one line, exit 78, never a traceback.
 
 The long form, 100,000 inputs and more, is bench/fuzz.py.
@@ -34,9 +37,10 @@ from wsproto.events import BytesMessage
 
 from backhaul.protocol import auth
 from backhaul.protocol import http_upgrade as http
-from backhaul.protocol.framing import SG_CHAN, SG_TCP, FrameReader, encode_ltv
+from backhaul.protocol.framing import SG_CHAN, SG_TCP, SG_UDP, FrameReader, encode_ltv
 from backhaul.protocol.smux import PSH, SYN
 from backhaul.protocol.target import resolve_target
+from backhaul.protocol.udp_frames import MAX_DATAGRAM, FrameDecoder
 from tests import fuzzing, harness
 from tests.harness import (
     HOST,
@@ -45,6 +49,7 @@ from tests.harness import (
     Listener,
     Service,
     Tunnel,
+    UdpEcho,
     client_toml,
     closed_by_peer,
     echo_works,
@@ -54,6 +59,7 @@ from tests.harness import (
     server_toml,
 )
 from tests.test_e2e_tcpmux import FAKE_TARGET, Frames, lv
+from tests.test_e2e_udp import exchange, user_socket
 from tests.test_e2e_ws import tls_context
 
 pytestmark = pytest.mark.timeout(120)
@@ -61,12 +67,15 @@ pytestmark = pytest.mark.timeout(120)
 launcher = harness.launcher
 echo_service = harness.echo_service
 listener = harness.listener
+udp_echo = harness.udp_echo
 
 CODEC_INPUTS = 2000       # per codec, in this process
 SERVER_INPUTS = 150       # per server target, through real sockets
 CLIENT_INPUTS = 150       # target headers against a client
 CONTROL_INPUTS = 3        # control bytes against a client: each one restarts its session (retry_interval)
 CONFIG_INPUTS = 6         # bad config files through the command line
+UDP_INPUTS = 600          # garbage datagrams to a udp transport server
+UDP_CLIENT_INPUTS = 100   # framed datagrams, and target datagrams, against a client
 TOKEN = "Fuzz-Good-Token-3a9c"
 CLOSE_BOUND = 5.0         # a bad input's connection is closed by then
 ENDED = (errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET)
@@ -446,3 +455,250 @@ def test_bad_config_files_get_one_line_and_exit_78(tmp_path) -> None:
         assert "Traceback" not in done.stderr, done.stderr
         if done.returncode == 78:
             assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# UDP: framed datagrams on the tcp carrier against a client
+
+def run_udp_frames_fuzz(launcher: Launcher, listener: Listener, echo: UdpEcho, count: int,
+                        seed: int = 11) -> dict[str, object]:
+    """Each input on a data connection of a real client, after the SG_UDP header that makes it
+    an accept_udp flow to a UDP echo: the datagrams of its whole frames come back (framed the
+    other way), a frame longer than 16384 ends that connection; the control channel stays up."""
+    failures: list[str] = []
+    start = time.monotonic()
+    client = launcher.start("client", client_toml(listener.port, TOKEN, connection_pool=1))
+    control = fake_tcp_server(listener, TOKEN)
+    mutate = fuzzing.Mutator(fuzzing.udp_frames_corpus(), seed)
+    rng = random.Random(seed)
+    header = encode_ltv(SG_UDP, str(echo.port).encode())
+    link = listener.accept()
+    for i in range(count):
+        data = mutate()
+        decoder = FrameDecoder(timestamped=False)
+        try:
+            expected, lying = decoder.feed(data), False
+        except Exception:   # the program's own error: a frame past 16384
+            expected, lying = [], True
+        control.sendall(bytes((SG_CHAN,)))  # one more data connection for the next input
+        try:
+            for part in fuzzing.splits(rng, header + data):
+                link.sendall(part)
+            if lying:
+                if not closed_by_peer(link, CLOSE_BOUND):
+                    failures.append(f"input {i} {data[:60]!r}: a lying frame left its connection open")
+            else:
+                back = FrameDecoder(timestamped=True)
+                got: list[bytes] = []
+                link.settimeout(CLOSE_BOUND)
+                while len(got) < len(expected):
+                    chunk = link.recv(65536)
+                    if not chunk:
+                        break
+                    got += back.feed(chunk)
+                if got != expected:
+                    failures.append(f"input {i} {data[:60]!r}: {len(got)} of {len(expected)} datagrams came back "
+                                    "as sent")
+        except OSError as exc:
+            failures.append(f"input {i} {data[:60]!r}: {exc!r}")
+        link.close()
+        listener.accepted.remove(link)
+        link = listener.accept()
+    link.close()
+    if not client.alive() or "Traceback" in client.log():
+        failures.append("the client died or logged a traceback")
+    if client.lines("lost the server"):
+        failures.append("the control channel went down")
+    return {"inputs": count, "seconds": time.monotonic() - start, "failures": failures}
+
+
+def test_bad_udp_frames_end_only_their_flow(launcher: Launcher, listener: Listener, udp_echo: UdpEcho) -> None:
+    failures = run_udp_frames_fuzz(launcher, listener, udp_echo, UDP_CLIENT_INPUTS)["failures"]
+    assert not failures, failures
+
+
+# ------------------------------------------------------------------------------------------------
+# UDP: garbage datagrams to a udp transport server
+
+class GoodFlows(threading.Thread):
+    """UDP users through the good client, each a new flow of a few datagrams, until stopped."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(name="good-flows", daemon=True)
+        self.port = port
+        self.done = 0
+        self.failures: list[str] = []
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        seed = 0
+        while not self._halt.is_set():
+            seed += 1
+            with contextlib.closing(user_socket()) as user:
+                for k in range(3):
+                    payload = random.Random(seed * 10 + k).randbytes(1 + seed % 1400)
+                    if exchange(user, self.port, payload, timeout=2.0, tries=3) is None:
+                        self.failures.append(f"flow {seed}: datagram {k} never came back")
+                        break
+                else:
+                    self.done += 1
+            self._halt.wait(0.02)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(30)
+
+
+def udp_garbage_corpus(token: str) -> list[bytes]:
+    signer = auth.LinkSigner(bytes(32))   # a session key that is not the server's
+    return [token.encode(), token.encode() + b"\x00garbage", b"\x02", b"",
+            signer.frame(), signer.frame() + b"tail", b"8443", encode_ltv(SG_CHAN, token.encode())]
+
+
+def run_udp_datagram_fuzz(launcher: Launcher, echo_port: int, count: int, seed: int = 13,
+                          mode: str = "token") -> dict[str, object]:
+    """``count`` garbage datagrams to the UDP tunnel port of a udp transport server, from other
+    addresses than its client's (every tenth one oversize), while the good client carries UDP
+    users: none opens a link, the server says so in lines (one a second per kind), and the users
+    keep working."""
+    extra = {"auth": mode}
+    tunnel = Tunnel(launcher, [str(echo_port)], TOKEN, transport="udp", label=f"udp-{mode}",
+                    server_extra=extra, client_extra={**extra, "connection_pool": 4}).up()
+    server = tunnel.server
+    assert server is not None
+    failures: list[str] = []
+    start = time.monotonic()
+    mutate = fuzzing.Mutator(udp_garbage_corpus(TOKEN), seed)
+    rng = random.Random(seed)
+    users = GoodFlows(tunnel.public[0])
+    try:
+        for i in range(count):
+            data = rng.randbytes(rng.randint(MAX_DATAGRAM + 1, 65507)) if i % 10 == 9 else mutate()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.bind((source(i // 4), 0))   # four from each address: the limit stays out of it
+                sock.sendto(data, (HOST, tunnel.bind_port))
+            if i % 50 == 49:
+                time.sleep(0.05)   # a flood, but one the good users' datagrams still get through
+        time.sleep(0.5)
+    finally:
+        users.stop()
+    failures += users.failures
+    if users.done < 3:
+        failures.append(f"only {users.done} good flows during the fuzz")
+    if not server.alive() or "Traceback" in server.log():
+        failures.append("the server died or logged a traceback")
+    if not server.lines("on the UDP tunnel port"):
+        failures.append("no line about the garbage")
+    if server.lines("waiting for the client to reconnect"):
+        failures.append("the control channel went down")
+    return {"inputs": count, "seconds": time.monotonic() - start, "failures": failures, "users": users.done}
+
+
+@pytest.mark.parametrize("mode", ["token", "challenge"])
+def test_garbage_datagrams_to_the_udp_tunnel_port_open_nothing(launcher: Launcher, udp_echo: UdpEcho,
+                                                               mode: str) -> None:
+    failures = run_udp_datagram_fuzz(launcher, udp_echo.port, UDP_INPUTS, mode=mode)["failures"]
+    assert not failures, failures
+
+
+# ------------------------------------------------------------------------------------------------
+# UDP: target datagrams against a udp transport client
+
+def safe_target(data: bytes, sink: int) -> bool:
+    """False for a target the client would open a socket to elsewhere than ``sink`` on
+    loopback, or look up: the fuzz stays within its own sockets."""
+    try:
+        host, port = resolve_target(data.decode("utf-8", "replace"))
+    except Exception:
+        return True
+    return host == HOST and port == sink
+
+
+@contextlib.contextmanager
+def fake_udp_server(token: str) -> Iterator[tuple[int, socket.socket, socket.socket]]:
+    """A udp transport server played by the test: its port (TCP and UDP), and once a client
+    came, (port, control connection, UDP socket)."""
+    for _ in range(50):
+        tcp = socket.create_server((HOST, 0))
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            udp.bind((HOST, tcp.getsockname()[1]))
+            break
+        except OSError:
+            tcp.close()
+            udp.close()
+    else:
+        raise OSError("no port free for both TCP and UDP")
+    try:
+        udp.settimeout(CLOSE_BOUND)
+        tcp.settimeout(CLOSE_BOUND)
+        yield tcp.getsockname()[1], tcp, udp
+    finally:
+        tcp.close()
+        udp.close()
+
+
+def run_udp_target_fuzz(launcher: Launcher, echo: UdpEcho, count: int, seed: int = 17) -> dict[str, object]:
+    """Each input is the datagram that gives a link of a real udp transport client its target:
+    a good one, with garbage after it, garbage, oversize. The client carries the good ones and
+    drops the others with a line; its control channel stays up, and a good target still works
+    at the end."""
+    failures: list[str] = []
+    start = time.monotonic()
+    good = str(echo.port).encode()
+    corpus = [good, good + b"\x00junk", good + b" extra", b"127.0.0.1:" + good, good + b"\n" + good,
+              b"x" * 2000]
+    mutate = fuzzing.Mutator(corpus, seed)
+    with fake_udp_server(TOKEN) as (port, tcp, udp):
+        client = launcher.start("client", client_toml(port, TOKEN, transport="udp", connection_pool=1))
+        control, _ = tcp.accept()
+        with control:
+            control.settimeout(CLOSE_BOUND)
+            assert recv_exact(control, 3 + len(TOKEN)) == encode_ltv(SG_CHAN, TOKEN.encode())
+            control.sendall(encode_ltv(SG_CHAN, TOKEN.encode()))
+
+            links: set[tuple[str, int]] = set()
+
+            def next_link() -> tuple[str, int]:
+                while True:
+                    data, addr = udp.recvfrom(65536)
+                    if addr in links:
+                        continue   # an echo through a link whose target was good
+                    if data == TOKEN.encode():
+                        links.add(addr)
+                        return addr
+                    failures.append(f"a datagram from the client that opens no link: {data[:40]!r}")
+
+            link = next_link()
+            for i in range(count + 1):
+                data = mutate() if i < count else good
+                while not safe_target(data, echo.port):
+                    data = mutate()
+                if i % 10 == 9:
+                    data = random.Random(i).randbytes(5000)
+                control.sendall(bytes((SG_CHAN,)))   # one more link for the next input
+                udp.sendto(data, link)
+                udp.sendto(b"after the target", link)
+                if i == count:   # the last one is good: the echo comes back through the link
+                    try:
+                        reply, addr = udp.recvfrom(65536)
+                        while addr != link:
+                            reply, addr = udp.recvfrom(65536)
+                        if reply != b"after the target":
+                            failures.append(f"a good target after the fuzz echoed {reply[:40]!r}")
+                    except TimeoutError:
+                        failures.append("a good target after the fuzz carried nothing")
+                    break
+                link = next_link()
+            time.sleep(0.3)
+        if not client.alive() or "Traceback" in client.log():
+            failures.append("the client died or logged a traceback")
+        if client.lines("lost the server"):
+            failures.append("the control channel went down")
+    return {"inputs": count, "seconds": time.monotonic() - start, "failures": failures}
+
+
+def test_bad_targets_end_only_their_udp_link(launcher: Launcher, udp_echo: UdpEcho) -> None:
+    failures = run_udp_target_fuzz(launcher, udp_echo, UDP_CLIENT_INPUTS)["failures"]
+    assert not failures, failures

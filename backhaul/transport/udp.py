@@ -208,7 +208,7 @@ class UdpClientLink:
         return relay
 
     def close(self) -> None:
-        self.reactor.close_socket(self.sock)
+        self.session.reactor.close_socket(self.sock)
 
 
 def connect(core: ClientCore) -> UdpSession:
