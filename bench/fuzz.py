@@ -5,7 +5,9 @@
 
 Six tenths of the inputs go to the codecs in this process (tests/fuzzing.py), the rest through
 real sockets to a server with a good client carrying users (bad handshakes, upgrade heads,
-WebSocket frames, smux sessions) and to a client from a server played here (target headers).
+WebSocket frames, smux sessions, garbage datagrams to the udp transport's UDP port) and to a
+client from a server played here (target headers, framed datagrams of accept_udp, the udp
+transport's target datagrams).
 Prints one line per target (inputs, seconds, failures) and the first failures; exit code 1 when
 anything failed. Needs the test extra (pytest, wsproto): it runs the suite's own drivers.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import fuzzing, test_fuzz
-from tests.harness import Launcher, Listener, Service, echo_handler
+from tests.harness import Launcher, Listener, Service, UdpEcho, echo_handler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,11 +76,39 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("client target-headers", per_other, float(result["seconds"]),  # type: ignore[arg-type]
                      list(result["failures"])))  # type: ignore[call-overload]
         report(rows[-1])
+        udp_echo = UdpEcho()
+        try:
+            rows += udp_rows(Path(tmp), udp_echo, per_other, args.seed)
+        finally:
+            udp_echo.close()
 
     inputs = sum(row[1] for row in rows)
     failed = sum(len(row[3]) for row in rows)
     print(f"\n{inputs} inputs in {sum(row[2] for row in rows):.0f} s, {failed} failures")
     return 1 if failed else 0
+
+
+def udp_rows(tmp: Path, echo: UdpEcho, count: int, seed: int) -> list[tuple[str, int, float, list[str]]]:
+    """The UDP drivers: framed datagrams and target datagrams against a client, garbage
+    datagrams against a udp transport server in both auth modes."""
+    rows: list[tuple[str, int, float, list[str]]] = []
+    runs = [("client udp-frames", lambda la, li: test_fuzz.run_udp_frames_fuzz(la, li, echo, count, seed)),
+            ("client udp-targets", lambda la, _li: test_fuzz.run_udp_target_fuzz(la, echo, count, seed)),
+            ("server udp-datagrams", lambda la, _li: test_fuzz.run_udp_datagram_fuzz(la, echo.port, count, seed)),
+            ("server udp-datagrams challenge",
+             lambda la, _li: test_fuzz.run_udp_datagram_fuzz(la, echo.port, count, seed, mode="challenge"))]
+    for name, run in runs:
+        launcher = Launcher(tmp / name.replace(" ", "-"))
+        launcher.directory.mkdir()
+        listener = Listener()
+        try:
+            result = run(launcher, listener)
+        finally:
+            launcher.stop_all()
+            listener.close()
+        rows.append((name, count, float(result["seconds"]), list(result["failures"])))  # type: ignore[arg-type,call-overload]
+        report(rows[-1])
+    return rows
 
 
 def report(row: tuple[str, int, float, list[str]], note: str = "") -> None:
