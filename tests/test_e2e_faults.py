@@ -9,26 +9,35 @@ fault the tunnel must carry a new user within ``retry_interval`` + 1 s of the fa
 black-holed control channel must be noticed within the documented bound; every transfer that did
 not start during a fault is sha256-exact, and one that a fault cut short received only right bytes.
 
+UDP has a script of its own, on the udp transport (its links are datagrams through the proxy's
+UDP side) and on accept_udp over tcp, side by side: cuts with FIN and with RST, a black hole
+long enough to be noticed, kill -9 of the client and of the server, each while a flow is
+exchanging datagrams. After each, a new UDP user gets its datagrams back within the same bound,
+and every datagram that comes back is one that was sent, whole.
+
 The long form (more rounds, longer soak) is bench/soak.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 
 from tests import harness
 from tests.faultproxy import FaultProxy
-from tests.harness import HOST, TRANSPORTS, Launcher, Service, Tunnel, client_toml, echo_works
+from tests.harness import HOST, TRANSPORTS, Launcher, Service, Tunnel, UdpEcho, client_toml, echo_works
 
 launcher = harness.launcher
 echo_service = harness.echo_service
+udp_echo = harness.udp_echo
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -340,5 +349,197 @@ def test_every_fault_on_every_transport(launcher: Launcher, echo_service: Servic
     print(f"{'':>8}" + "".join(f"{n:>17}" for n in names))
     for run in runs:
         print(f"{run.transport:>8}" + "".join(f"{run.timings.get(n, float('nan')):>16.2f}s" for n in names))
+    failures = [f"{run.transport}: {failure}" for run in runs for failure in run.failures]
+    assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------------------------------------
+# UDP: the udp transport and accept_udp over tcp
+
+def udp_works(port: int, seed: int, timeout: float = 0.5) -> bool:
+    """A new UDP user (a flow of its own) gets a datagram back whole."""
+    payload = random.Random(seed).randbytes(1 + seed % 1200)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as user:
+        user.bind((HOST, 0))
+        user.settimeout(timeout)
+        user.sendto(payload, (HOST, port))
+        try:
+            return user.recv(65536) == payload
+        except (TimeoutError, ConnectionRefusedError):
+            return False
+
+
+class Datagrams(threading.Thread):
+    """One UDP user exchanging numbered datagrams through the tunnel until stopped, one at a
+    time; ``wrong`` counts answers that are no datagram it sent (must stay 0)."""
+
+    def __init__(self, port: int, seed: int) -> None:
+        super().__init__(name=f"datagrams-{seed}", daemon=True)
+        self.port, self.seed = port, seed
+        self.sent = self.back = self.wrong = 0
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        rng = random.Random(self.seed)
+        sent: set[bytes] = set()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as user:
+            user.bind((HOST, 0))
+            user.settimeout(0.2)
+            while not self._halt.is_set():
+                payload = self.sent.to_bytes(4, "big") + rng.randbytes(rng.randint(0, 2000))
+                sent.add(payload)
+                self.sent += 1
+                with contextlib.suppress(OSError):
+                    user.sendto(payload, (HOST, self.port))
+                try:
+                    while True:
+                        data = user.recv(65536)
+                        if data in sent:
+                            self.back += 1
+                        else:
+                            self.wrong += 1
+                        if data == payload:
+                            break
+                except (TimeoutError, ConnectionRefusedError):
+                    pass
+
+    def stop(self) -> tuple[int, int, int]:
+        self._halt.set()
+        self.join(10)
+        return self.sent, self.back, self.wrong
+
+
+class UdpFaulted(Faulted):
+    """A tunnel carrying UDP users whose client dials the server through a FaultProxy that
+    forwards UDP too: ``mode`` "udp" is the udp transport, "tcp" accept_udp over tcp."""
+
+    def __init__(self, launcher: Launcher, mode: str, target: int) -> None:
+        extra: dict[str, object] = {"heartbeat": HEARTBEAT}
+        if mode == "tcp":
+            extra["accept_udp"] = True
+        self.tunnel = Tunnel(launcher, [str(target)], TOKEN, transport=mode, label=f"udp-{mode}",
+                             server_extra=extra)
+        self.proxy = None
+        self.transport = mode
+        self.seed = 0
+
+    def start(self) -> None:
+        tunnel = self.tunnel
+        tunnel.start_server()
+        self.proxy = FaultProxy(tunnel.bind_port, udp=True)
+        tunnel.remote_addr = f"{HOST}:{self.proxy.port}"
+        tunnel.client_text = client_toml(self.proxy.port, TOKEN, transport=self.transport, retry_interval=RETRY,
+                                         connection_pool=2)
+        tunnel.start_client()
+        tunnel.wait_connected(timeout=20)
+
+    def back_within(self, since: float, limit: float) -> float:
+        while time.monotonic() - since < limit + 5:
+            if udp_works(self.port, self.next_seed()):
+                return time.monotonic() - since
+            time.sleep(0.02)
+        return float("inf")
+
+
+def udp_across(f: UdpFaulted, run: Run, name: str, fault: Callable[[], float]) -> None:
+    """A flow exchanging datagrams while ``fault`` runs (it returns when the fault ended); a new
+    user is carried within the bound after it; no datagram comes back that was not sent."""
+    flow = Datagrams(f.port, seed=f.next_seed())
+    time.sleep(0.3)
+    ended = fault()
+    back = run.timings[name] = f.back_within(ended, RECOVERY)
+    run.check(back <= RECOVERY + SLACK, f"{name}: back after {back:.2f} s")
+    sent, came, wrong = flow.stop()
+    run.check(wrong == 0 and came > 0, f"{name}: {wrong} wrong datagrams, {came} of {sent} back")
+    after = Datagrams(f.port, seed=f.next_seed())
+    time.sleep(1.0)
+    sent, came, wrong = after.stop()
+    run.check(wrong == 0 and came >= sent - 1 > 0, f"{name}: after it {came} of {sent} back, {wrong} wrong")
+
+
+def udp_cut(f: UdpFaulted, run: Run, rst: bool) -> None:
+    assert f.proxy is not None
+    proxy = f.proxy
+
+    def fault() -> float:
+        proxy.cut(rst=rst)
+        time.sleep(1.0)
+        proxy.heal()
+        return time.monotonic()
+
+    udp_across(f, run, "cut-rst" if rst else "cut-fin", fault)
+
+
+def udp_blackhole(f: UdpFaulted, run: Run) -> None:
+    assert f.proxy is not None and f.tunnel.client is not None
+    proxy, client = f.proxy, f.tunnel.client
+
+    def fault() -> float:
+        lost = len(client.lines("lost the server"))
+        proxy.blackhole()
+        start = time.monotonic()
+        noticed = f.wait_line(client, "lost the server", lost + 1, SILENCE_LIMIT + 10)
+        detect = run.timings["blackhole-detect"] = noticed - start
+        run.check(detect <= SILENCE_LIMIT + SLACK, f"black hole noticed after {detect:.2f} s")
+        time.sleep(1.0)
+        proxy.heal()
+        return time.monotonic()
+
+    time.sleep(2.5 * HEARTBEAT)   # the client learns the server's cadence first
+    udp_across(f, run, "blackhole", fault)
+
+
+def udp_kill(f: UdpFaulted, run: Run, which: str) -> None:
+    tunnel = f.tunnel
+
+    def fault() -> float:
+        proc = tunnel.client if which == "client" else tunnel.server
+        assert proc is not None
+        proc.kill()
+        if which == "client":
+            return f.wait_line(tunnel.start_client(), "starting;", 1, 15)
+        return f.wait_line(tunnel.start_server(wait=False), "tunnel listening on", 1, 15)
+
+    udp_across(f, run, f"kill-{which}", fault)
+
+
+UDP_SCRIPT = [lambda f, r: udp_cut(f, r, rst=False), lambda f, r: udp_cut(f, r, rst=True), udp_blackhole,
+              lambda f, r: udp_kill(f, r, "client"), lambda f, r: udp_kill(f, r, "server")]
+
+
+def run_udp_script(f: UdpFaulted, run: Run) -> None:
+    try:
+        f.start()
+        for step in UDP_SCRIPT:
+            step(f, run)
+        for proc in (f.tunnel.server, f.tunnel.client):
+            assert proc is not None
+            run.check(proc.alive(), f"{proc.name} died")
+            run.check("Traceback" not in proc.log(), f"{proc.name} logged a traceback")
+    except BaseException as exc:
+        run.failures.append(f"{type(exc).__name__}: {exc}"[:2000])
+
+
+def test_every_fault_on_udp(launcher: Launcher, udp_echo: UdpEcho) -> None:
+    runs = [Run("udp"), Run("tcp")]   # the udp transport; accept_udp over tcp
+    faulted = [UdpFaulted(launcher, run.transport, udp_echo.port) for run in runs]
+    threads = [threading.Thread(target=run_udp_script, args=(f, run), name=f"faults-udp-{run.transport}")
+               for f, run in zip(faulted, runs, strict=True)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(140)
+    finally:
+        for f in faulted:
+            if f.proxy is not None:
+                f.proxy.close()
+    names = ["cut-fin", "cut-rst", "blackhole-detect", "blackhole", "kill-client", "kill-server"]
+    print("\nseconds until a new UDP user got through after each fault (blackhole-detect: until noticed)")
+    print(f"{'':>12}" + "".join(f"{n:>17}" for n in names))
+    for run in runs:
+        label = "udp" if run.transport == "udp" else "tcp+accept"
+        print(f"{label:>12}" + "".join(f"{run.timings.get(n, float('nan')):>16.2f}s" for n in names))
     failures = [f"{run.transport}: {failure}" for run in runs for failure in run.failures]
     assert not failures, "\n".join(failures)
