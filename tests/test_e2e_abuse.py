@@ -1,6 +1,7 @@
 """End to end against hostile or broken peers: junk on the tunnel port, data connections from
 a foreign address, ports in use, bad configs, a server that goes silent, and byte-exact interop
-with peers that speak the captured wire format of the Go program (v0.7.2, tcp transport)."""
+with peers that speak the captured wire format of the Go program (v0.7.2, tcp transport). On the
+udp transport: token guessing with datagrams, links from a foreign address and floods of them."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tests.harness import (
     Listener,
     Service,
     Tunnel,
+    UdpEcho,
     client_toml,
     closed_by_peer,
     connect,
@@ -34,7 +36,9 @@ from tests.harness import (
     toml_section,
     wait_until,
 )
+from tests.test_e2e_ops import http_get
 from tests.test_e2e_tcpmux import nofile_at_least
+from tests.test_e2e_udp import exchange, user_socket
 from tests.test_e2e_ws import raw_connection, read_response, upgrade_head
 
 pytestmark = pytest.mark.timeout(60)
@@ -42,6 +46,7 @@ pytestmark = pytest.mark.timeout(60)
 launcher = harness.launcher
 echo_service = harness.echo_service
 listener = harness.listener
+udp_echo = harness.udp_echo
 
 SG_HB, SG_CHAN, SG_CLOSED, SG_TCP, SG_RTT = 0x00, 0x01, 0x03, 0x04, 0x06
 
@@ -169,6 +174,119 @@ def test_token_guessing_is_rate_limited_per_address_and_logged_once(launcher: La
     echo_works(tunnel.public[0], size=100_000, seed=14)
     assert len(server.lines("refusing connections")) == 1
     assert token not in server.log() and wrong not in server.log()
+
+
+def datagram_from(source: str, port: int, data: bytes, listen: float = 0.0) -> list[bytes]:
+    """Send ``data`` from a fresh UDP socket on ``source`` to the tunnel port; what came back to
+    that socket within ``listen`` seconds (an accepted link is pinged every heartbeat)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        sock.sendto(data, (HOST, port))
+        got: list[bytes] = []
+        deadline = time.monotonic() + listen
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                got.append(sock.recv(65536))
+            except (TimeoutError, ConnectionRefusedError):
+                pass
+        return got
+
+
+def udp_transport(launcher: Launcher, echo: UdpEcho, token: str = "e2e-token", **extra: object) -> Tunnel:
+    return Tunnel(launcher, [str(echo.port)], token, transport="udp", server_extra={"heartbeat": 1, **extra},
+                  client_extra={"connection_pool": 2, **extra}).up()
+
+
+def test_udp_token_guessing_is_rate_limited_per_address_like_handshakes(launcher: Launcher,
+                                                                        udp_echo: UdpEcho) -> None:
+    """25 wrong tokens as datagrams from one address: the 20th puts the address on hold with one
+    line, for its datagrams and its TCP handshakes alike; the right token from it is then dropped
+    unread; the real client's flows go on."""
+    token, wrong = "Udp-Guess-Right-47a1", "Udp-Guess-Wrong-c93e"
+    tunnel = udp_transport(launcher, udp_echo, token)
+    server = tunnel.server
+    assert server is not None
+    for _ in range(25):
+        datagram_from(GUESSER, tunnel.bind_port, wrong.encode())
+    line = server.wait_for_log("refusing connections from", timeout=5)
+    assert re.search(rf"refusing connections from {GUESSER} for \d+(\.\d+)? s: 20 failed handshakes within 10 s$",
+                     line), line
+    refusals = server.lines("not from a link, and not the token")
+    assert 1 <= len(refusals) <= 3, server.log()   # one a second, with a count
+    assert refusals[0].split(": ", 1)[1].startswith(f"dropped a datagram from {GUESSER}:"), refusals[0]
+    assert datagram_from(GUESSER, tunnel.bind_port, token.encode(), listen=2.5) == [], \
+        "the right token from a held address opened a link"
+    assert guess(tunnel.bind_port, token) in ("reset", "closed"), "a TCP handshake from a held address got in"
+    with contextlib.closing(user_socket()) as user:
+        assert exchange(user, tunnel.public[0], b"still carried", tries=3) == b"still carried"
+    assert len(server.lines("refusing connections")) == 1
+    assert "Traceback" not in server.log()
+
+
+def test_udp_links_from_a_foreign_address_are_refused_and_a_flood_is_bounded(launcher: Launcher,
+                                                                            udp_echo: UdpEcho) -> None:
+    """The right token from another address than the control channel's opens no link (it would
+    be pinged); 3,000 of them from 8 addresses cost a few lines, no descriptor and no thread,
+    and the real client's flows go on meanwhile."""
+    token = "Udp-Foreign-Token-5b0d"
+    tunnel = udp_transport(launcher, udp_echo, token)
+    server = tunnel.server
+    assert server is not None
+    assert datagram_from(GUESSER, tunnel.bind_port, token.encode(), listen=2.5) == [], "a foreign link was pinged"
+    line = server.wait_for_log("from another address than the control channel's", timeout=5)
+    assert f"dropped a datagram from {GUESSER}:" in line and line.endswith(f"control channel's {HOST}"), line
+    fds, threads = server.fds(), server.threads()
+    lines = len(server.log().splitlines())
+    with contextlib.ExitStack() as stack:
+        senders = []
+        for i in range(8):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            sock.bind((f"127.0.0.{i + 2}", 0))
+            senders.append(sock)
+        with contextlib.closing(user_socket()) as user:
+            for k in range(3000):
+                senders[k % 8].sendto(token.encode(), (HOST, tunnel.bind_port))
+                if k % 300 == 299:
+                    payload = f"flow during the flood {k}".encode()
+                    assert exchange(user, tunnel.public[0], payload, tries=3) == payload
+    time.sleep(0.5)
+    assert server.fds() == fds and server.threads() == threads
+    written = len(server.log().splitlines()) - lines
+    assert written <= 30, f"{written} lines for a flood of foreign links"
+    assert len(server.lines("refusing connections from")) <= 8
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("auth", ["token", "challenge"])
+def test_the_token_is_in_no_page_metric_or_usage_file_after_abuse(launcher: Launcher, udp_echo: UdpEcho,
+                                                                  tmp_path, auth: str) -> None:
+    """udp transport, both sides with their status page and usage file: after flows, wrong tokens,
+    the token with garbage after it and the token from a foreign address, no page, metric or
+    usage file of either side holds the token (the launcher checks every process's output)."""
+    token = f"Never-Shown-{auth}-2f8e61"
+    usage = {side: tmp_path / f"{side}-usage.json" for side in ("server", "client")}
+    web = {side: free_port() for side in ("server", "client")}
+    sides = {side: {"auth": auth, "web_port": web[side], "sniffer": True, "sniffer_log": str(usage[side])}
+             for side in ("server", "client")}
+    tunnel = Tunnel(launcher, [str(udp_echo.port)], token, transport="udp", server_extra=sides["server"],
+                    client_extra=sides["client"]).up()
+    with contextlib.closing(user_socket()) as user:
+        assert exchange(user, tunnel.public[0], b"a flow first", tries=3) == b"a flow first"
+    for data in (b"wrong", token.encode() + b"garbage", token[:-1].encode()):
+        datagram_from(GUESSER, tunnel.bind_port, data)
+    datagram_from("127.0.0.3", tunnel.bind_port, token.encode())
+    guess(tunnel.bind_port, token[::-1])
+    assert tunnel.server is not None
+    tunnel.server.wait_for_log("on the UDP tunnel port", timeout=5)
+    wait_until(lambda: all(path.exists() for path in usage.values()), 15, "both usage files")
+    for side in ("server", "client"):
+        for path in ("/", "/metrics", "/healthz", "/status.json"):
+            status, _type, body = http_get(web[side], path)
+            assert status in (200, 503), (side, path, status)
+            assert token not in body and token[:-1] not in body, f"the token is on the {side}'s {path}"
+        assert token not in usage[side].read_text(), f"the token is in the {side}'s usage file"
+    assert "Traceback" not in tunnel.server.log()
 
 
 def test_user_with_no_tunnel_is_closed_after_3_s(launcher: Launcher) -> None:

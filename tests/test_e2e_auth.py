@@ -29,6 +29,7 @@ from tests.harness import (
     Listener,
     Service,
     Tunnel,
+    UdpEcho,
     client_toml,
     closed_by_peer,
     connect,
@@ -37,6 +38,7 @@ from tests.harness import (
     recv_exact,
     wait_until,
 )
+from tests.test_e2e_udp import exchange, user_socket
 from tests.test_e2e_ws import KEY, raw_connection, read_response, refused
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,6 +46,7 @@ pytestmark = pytest.mark.timeout(60)
 launcher = harness.launcher
 echo_service = harness.echo_service
 listener = harness.listener
+udp_echo = harness.udp_echo
 
 TOKEN = "Challenge-Right-6f0e2a91"
 WRONG = "Challenge-Wrong-0b77c3d4"
@@ -61,9 +64,9 @@ def challenge_tunnel(launcher: Launcher, transport: str, target: int, token: str
 
 @contextlib.contextmanager
 def through_proxy(tunnel: Tunnel, **client: object) -> Iterator[FaultProxy]:
-    """Start the tunnel with its client dialing through a recording proxy."""
+    """Start the tunnel with its client dialing through a recording proxy (UDP too for udp)."""
     tunnel.start_server()
-    with FaultProxy(tunnel.bind_port, record=RECORD) as proxy:
+    with FaultProxy(tunnel.bind_port, record=RECORD, udp=tunnel.transport == "udp") as proxy:
         tunnel.remote_addr = f"{HOST}:{proxy.port}"
         tunnel.client_text = client_toml(proxy.port, tunnel.token, transport=tunnel.transport,
                                          **({"auth": "challenge"} | client))
@@ -270,6 +273,54 @@ def test_recorded_handshakes_and_link_proofs_are_refused(launcher: Launcher, ech
         echo_works(tunnel.public[0], size=100_000, seed=2)
         assert not tunnel.client.lines("lost the server"), "the session was disturbed"
         assert TOKEN not in server.log() + tunnel.client.log()
+
+
+# ------------------------------------------------------------------------------------------------
+# the udp transport: LINK datagrams
+
+def pinged(port: int, data: bytes, wait: float = 2.5) -> bool:
+    """Send ``data`` from a fresh UDP socket of the client's address to the UDP tunnel port:
+    whether the server then pings it (heartbeat 1 s), which it does to the links it took."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        sock.sendto(data, (HOST, port))
+        sock.settimeout(wait)
+        try:
+            return sock.recv(100) == b"\x02"
+        except (TimeoutError, ConnectionRefusedError):
+            return False
+
+
+def test_udp_links_prove_the_session_and_replays_open_nothing(launcher: Launcher, udp_echo: UdpEcho) -> None:
+    """Catches: the udp transport's links announced by the raw token under auth = "challenge", a
+    LINK datagram copied off the wire or forged that opens a link, the token still taken."""
+    tunnel = Tunnel(launcher, [str(udp_echo.port)], TOKEN, transport="udp",
+                    server_extra={"auth": "challenge", "heartbeat": 1}, client_extra=CHALLENGE)
+    with through_proxy(tunnel, connection_pool=3) as proxy:
+        wait_until(lambda: len(proxy.udp_seen) >= 3, 10, "three links")
+        with contextlib.closing(user_socket()) as user:
+            for k in range(5):
+                payload = f"challenged flow {k}".encode()
+                assert exchange(user, tunnel.public[0], payload, tries=3) == payload
+        tcp = b"".join(bytes(d.seen) for pair in proxy.pairs for d in pair.directions())
+        datagrams = list(proxy.udp_seen)
+        server = tunnel.server
+        assert server is not None and tunnel.client is not None
+        assert TOKEN.encode() not in tcp and not any(TOKEN.encode() in d for d in datagrams), "the token crossed"
+        links = [d for d in datagrams if d[:3] == bytes.fromhex("002845")]
+        assert len(links) >= 3 and all(len(d) == auth.LINK_FRAME_SIZE for d in links), [d[:8].hex() for d in links]
+        port = tunnel.bind_port
+        assert not pinged(port, links[0]), "a LINK datagram copied off the wire opened a link"
+        line = server.wait_for_log("on the UDP tunnel port: link number", timeout=5)
+        assert "was used already" in line, line
+        assert not pinged(port, links[0][:11] + bytes(32)), "a forged LINK datagram opened a link"
+        line = server.wait_for_log("a link proof that does not verify in this session", timeout=5)
+        assert "on the UDP tunnel port" in line, line
+        assert not pinged(port, TOKEN.encode()), "the raw token opened a link under challenge"
+        server.wait_for_log("not from a link, and no link proof", timeout=5)
+        with contextlib.closing(user_socket()) as user:
+            assert exchange(user, tunnel.public[0], b"after the replays", tries=3) == b"after the replays"
+        assert not tunnel.client.lines("lost the server"), "the session was disturbed"
 
 
 # ------------------------------------------------------------------------------------------------

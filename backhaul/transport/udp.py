@@ -1,9 +1,15 @@
 """The ``udp`` transport (PROTOCOL.md 4.2): the tcp transport's control channel (token handshake,
 RTT probe), and links that are UDP 5-tuples to the same port number over UDP.
 
-A link announces itself with one datagram holding the raw token; while pooled the server pings it
-(a 1-byte 0x02 datagram every heartbeat); a flow is given to it as one datagram holding the
-target string, then datagrams are relayed one for one. The public ports are UDP only.
+A link announces itself with one datagram holding the raw token (with ``auth = "challenge"``: the
+LINK frame of docs/auth.md instead); while pooled the server pings it (a 1-byte 0x02 datagram
+every heartbeat); a flow is given to it as one datagram holding the target string, then
+datagrams are relayed one for one. The public ports are UDP only.
+
+The server takes a link only from the control channel's address (as the tcp family takes its
+links), and a datagram that opens none counts against the tunnel port's per-address limit of
+failed handshakes (tunnel/limiter.py): token guessing over UDP is held back like over TCP, and
+an address past the limit has its datagrams dropped unread.
 """
 
 from __future__ import annotations
@@ -15,20 +21,34 @@ import socket
 import time
 from collections.abc import Callable
 
-from backhaul.errors import TransportError
+from backhaul.errors import ProtocolError, TransportError
 from backhaul.flows import EVICTED, Flow
 from backhaul.log import Throttles
 from backhaul.net import reason
+from backhaul.protocol.auth import AuthError, LinkSigner
 from backhaul.protocol.framing import SG_PING
+from backhaul.protocol.handshake import hello_reader
 from backhaul.reactor import READ, Reactor, Timer
 from backhaul.relay.datagram import PairRelay
+from backhaul.tunnel.acceptor import HandshakeAcceptor
 from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.control import ClientChannel
 from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import handshake
 from backhaul.tunnel.pool import ClientPool, LinkPool
 from backhaul.tunnel.port import TunnelPort
-from backhaul.udp import WARN, AddressPeer, ConnectedPeer, DatagramSocket, Peer, bind_udp, connected_udp, drop, show
+from backhaul.udp import (
+    DROPPED,
+    WARN,
+    AddressPeer,
+    ConnectedPeer,
+    DatagramSocket,
+    Peer,
+    bind_udp,
+    connected_udp,
+    drop,
+    show,
+)
 
 log = logging.getLogger("backhaul.udp")
 
@@ -37,6 +57,9 @@ EVICT_SHARE = 8               # at that cap, an eighth of the flows makes room a
 REAP_EVERY = 10.0             # seconds between looks for idle links the server no longer pings
 MAX_TARGET = 1024             # a datagram longer than this is no target string
 PING = bytes((SG_PING,))
+# Refusals of a datagram that would open a link which count as a failed handshake of its address
+# (no_control does not: a real client's link racing the end of its session).
+_FAILURES = frozenset({"not_a_link", "foreign", "link", "replay", "early"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,15 +91,19 @@ class UdpLink:
 
 
 class UdpLinks:
-    """udp's links: client addresses that sent the token to the UDP tunnel port, pooled and
-    pinged every heartbeat until a flow takes them. A TCP connection on this transport is
-    only ever a handshake."""
+    """udp's links: client addresses that sent the token (or a link proof) to the UDP tunnel port,
+    pooled and pinged every heartbeat until a flow takes them. A TCP connection on this transport
+    is only ever a handshake. ``acceptor`` is the tunnel port's: whom it trusts, the current
+    session's link proofs, and the per-address limit of failures."""
 
-    def __init__(self, core: ServerCore, ask: Callable[[int], None], talking: Callable[[socket.socket], None]) -> None:
+    def __init__(self, core: ServerCore, ask: Callable[[int], None], talking: Callable[[socket.socket], None],
+                 acceptor: HandshakeAcceptor) -> None:
         self.core = core
         self.reactor = core.reactor
         self.config = core.config
         self.talking = talking
+        self.acceptor = acceptor
+        self.token = self.config.token.encode()
         self.pool: LinkPool[UdpLink] = LinkPool(self.reactor, self.config.channel_size,
                                                 self.config.connection_pool, ask)
         self.socket: DatagramSocket | None = None
@@ -117,14 +144,17 @@ class UdpLinks:
         self.talking(sock)
 
     def _unknown(self, addr: tuple, data: bytes) -> None:
-        """A datagram from an address that is no link: it must be the token."""
-        if not hmac.compare_digest(data, self.config.token.encode()):
-            drop("not_a_link", "dropped a datagram from %s on the UDP tunnel port: not from a link, and not "
-                 "the token", show(addr))
+        """A datagram from an address that is no link: it must open one."""
+        ip, acceptor = addr[0], self.acceptor
+        if ip != acceptor.control_ip and ip != acceptor.proven_ip and acceptor.limiter.refuses(ip):
+            DROPPED.inc(1, "limited")   # the limiter said so once for the window
             return
-        if not self.up:
-            drop("no_control", "dropped a link from %s on the UDP tunnel port: no control channel is up",
-                 show(addr))
+        refusal = self._refusal(ip, data)
+        if refusal is not None:
+            kind, why = refusal
+            if kind in _FAILURES:
+                acceptor.limiter.failed(ip)
+            drop(kind, "dropped a datagram from %s on the UDP tunnel port: %s", show(addr), why)
             return
         assert self.socket is not None
         link = UdpLink(self.reactor, AddressPeer(self.socket, addr, f"client link {show(addr)}"))
@@ -135,6 +165,33 @@ class UdpLinks:
             return
         link.tunnel.listen(lambda batch: self._spoke(link, batch), lambda _why: self._gone(link))
         self.core.link_available()
+
+    def _refusal(self, ip: str, data: bytes) -> tuple[str, str] | None:
+        """Why ``data`` from ``ip`` opens no link (kind, why), or None: the token (v0.7.2), or
+        with auth = "challenge" a LINK frame of the current session, from the control channel's
+        address while one is up."""
+        acceptor = self.acceptor
+        if acceptor.challenge:
+            reader = hello_reader()
+            try:
+                if reader.feed(data) or not reader.done:
+                    return "not_a_link", "not from a link, and no link proof"
+            except ProtocolError:
+                return "not_a_link", "not from a link, and no link proof"
+        elif not hmac.compare_digest(data, self.token):
+            return "not_a_link", "not from a link, and not the token"
+        if not self.up:
+            return "no_control", "a link while no control channel is up"
+        if ip != acceptor.control_ip:
+            return "foreign", f"a link from another address than the control channel's {acceptor.control_ip}"
+        if acceptor.challenge:
+            if acceptor.links is None:
+                return "early", "a link proof while no session is up"
+            try:
+                acceptor.links.check_frame(reader.kind, reader.payload)
+            except AuthError as exc:
+                return exc.kind, str(exc)
+        return None
 
     def _spoke(self, link: UdpLink, batch: list[bytes]) -> None:
         for _ in batch:
@@ -163,7 +220,8 @@ class UdpTunnelPort(TunnelPort):
     links: UdpLinks
 
     def __init__(self, core: ServerCore) -> None:
-        super().__init__(core, "udp", UdpLinks, rtt_probe=True)
+        super().__init__(core, "udp", lambda core, ask, talking: UdpLinks(core, ask, talking, self.acceptor),
+                         rtt_probe=True)
 
     def open(self) -> None:
         super().open()
@@ -212,19 +270,22 @@ class UdpClientLink:
 
 
 def connect(core: ClientCore) -> UdpSession:
-    """Dial the control channel and do the token handshake; blocking, the client's own thread."""
-    sock, addr, _signer = handshake(core)
-    return UdpSession(core, sock, addr)
+    """Dial the control channel and do the handshake; blocking, the client's own thread."""
+    sock, addr, signer = handshake(core)
+    return UdpSession(core, sock, addr, signer)
 
 
 class UdpSession:
-    """The client's end of one control channel and the UDP links it opened."""
+    """The client's end of one control channel and the UDP links it opened. With ``signer``
+    (auth = "challenge") each link opens with its LINK frame, never the token."""
 
-    def __init__(self, core: ClientCore, sock: socket.socket, server_addr: tuple[str, int]) -> None:
+    def __init__(self, core: ClientCore, sock: socket.socket, server_addr: tuple[str, int],
+                 signer: LinkSigner | None = None) -> None:
         self.core = core
         self.config = core.config
         self.reactor = core.reactor
         self.server_addr = server_addr
+        self.signer = signer
         self.family = sock.family
         self.channel = ClientChannel(self.reactor, SocketCarrier(self.reactor, sock, "the server"), rtt_echo=True,
                                      on_links=self._links_requested, on_lost=self._lost)
@@ -253,13 +314,18 @@ class UdpSession:
         self.close(reason, notify=False)
 
     def _open_link(self) -> None:
-        """A new UDP socket to the server's port, announced by the token (no answer comes)."""
+        """A new UDP socket to the server's port, announced by the token or the LINK frame (no
+        answer comes)."""
         if len(self.links) + len(self.flows) >= MAX_CLIENT_LINKS and not self._make_room():
             self.pool.opened(f"{MAX_CLIENT_LINKS} UDP links open (idle or carrying a flow), the most a client keeps")
             return
         try:
             sock = connected_udp(self.family, self.server_addr)
-            sock.send(self.config.token.encode())
+            try:
+                sock.send(self.signer.frame() if self.signer is not None else self.config.token.encode())
+            except OSError:
+                sock.close()
+                raise
         except OSError as exc:
             self.pool.opened(f"cannot open a UDP link to {show(self.server_addr)}: {reason(exc)}")
             return
