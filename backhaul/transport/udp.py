@@ -14,6 +14,7 @@ an address past the limit has its datagrams dropped unread.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import hmac
 import logging
@@ -60,6 +61,7 @@ PING = bytes((SG_PING,))
 # Refusals of a datagram that would open a link which count as a failed handshake of its address
 # (no_control does not: a real client's link racing the end of its session).
 _FAILURES = frozenset({"not_a_link", "foreign", "link", "replay", "early"})
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,12 +317,19 @@ class UdpSession:
 
     def _open_link(self) -> None:
         """A new UDP socket to the server's port, announced by the token or the LINK frame (no
-        answer comes)."""
-        if len(self.links) + len(self.flows) >= MAX_CLIENT_LINKS and not self._make_room():
+        answer comes). Out of descriptors, flows that carried one datagram make room as at the
+        cap: a flood of new sources must not keep the links out until its flows idle out."""
+        if (len(self.links) + len(self.flows) >= MAX_CLIENT_LINKS
+                and not self._make_room(f"{MAX_CLIENT_LINKS} links open, the most a client keeps")):
             self.pool.opened(f"{MAX_CLIENT_LINKS} UDP links open (idle or carrying a flow), the most a client keeps")
             return
         try:
-            sock = connected_udp(self.family, self.server_addr)
+            try:
+                sock = connected_udp(self.family, self.server_addr)
+            except OSError as exc:
+                if exc.errno not in _EXHAUSTED or not self._make_room(reason(exc)):
+                    raise
+                sock = connected_udp(self.family, self.server_addr)
             try:
                 sock.send(self.signer.frame() if self.signer is not None else self.config.token.encode())
             except OSError:
@@ -358,7 +367,7 @@ class UdpSession:
             return
         self.core.carry_flow(UdpClientLink(self, sock), target)
 
-    def _make_room(self) -> bool:
+    def _make_room(self, why: str) -> bool:
         """Close a share of the flows that carried one datagram from the server only, the oldest
         first (a flood of new sources asks again and again); False when there is none such. A
         flow in use is never closed to make room: it ends when idle."""
@@ -367,8 +376,8 @@ class UdpSession:
         if not victims:
             return False
         EVICTED.inc(len(victims), "client")
-        WARN.warning("evict-client", "closed %d UDP flows that carried one datagram to make room: %d links "
-                     "open, the most a client keeps", len(victims), MAX_CLIENT_LINKS)
+        WARN.warning("evict-client", "closed %d UDP flows that carried one datagram to make room: %s",
+                     len(victims), why)
         for relay in victims:
             relay.close()
         return True
