@@ -12,6 +12,12 @@ service behind the client, and in this process:
 - idle: 100 connections held open, each pinging one byte now and then and replaced after a while;
 - tunnel churn: every --cut-every seconds every tunnel connection is reset (the client reconnects).
 
+On the udp transport the users are UDP flows (the proxy forwards the links' datagrams too, and a
+cut drops them for its half second): churn flows of a few datagrams of 1 B to 16 KiB, bulk
+flows of 2,000 datagrams paced a little, and 100 idle flows pinging now and then. A flow that
+lost a datagram is cut (UDP may lose some; far from a reset it is counted a stray); one that
+received a datagram it never sent is corrupted.
+
 Every byte that comes back is compared with what was sent: a stream with one wrong byte is
 corrupted (there must be none); one that ends early is cut, expected only around a tunnel reset.
 RSS, threads and open files of both processes are sampled every 5 s; the RSS at the end (median of
@@ -43,7 +49,7 @@ from tunnel import TunnelPair
 
 from tests.faultproxy import FaultProxy
 
-TRANSPORTS = ["tcp", "tcpmux", "ws", "wss", "wsmux", "wssmux"]   # a new transport is one more entry
+TRANSPORTS = ["tcp", "tcpmux", "ws", "wss", "wsmux", "wssmux", "udp"]   # a new transport is one more entry
 RSS_BOUND = 0.10
 SAMPLE_EVERY = 5.0
 WARM_UP = 180.0        # seconds at least: the mux transports' sessions take minutes to reach their number
@@ -174,14 +180,100 @@ class Load:
             thread.join(150)
 
 
+UDP_BULK = 2000         # datagrams of a bulk flow
+
+
+def flow(port: int, payloads: list[bytes], pace: float = 0.0, timeout: float = 5.0) -> tuple[str, int]:
+    """One UDP user sends each payload and waits for its echo: ("ok", bytes) when all came back,
+    "cut" when one did not within ``timeout``, "corrupt" when a datagram it never sent came."""
+    sent: set[bytes] = set()
+    moved = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        for payload in payloads:
+            sent.add(payload)
+            try:
+                sock.sendto(payload, (HOST, port))
+                while True:
+                    data = sock.recv(1 << 16)
+                    if data not in sent:
+                        return "corrupt", moved
+                    if data == payload:
+                        break
+            except OSError:   # no echo in time (a lost datagram), or refused
+                return "cut", moved
+            moved += len(payload)
+            if pace:
+                time.sleep(pace)
+    return "ok", moved
+
+
+def datagrams(rng: random.Random, count: int) -> list[bytes]:
+    """Distinct payloads (a counter first), 1 B to 16 KiB, most of them small."""
+    out = []
+    for i in range(count):
+        size = max(4, min(16384, round(2 ** rng.uniform(2, 14))))
+        out.append(i.to_bytes(4, "big") + rng.randbytes(size - 4))
+    return out
+
+
+class UdpLoad(Load):
+    """The mix of users as UDP flows (the udp transport's public ports are UDP only)."""
+
+    def _churn(self, index: int) -> None:
+        rng = random.Random(self.seed * 100 + index)
+        while not self.halt.is_set():
+            start = time.monotonic()
+            outcome, moved = flow(self.port, datagrams(rng, rng.randint(1, 8)))
+            self.counts.add(outcome, moved, start, "churn")
+
+    def _bulk(self, index: int) -> None:
+        rng = random.Random(self.seed * 1000 + index)
+        while not self.halt.is_set():
+            start = time.monotonic()
+            outcome, moved = flow(self.port, datagrams(rng, UDP_BULK), pace=0.001)
+            self.counts.add(outcome, moved, start, "bulk")
+
+    def _idle(self) -> None:
+        """IDLE flows held; every second a tenth of them ping, one in fifty is replaced."""
+        rng = random.Random(self.seed)
+        held: list[tuple[socket.socket, float]] = []
+
+        def new() -> tuple[socket.socket, float]:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.settimeout(2.0)
+            return sock, time.monotonic()
+
+        try:
+            while not self.halt.wait(1.0):
+                while len(held) < IDLE:
+                    held.append(new())
+                for i in rng.sample(range(len(held)), len(held) // 10):
+                    sock, opened = held[i]
+                    ping = rng.randbytes(8)
+                    try:
+                        sock.sendto(ping, (HOST, self.port))
+                        echoed = sock.recv(64)
+                        outcome = "ok" if echoed == ping else "corrupt"
+                    except OSError:
+                        outcome = "cut"
+                    self.counts.add(outcome, len(ping), opened, "idle")
+                    if outcome != "ok" or rng.random() < 0.02:
+                        sock.close()
+                        held[i] = new()
+        finally:
+            for sock, _ in held:
+                sock.close()
+
+
 class ProxiedPair(TunnelPair):
-    """A TunnelPair whose client dials the server through a fault proxy."""
+    """A TunnelPair whose client dials the server through a fault proxy (UDP too for udp)."""
 
     proxy: FaultProxy | None = None
 
     def write_configs(self) -> tuple[Path, Path]:
         server, client = super().write_configs()
-        self.proxy = FaultProxy(self.tunnel_port, history=0)
+        self.proxy = FaultProxy(self.tunnel_port, history=0, udp=self.transport == "udp")
         text = client.read_text().replace(f"{HOST}:{self.tunnel_port}", f"{HOST}:{self.proxy.port}")
         client.write_text(text)
         return server, client
@@ -217,7 +309,7 @@ def soak(transport: str, minutes: float, cut_every: float, workdir: Path, seed: 
         samples: list[tuple[float, Sample]] = []
         with pair:
             assert pair.proxy is not None
-            load = Load(pair.public_port, counts, seed)
+            load = (UdpLoad if transport == "udp" else Load)(pair.public_port, counts, seed)
             start = time.monotonic()
             next_cut = start + cut_every
             try:
