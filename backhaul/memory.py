@@ -4,14 +4,19 @@ Every smux session has a reading thread, the relays' workers are threads, and gl
 arenas of their own (up to 8 per core) and keeps what is freed in each: the RSS of a process whose
 sessions come and go climbed for minutes under steady load (soak: +50 % in 5 minutes on tcpmux
 and wsmux) with no object left behind. Two arenas and a trim every few seconds, on a worker, keep
-it flat. An operator's MALLOC_ARENA_MAX wins; elsewhere than glibc nothing is done.
+it flat. An operator's MALLOC_ARENA_MAX wins; elsewhere than glibc (musl, macOS, a Python
+without ctypes) nothing is done.
+
+Measured (bench/soak.py, tcpmux, 6 minutes, a reset every 2 minutes, both runs at once on one
+machine): with the cap and the trim the RSS after the warm-up and at the end was 72.2 -> 75.9 MiB
+(server) and 75.4 -> 81.5 MiB (client); without, 97.6 -> 106.4 and 100.2 -> 110.4 MiB, past the
+soak's bound of 10 % growth on the client.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
+from typing import Any
 
 from backhaul.reactor import Reactor
 
@@ -20,12 +25,15 @@ TRIM_EVERY = 10.0      # seconds
 _M_ARENA_MAX = -8      # <malloc.h>
 
 
-def _glibc() -> ctypes.CDLL | None:
+def _glibc() -> Any:
+    """The C library of this process when it is glibc (its own symbols: no lookup, no ldconfig),
+    else None."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # noqa: B018  (glibc only: AttributeError elsewhere)
-        libc.mallopt  # noqa: B018
-    except (OSError, AttributeError):
+        import ctypes
+        libc = ctypes.CDLL(None)
+        for name in ("gnu_get_libc_version", "malloc_trim", "mallopt"):   # glibc only
+            getattr(libc, name)
+    except (ImportError, OSError, AttributeError):
         return None
     return libc
 
