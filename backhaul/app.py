@@ -11,6 +11,7 @@ import resource
 import threading
 import time
 
+from backhaul import memory
 from backhaul.client import Client
 from backhaul.config import ClientConfig, Config, ServerConfig
 from backhaul.errors import TransportError
@@ -100,6 +101,7 @@ class App:
             raise
         log.info("moving bytes with %s", "splice" if RELAY_MODE == "splice" else
                  "recv_into and send (BACKHAUL_RELAY=copy or no splice on this system)")
+        memory.start(self.reactor)
         self.reactor.start()
         self.reactor.call_soon(self._begin, pages)
         if self.client is not None:

@@ -24,6 +24,7 @@ DEFAULT_TOKEN = "musix"
 TRANSPORTS = ("tcp", "tcpmux", "ws", "wss", "wsmux", "wssmux", "udp")
 CLIENT_MODES = ("replace", "balance")
 LOG_LEVELS = ("panic", "fatal", "error", "warn", "warning", "info", "debug", "trace")
+AUTH_MODES = ("token", "challenge")  # ours: "challenge" is docs/auth.md, both ends this program
 
 DEFAULT_HEARTBEAT = 40
 DEFAULT_WEB_ADDR = "127.0.0.1"   # ours: the status page is local unless asked otherwise
@@ -84,6 +85,7 @@ REQUIRED: Any = MISSING
 _TRANSPORT_DOC = f"tunnel transport, the same on both sides: {', '.join(TRANSPORTS)}"
 _TOKEN_DOC = f'shared secret, the same on both sides; unset: "{DEFAULT_TOKEN}" (a warning is logged)'
 _LOG_LEVEL_DOC = f"least severe level logged: {', '.join(LOG_LEVELS)}"
+_AUTH_DOC = '"token" (v0.7.2) or "challenge": HMAC proofs, the token never sent; the same on both sides (ours)'
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class ServerConfig:
     mss: int = setting(0, "TCP maximum segment size on tunnel and user sockets (0: the OS default)")
     so_rcvbuf: int = setting(0, "SO_RCVBUF on tunnel and user sockets, in bytes (0: the OS default)")
     so_sndbuf: int = setting(0, "SO_SNDBUF on tunnel sockets, in bytes (0: the OS default)")
+    auth: str = setting("token", _AUTH_DOC)
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class ClientConfig:
     mss: int = setting(0, "TCP maximum segment size on tunnel sockets (0: the OS default)")
     so_rcvbuf: int = setting(0, "SO_RCVBUF on tunnel sockets, in bytes (0: the OS default)")
     so_sndbuf: int = setting(0, "SO_SNDBUF on tunnel sockets, in bytes (0: the OS default)")
+    auth: str = setting("token", _AUTH_DOC)
     heartbeat: int = setting(DEFAULT_HEARTBEAT, "accepted; the silence limit follows the server's heartbeats")
     forwarder: tuple[tuple[str, str], ...] = setting((), '"TARGET=HOST:PORT": dial HOST:PORT for the target TARGET')
 
@@ -439,10 +443,19 @@ def _common(reader: _Reader) -> dict[str, object]:
         "mss": _mss(reader),
         "so_rcvbuf": reader.integer("so_rcvbuf", 0, 0, _INT_MAX),
         "so_sndbuf": reader.integer("so_sndbuf", 0, 0, _INT_MAX),
+        "auth": _auth(reader),
     }
     values.update(_mux(reader))
     return values
 
+
+def _auth(reader: _Reader) -> str:
+    """Ours: how the handshake proves the token (docs/auth.md)."""
+    value = reader.string("auth", "token")
+    if value not in AUTH_MODES:
+        raise reader.error("auth", 'expected "token" (the handshake of Backhaul v0.7.2, the default) or '
+                           '"challenge" (ours, docs/auth.md: this program on both ends)', value)
+    return value
 
 def _web_addr(reader: _Reader) -> str:
     """The address the status page binds: an IP address, never a name (no lookup at start)."""
@@ -593,8 +606,8 @@ def _readable_file(reader: _Reader, name: str, *, required: bool) -> str:
     try:
         with open(path, "rb") as handle:
             handle.read(1)
-    except OSError as exc:
-        raise reader.error(name, f"cannot read the file: {exc.strerror or exc}", path) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise reader.error(name, f"cannot read the file: {getattr(exc, 'strerror', None) or exc}", path) from None
     return path
 
 

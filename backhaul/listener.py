@@ -64,7 +64,12 @@ class Listener:
             except OSError:
                 os.close(fd)  # could not be wrapped: dropped rather than leaked
                 continue
-            self.on_accept(conn, addr)
+            try:
+                self.on_accept(conn, addr)
+            except Exception:  # a bug in one connection's handling must not stop the port
+                conn.close()
+                if self._throttle.allow() is not None:
+                    log.exception("error while taking a connection on %s; closed it", self.name)
 
     def _pause(self, exc: OSError) -> None:
         """The connection stays in the kernel's backlog; try again shortly instead of spinning."""

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -189,6 +190,21 @@ class Backhaul:
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def tokens(self) -> list[str]:
+        """The tokens of its config (those of 4 characters and more: shorter ones occur by chance)."""
+        try:
+            document = tomllib.loads(self.config.read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            return []
+        sections = [document.get(name) for name in ("server", "client")]
+        return [s["token"] for s in sections if isinstance(s, dict) and isinstance(s.get("token"), str)
+                and len(s["token"]) >= 4]
+
+    def leaked_tokens(self) -> list[str]:
+        """The tokens of its config that appear in anything it wrote (stderr, stdout)."""
+        out = self.log() + self.log_path.with_suffix(".stdout").read_text(errors="replace")
+        return [token for token in self.tokens() if token in out]
+
 
 class Launcher:
     """Starts backhaul processes for one test; ``stop_all`` at teardown stops every one."""
@@ -241,7 +257,8 @@ class Launcher:
         return code, bh.log()
 
     def stop_all(self) -> None:
-        """Stop every process, even when stopping one of them fails."""
+        """Stop every process, even when stopping one of them fails; then check that none wrote
+        its token anywhere (every test that runs a process checks this)."""
         failures = []
         for bh in self.procs:
             try:
@@ -249,6 +266,8 @@ class Launcher:
             except Exception as exc:
                 failures.append(f"{bh.name}: {exc!r}")
         assert not failures, f"could not stop: {failures}"
+        leaks = [f"{bh.name} ({bh.config.name})" for bh in self.procs if bh.leaked_tokens()]
+        assert not leaks, f"a token appears in the output of {', '.join(leaks)}"
 
 
 @pytest.fixture

@@ -1163,6 +1163,40 @@ def test_tls_pin_is_normalised_and_tls_files_checked(tmp_path: Path) -> None:
     assert (client.tls_verify, client.tls_ca, client.tls_pin) == (True, str(ca), "ab" * 32)
 
 
+# --- auth (ours: docs/auth.md) ------------------------------------------------------------------
+
+def test_auth_defaults_to_the_v072_handshake_on_both_sides() -> None:
+    config = parse(SERVER + CLIENT)
+    assert config.server is not None and config.client is not None
+    assert (config.server.auth, config.client.auth) == ("token", "token")
+    config = parse(SERVER + 'auth = "challenge"\n' + CLIENT + 'auth = "challenge"\n')
+    assert config.server is not None and config.client is not None
+    assert (config.server.auth, config.client.auth) == ("challenge", "challenge")
+
+
+@pytest.mark.parametrize(("text", "key", "value"), [
+    (SERVER + 'auth = "hmac"\n', "server.auth", "'hmac'"),
+    (CLIENT + 'auth = "Challenge"\n', "client.auth", "'Challenge'"),
+    (CLIENT + 'auth = ""\n', "client.auth", "''"),
+])
+def test_auth_other_values_are_refused_precisely(text: str, key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "cfg.toml")
+    assert str(caught.value) == (f'cfg.toml: {key} = {value}: expected "token" (the handshake of Backhaul '
+                                 'v0.7.2, the default) or "challenge" (ours, docs/auth.md: this program on both ends)')
+
+
+def test_auth_must_be_a_string() -> None:
+    with pytest.raises(ConfigError, match=r"server\.auth = True: expected a string"):
+        parse(SERVER + "auth = true\n")
+
+
+def test_a_nul_in_a_file_path_is_a_config_error() -> None:
+    """Found by the fuzz suite: open() raises ValueError, not OSError, for such a path."""
+    with pytest.raises(ConfigError) as caught:
+        parse(CLIENT + 'tls_ca = "a\\u0000b"\n', "cfg.toml")
+    assert str(caught.value) == "cfg.toml: client.tls_ca = 'a\\x00b': cannot read the file: embedded null byte"
+
 def test_operations_keys_of_ours() -> None:
     """web_addr and drain_timeout: defaults, both sides, and a status page per side on one port when
     the addresses differ."""

@@ -117,11 +117,12 @@ def run_users(port: int, tags: range, workers: int = 20) -> None:
 class Balanced:
     """A balance server with its status page, and the configs of two clients, one per source."""
 
-    def __init__(self, launcher: Launcher, transport: str, tagged: Tagged, **client_extra: object) -> None:
+    def __init__(self, launcher: Launcher, transport: str, tagged: Tagged, server_extra: dict | None = None,
+                 **client_extra: object) -> None:
         self.launcher = launcher
         self.transport = transport
         self.bind_port, self.public, self.web = free_port(), free_port(), free_port()
-        extra: dict[str, object] = {"clients": "balance", "web_port": self.web}
+        extra: dict[str, object] = {"clients": "balance", "web_port": self.web, **(server_extra or {})}
         if transport in TLS_TRANSPORTS:
             cert, key = CERTS.self_signed()
             extra.update(tls_cert=str(cert), tls_key=str(key))
@@ -232,6 +233,26 @@ def test_balance_spreads_users_and_a_lost_client_cuts_only_its_own(launcher: Lau
         assert "Traceback" not in proc.log()
 
 
+@pytest.mark.parametrize("transport", ["tcp", "tcpmux", "ws", "wssmux"])
+def test_balance_with_the_challenge_handshake_takes_the_links_of_each_clients_session(
+        launcher: Launcher, tagged: Tagged, transport: str) -> None:
+    """auth = "challenge" on a balance server: each client's links carry proofs of its own
+    session, and both clients' links are taken. Catches: proofs checked against one session only
+    (the other client's links refused), a client's session forgotten when another connects."""
+    if transport in ("ws", "wssmux"):
+        pytest.importorskip("wsproto")
+    tunnel = Balanced(launcher, transport, tagged, server_extra={"auth": "challenge"}, auth="challenge")
+    tunnel.start_client("a")
+    tunnel.start_client("b")
+    run_users(tunnel.public, range(90))
+    spread = tagged.count(range(90))
+    assert min(spread.values()) >= 90 / 3, spread
+    samples = tunnel.metrics()
+    for kind in ("link", "replay", "foreign", "early"):
+        assert sample(samples, "backhaul_handshake_failures_total", reason=kind) == 0, kind
+    assert not tunnel.server.lines("rejected"), tunnel.server.lines("rejected")
+
+
 class UdpUsers:
     """UDP users of one public port, each its own socket (so its own flow): ``ask`` sends each a
     datagram and returns those answered in time with their own words."""
@@ -277,7 +298,7 @@ class UdpUsers:
             sock.close()
 
 
-@pytest.mark.parametrize("mode", ["udp", "accept_udp"])
+@pytest.mark.parametrize("mode", ["udp", "accept_udp", "udp-challenge"])
 def test_balance_udp_flows_spread_and_a_lost_client_ends_only_its_own(launcher: Launcher, mode: str) -> None:
     """UDP flows on a balance server, over the udp transport and over tcp links (accept_udp):
     they spread over both clients (each at least a third), count per client on /metrics and the
@@ -290,13 +311,14 @@ def test_balance_udp_flows_spread_and_a_lost_client_ends_only_its_own(launcher: 
     users = None
     try:
         bind_port, public, web = free_port(), free_port(), free_port()
-        transport = "udp" if mode == "udp" else "tcp"
+        transport = "udp" if mode.startswith("udp") else "tcp"
+        auth = {"auth": "challenge"} if mode == "udp-challenge" else {}   # each client's links prove its session
         server = launcher.start("server", server_toml(bind_port, [f"{HOST}:{public}={TARGET}"], TOKEN,
                                                       transport=transport, clients="balance", web_port=web,
-                                                      accept_udp=mode == "accept_udp"))
+                                                      accept_udp=mode == "accept_udp", **auth))
         server.wait_for_log(f"tunnel listening on {HOST}:{bind_port}")
         texts = {name: client_toml(bind_port, TOKEN, transport=transport, local_addr=source,
-                                   forwarder=[f"{TARGET}=127.0.0.1:{echoes[name].port}"])
+                                   forwarder=[f"{TARGET}=127.0.0.1:{echoes[name].port}"], **auth)
                  for name, source in SOURCES.items()}
 
         def metrics() -> dict:

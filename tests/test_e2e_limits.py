@@ -1,6 +1,6 @@
 """End to end at the limits: a flood of silent connections while the client restarts, users gone
-before their PROXY header, running out of file descriptors on either side, an unprivileged
-service whose pipes the kernel will not enlarge."""
+before their PROXY header, running out of file descriptors on either side (UDP flows too), an
+unprivileged service whose pipes the kernel will not enlarge."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from tests.harness import (
     Launcher,
     Service,
     Tunnel,
+    UdpEcho,
     echo_works,
     recv_exact,
     wait_until,
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.timeout(90)
 
 launcher = harness.launcher
 echo_service = harness.echo_service
+udp_echo = harness.udp_echo
 
 RST = struct.pack("ii", 1, 0)
 
@@ -141,10 +143,12 @@ def hold_users(port: int, count: int) -> list[socket.socket]:
     return users
 
 
-def test_server_out_of_fds_pauses_accepting_and_recovers(launcher: Launcher, echo_service: Service) -> None:
+@pytest.mark.parametrize("transport", harness.TRANSPORTS)
+def test_server_out_of_fds_pauses_accepting_and_recovers(launcher: Launcher, echo_service: Service,
+                                                          transport: str) -> None:
     """With 64 descriptors the server runs out while 120 users hold connections: it must not spin
     (it used to burn a core and log ~38,000 lines a second), and serves again once they go."""
-    tunnel = Tunnel(launcher, [str(echo_service.port)])
+    tunnel = Tunnel(launcher, [str(echo_service.port)], transport=transport)
     tunnel.server = launcher.start("server", tunnel.server_text, wrap=("prlimit", "--nofile=64:64"))
     tunnel.server.wait_for_log(f"tunnel listening on {HOST}:{tunnel.bind_port}")
     tunnel.start_client()
@@ -175,10 +179,12 @@ def _echo_fails(port: int) -> bool:
     return False
 
 
-def test_client_out_of_fds_closes_what_it_holds_and_recovers(launcher: Launcher, echo_service: Service) -> None:
+@pytest.mark.parametrize("transport", harness.TRANSPORTS)
+def test_client_out_of_fds_closes_what_it_holds_and_recovers(launcher: Launcher, echo_service: Service,
+                                                              transport: str) -> None:
     """The client runs out while dialing targets: every path closes what it holds, one line a
     second at most, no traceback, and it serves again when descriptors free up."""
-    tunnel = Tunnel(launcher, [str(echo_service.port)], client_extra={"connection_pool": 4})
+    tunnel = Tunnel(launcher, [str(echo_service.port)], transport=transport, client_extra={"connection_pool": 4})
     tunnel.start_server()
     tunnel.client = launcher.start("client", tunnel.client_text, wrap=("prlimit", "--nofile=48:48"))
     tunnel.wait_connected()
@@ -190,6 +196,44 @@ def test_client_out_of_fds_closes_what_it_holds_and_recovers(launcher: Launcher,
         for user in users:
             user.close()
     wait_until(lambda: not _echo_fails(tunnel.public[0]), 20, "the client to serve again")
+    log = client.log()
+    assert "Traceback" not in log, log
+    assert len([line for line in log.splitlines() if "too many open files" in line]) <= 30
+
+
+def _udp_carried(port: int, seed: int) -> bool:
+    """A new UDP user (a flow of its own) gets its datagram back."""
+    payload = random.Random(seed).randbytes(100)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as user:
+        user.bind((HOST, 0))
+        user.settimeout(1.0)
+        user.sendto(payload, (HOST, port))
+        try:
+            return user.recv(65536) == payload
+        except (TimeoutError, ConnectionRefusedError):
+            return False
+
+
+def test_udp_client_out_of_fds_makes_room_and_recovers(launcher: Launcher, udp_echo: UdpEcho) -> None:
+    """udp transport: 80 users of one datagram each take every descriptor of a client limited to
+    40 (a link and a target socket per flow), and hold their flows (60 s idle). The client says
+    so, no traceback, and new users are carried again within seconds: flows that carried one
+    datagram make room for new links, as at the cap of links."""
+    tunnel = Tunnel(launcher, [str(udp_echo.port)], transport="udp", client_extra={"connection_pool": 4})
+    tunnel.start_server()
+    tunnel.client = launcher.start("client", tunnel.client_text, wrap=("prlimit", "--nofile=40:40"))
+    tunnel.wait_connected()
+    client = tunnel.client
+    with contextlib.ExitStack() as stack:
+        for i in range(80):
+            user = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            user.bind((HOST, 0))
+            user.sendto(b"flood %d" % i, (HOST, tunnel.public[0]))
+            time.sleep(0.01)
+        client.wait_for_log("too many open files", timeout=15)
+        seeds = iter(range(1000))
+        wait_until(lambda: _udp_carried(tunnel.public[0], next(seeds)), 20,
+                   "a new UDP user carried while the flood's flows are held")
     log = client.log()
     assert "Traceback" not in log, log
     assert len([line for line in log.splitlines() if "too many open files" in line]) <= 30

@@ -285,6 +285,31 @@ def test_token_change_restarts_the_tunnel_in_a_controlled_way(launcher: Launcher
         assert "Traceback" not in proc.log()
 
 
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+def test_auth_change_restarts_the_tunnel_like_a_token_change(launcher: Launcher, echo_service: Service,
+                                                             transport: str) -> None:
+    """Catches: auth applied live to a running session (links proved in one mode, checked in the
+    other), or not applied at all (the reloaded pair could not meet again); relays on their own
+    connections run on."""
+    tunnel = Tunnel(launcher, [str(echo_service.port)], token="auth-reload-token", transport=transport).up()
+    assert tunnel.server is not None and tunnel.client is not None
+    with transfer(tunnel.public[0], seed=23) as flowing:
+        wait_until(lambda: len(flowing.received) > MiB, 10, "bytes flowing")
+        for proc in (tunnel.server, tunnel.client):
+            text = proc.config.read_text()
+            proc.config.write_text(text.replace('token = "auth-reload-token"\n',
+                                                'token = "auth-reload-token"\nauth = "challenge"\n'))
+            assert proc.config.read_text() != text
+            proc.proc.send_signal(signal.SIGHUP)
+        tunnel.server.wait_for_log("restarting the tunnel: auth changed", timeout=5)
+        tunnel.client.wait_for_log("starting a new session with the server: auth changed", timeout=5)
+        tunnel.server.wait_for_log("connected: control channel up", timeout=10, count=2)
+        echo_works(tunnel.public[0], size=100000, seed=24)
+        flowing.check()
+    for proc in (tunnel.server, tunnel.client):
+        assert "Traceback" not in proc.log()
+
+
 # ------------------------------------------------------------------------------------------------
 # drain
 

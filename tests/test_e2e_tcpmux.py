@@ -23,6 +23,7 @@ import pytest
 
 from backhaul.protocol.smux import encode_frame
 from tests import harness
+from tests.faultproxy import FaultProxy
 from tests.harness import (
     HOST,
     Launcher,
@@ -594,70 +595,6 @@ def test_ten_thousand_streams_leave_no_thread_or_fd_behind(launcher: Launcher) -
 # ------------------------------------------------------------------------------------------------
 # 4. the session's TCP connection is cut mid-transfer
 
-class FaultProxy:
-    """A TCP forwarder on 127.0.0.1 (one thread per direction) whose connections can be cut."""
-
-    def __init__(self, upstream: int) -> None:
-        self.upstream = upstream
-        self.sock = socket.create_server((HOST, 0))
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
-        self.pairs: list[tuple[socket.socket, socket.socket]] = []  # (from the client, to the server)
-        self._threads: list[threading.Thread] = []
-        self._stopping = threading.Event()
-        self._accepting = threading.Thread(target=self._accept, name="proxy-accept", daemon=True)
-        self._accepting.start()
-
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                down, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            down.settimeout(None)
-            try:
-                up = socket.create_connection((HOST, self.upstream), timeout=5)
-            except OSError:
-                down.close()
-                continue
-            up.settimeout(None)
-            self.pairs.append((down, up))
-            for src, dst in ((down, up), (up, down)):
-                thread = threading.Thread(target=self._pump, args=(src, dst), name="proxy-pump", daemon=True)
-                self._threads.append(thread)
-                thread.start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(256 * KiB):
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_RDWR)
-
-    def cut(self, index: int) -> None:
-        """Close both sides of connection ``index`` (in the order they arrived)."""
-        for sock in self.pairs[index]:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._stopping.set()
-        self._accepting.join(5)
-        self.sock.close()
-        for index in range(len(self.pairs)):
-            self.cut(index)
-        for thread in self._threads:
-            thread.join(5)
-        for pair in self.pairs:
-            for sock in pair:
-                sock.close()
-
-
 def test_cut_session_ends_its_users_and_a_new_session_carries_on(launcher: Launcher, echo_service: Service) -> None:
     """Cutting the smux session's TCP connection mid-download ends the user (no hang), both sides
     log the session's end, the client dials a new session and a new user echoes exact."""
@@ -673,14 +610,14 @@ def test_cut_session_ends_its_users_and_a_new_session_carries_on(launcher: Launc
         assert tunnel.server is not None and tunnel.client is not None
         tunnel.server.wait_for_log("connected: control channel up")
         wait_until(lambda: len(proxy.pairs) >= 2, 10, "the control channel and the session through the proxy")
-        session_port = proxy.pairs[1][1].getsockname()[1]  # the server sees the session from here
+        session_port = proxy.pairs[1].up.getsockname()[1]  # the server sees the session from here
         with connect(tunnel.public[0]) as user:
             got = 0
             while got < 4 * MiB:
                 data = user.recv(MiB)
                 assert data, f"EOF after {got} bytes, before the cut"
                 got += len(data)
-            proxy.cut(1)
+            proxy.cut(index=1)
             start = time.monotonic()
             assert closed_by_peer(user, timeout=10), "the user still hangs 10 s after its session was cut"
             ended_after = time.monotonic() - start

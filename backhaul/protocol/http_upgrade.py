@@ -185,16 +185,26 @@ def client_request(host: str, path: str, token: str, user_agent: str, user_id: i
     Host and User-Agent come first, then the other fields sorted by name (Go's ``Header.Write``).
     ``host`` is remote_addr as configured; ``key`` the 16 raw bytes (base64'd here).
     """
+    return upgrade_request(host, path, f"Bearer {token}", user_agent, user_id, key, what="token")
+
+
+def upgrade_request(host: str, path: str, authorization: str | None, user_agent: str, user_id: int, key: bytes,
+                    *, what: str = "authorization") -> bytes:
+    """``client_request`` with any Authorization value, or none (auth = "challenge": a link
+    proof on /tunnel/<N>, nothing on /channel; docs/auth.md). ``what`` names the value in errors."""
     if not _PATH_OK.fullmatch(path):
         raise ProtocolError(f"path {path!r} is not an origin-form request target", remote=False)
     if user_id < 0:
         raise ProtocolError(f"user id {user_id} is negative", remote=False)
-    _check_constant_fields(host, token, user_agent)
+    _check_constant_fields(host, user_agent)
+    # Go refuses to send a field value with a control character; so do we (no header injection).
+    if authorization is not None and not _VALUE_OK.fullmatch(authorization):
+        raise ProtocolError(f"the {what} holds a control character", remote=False)
     lines = (
         f"GET {path} HTTP/1.1",
         f"Host: {host}",
         f"User-Agent: {user_agent}",
-        f"Authorization: Bearer {token}",
+        *([f"Authorization: {authorization}"] if authorization is not None else ()),
         "Connection: Upgrade",
         f"Sec-WebSocket-Extensions: {EXTENSIONS_OFFER}",
         f"Sec-WebSocket-Key: {encode_key(key)}",
@@ -206,15 +216,13 @@ def client_request(host: str, path: str, token: str, user_agent: str, user_id: i
 
 
 @functools.lru_cache(maxsize=64)
-def _check_constant_fields(host: str, token: str, user_agent: str) -> None:
+def _check_constant_fields(host: str, user_agent: str) -> None:
     """The fields that stay the same over a client's dials, checked once (a ProtocolError is not
     cached: it comes again)."""
     if not _HOST_OK.fullmatch(host):
         raise ProtocolError(f"host {host!r} cannot go into a Host header", remote=False)
-    # Go refuses to send a field value with a control character; so do we (no header injection).
-    for name, value in (("token", token), ("user agent", user_agent)):
-        if not _VALUE_OK.fullmatch(value):
-            raise ProtocolError(f"the {name} holds a control character", remote=False)
+    if not _VALUE_OK.fullmatch(user_agent):
+        raise ProtocolError("the user agent holds a control character", remote=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from backhaul.errors import ProtocolError
 from backhaul.log import Throttles
 from backhaul.net import dial, peer_of, tune
+from backhaul.protocol.auth import LinkSigner
 from backhaul.protocol.framing import SG_TCP, SG_UDP, FrameReader, encode_ltv
 from backhaul.reactor import READ, Reactor
 from backhaul.relay.datagram import FramedRelay
@@ -25,7 +26,7 @@ from backhaul.tunnel.acceptor import has_bytes
 from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.control import ClientChannel
 from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
-from backhaul.tunnel.dialer import handshake
+from backhaul.tunnel.dialer import handshake, send_link_proof
 from backhaul.tunnel.pool import ClientPool, LinkPool
 from backhaul.tunnel.port import TunnelPort
 
@@ -176,16 +177,19 @@ def server(core: ServerCore) -> TunnelPort:
 # client side
 
 def connect(core: ClientCore) -> TcpSession:
-    """Dial the control channel and do the token handshake; blocking, the client's own thread."""
-    sock, addr = handshake(core)
-    return TcpSession(core, sock, addr)
+    """Dial the control channel and do the handshake; blocking, the client's own thread."""
+    sock, addr, signer = handshake(core)
+    return TcpSession(core, sock, addr, signer)
 
 
 class TcpSession:
-    """The client's end of one control channel and the links it opened."""
+    """The client's end of one control channel and the links it opened. With ``signer``
+    (auth = "challenge") every link says first which session it belongs to."""
 
-    def __init__(self, core: ClientCore, sock: socket.socket, server_addr: tuple[str, int]) -> None:
+    def __init__(self, core: ClientCore, sock: socket.socket, server_addr: tuple[str, int],
+                 signer: LinkSigner | None = None) -> None:
         self.core = core
+        self.signer = signer
         self.config = core.config
         self.reactor = core.reactor
         self.server_addr = server_addr
@@ -224,6 +228,9 @@ class TcpSession:
         cfg = self.config
         tune(sock, nodelay=cfg.nodelay, keepalive=cfg.keepalive_period, mss=cfg.mss,
              rcvbuf=cfg.so_rcvbuf, sndbuf=cfg.so_sndbuf)
+        if self.signer is not None and not send_link_proof(sock, self.signer):
+            self.reactor.close_socket(sock)
+            return
         self.links[sock] = FrameReader(typed=True)
         self.reactor.watch(sock, READ, lambda _m: self._link_event(sock))
 

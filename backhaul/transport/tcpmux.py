@@ -20,6 +20,7 @@ from backhaul.errors import ProtocolError
 from backhaul.log import Throttles
 from backhaul.mux import MuxConnection, MuxSettings, MuxStream
 from backhaul.net import dial, peer_of, tune
+from backhaul.protocol.auth import LinkSigner
 from backhaul.protocol.framing import FrameReader, encode_lv
 from backhaul.protocol.smux import ACCEPT_BACKLOG
 from backhaul.reactor import Reactor
@@ -27,7 +28,7 @@ from backhaul.relay.stream import StreamRelay
 from backhaul.tunnel.carrier import Carrier, SocketCarrier
 from backhaul.tunnel.control import ClientChannel
 from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
-from backhaul.tunnel.dialer import handshake
+from backhaul.tunnel.dialer import handshake, send_link_proof
 from backhaul.tunnel.pool import REQUEST_TTL, ClientPool
 from backhaul.tunnel.port import TunnelPort
 
@@ -183,9 +184,9 @@ def server(core: ServerCore) -> TunnelPort:
 # client side
 
 def connect(core: ClientCore) -> MuxClientSession:
-    """Dial the control channel and do the token handshake; blocking, the client's own thread."""
-    sock, addr = handshake(core)
-    return MuxClientSession(core, SocketCarrier(core.reactor, sock, "the server"), addr)
+    """Dial the control channel and do the handshake; blocking, the client's own thread."""
+    sock, addr, signer = handshake(core)
+    return MuxClientSession(core, SocketCarrier(core.reactor, sock, "the server"), addr, signer=signer)
 
 
 class HeaderReader:
@@ -238,8 +239,10 @@ class MuxClientSession:
     """The client's end of one control channel and the smux sessions it opened."""
 
     def __init__(self, core: ClientCore, carrier: Carrier, server_addr: tuple[str, int], *,
-                 heartbeat_echo: bool = False, dial_session: DialSession | None = None) -> None:
+                 heartbeat_echo: bool = False, dial_session: DialSession | None = None,
+                 signer: LinkSigner | None = None) -> None:
         self.core = core
+        self.signer = signer   # auth = "challenge": each session connection sends its LINK first
         self.config = core.config
         self.reactor = core.reactor
         self.server_addr = server_addr
@@ -271,8 +274,16 @@ class MuxClientSession:
 
     def dial_session(self, done: SessionDialed) -> None:
         """Open one more session connection (a plain TCP connection here; wsmux upgrades it)."""
+        signer = self.signer
+
+        def dialed(sock: socket.socket | None, error: str) -> None:
+            if sock is not None and signer is not None and not send_link_proof(sock, signer):
+                self.reactor.close_socket(sock)
+                sock, error = None, "the connection closed before its link proof went"
+            done(sock, error, b"")
+
         dial(self.reactor, self.core.resolver, self.server_addr[0], self.server_addr[1], self.config.dial_timeout,
-             lambda sock, error: done(sock, error, b""), self.config.local_addr)
+             dialed, self.config.local_addr)
 
     def _dialed(self, sock: socket.socket | None, error: str, first: bytes) -> None:
         self.pool.opened(error)

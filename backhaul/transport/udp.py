@@ -1,13 +1,20 @@
 """The ``udp`` transport (PROTOCOL.md 4.2): the tcp transport's control channel (token handshake,
 RTT probe), and links that are UDP 5-tuples to the same port number over UDP.
 
-A link announces itself with one datagram holding the raw token; while pooled the server pings it
-(a 1-byte 0x02 datagram every heartbeat); a flow is given to it as one datagram holding the
-target string, then datagrams are relayed one for one. The public ports are UDP only.
+A link announces itself with one datagram holding the raw token (with ``auth = "challenge"``: the
+LINK frame of docs/auth.md instead); while pooled the server pings it (a 1-byte 0x02 datagram
+every heartbeat); a flow is given to it as one datagram holding the target string, then
+datagrams are relayed one for one. The public ports are UDP only.
+
+The server takes a link only from an address with a control channel (as the tcp family takes its
+links), and a datagram that opens none counts against the tunnel port's per-address limit of
+failed handshakes (tunnel/limiter.py): token guessing over UDP is held back like over TCP, and
+an address past the limit has its datagrams dropped unread.
 """
 
 from __future__ import annotations
 
+import errno
 import heapq
 import hmac
 import logging
@@ -16,11 +23,13 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-from backhaul.errors import TransportError
+from backhaul.errors import ProtocolError, TransportError
 from backhaul.flows import EVICTED, Flow
 from backhaul.log import Throttles
 from backhaul.net import reason
+from backhaul.protocol.auth import AuthError, LinkSigner, check_any
 from backhaul.protocol.framing import SG_PING
+from backhaul.protocol.handshake import hello_reader
 from backhaul.reactor import READ, Reactor, Timer
 from backhaul.relay.datagram import PairRelay
 from backhaul.tunnel.carrier import SocketCarrier
@@ -29,7 +38,18 @@ from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import handshake
 from backhaul.tunnel.pool import ClientPool, LinkPool
 from backhaul.tunnel.port import TunnelPort
-from backhaul.udp import WARN, AddressPeer, ConnectedPeer, DatagramSocket, Peer, bind_udp, connected_udp, drop, show
+from backhaul.udp import (
+    DROPPED,
+    WARN,
+    AddressPeer,
+    ConnectedPeer,
+    DatagramSocket,
+    Peer,
+    bind_udp,
+    connected_udp,
+    drop,
+    show,
+)
 
 log = logging.getLogger("backhaul.udp")
 
@@ -38,6 +58,10 @@ EVICT_SHARE = 8               # at that cap, an eighth of the flows makes room a
 REAP_EVERY = 10.0             # seconds between looks for idle links the server no longer pings
 MAX_TARGET = 1024             # a datagram longer than this is no target string
 PING = bytes((SG_PING,))
+# Refusals of a datagram that would open a link which count as a failed handshake of its address
+# (no_control does not: a real client's link racing the end of its session).
+_FAILURES = frozenset({"not_a_link", "foreign", "link", "replay", "early"})
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,9 +102,9 @@ class UdpLink:
 
 
 class UdpLinks:
-    """udp's links from one client: its addresses that sent the token to the UDP tunnel port,
-    pooled and pinged every heartbeat until a flow takes them. A TCP connection on this
-    transport is only ever a handshake."""
+    """udp's links from one client: its addresses that sent the token (or a link proof) to the UDP
+    tunnel port, pooled and pinged every heartbeat until a flow takes them. A TCP connection on
+    this transport is only ever a handshake."""
 
     def __init__(self, core: ServerCore, ask: Callable[[int], None], talking: Callable[[socket.socket], None],
                  port: UdpTunnelPort) -> None:
@@ -119,7 +143,7 @@ class UdpLinks:
         self.talking(sock)
 
     def add_datagrams(self, addr: tuple) -> None:
-        """``addr`` sent the token to the UDP tunnel port: a new link."""
+        """``addr`` sent the token or a link proof to the UDP tunnel port: a new link."""
         assert self.port.socket is not None
         link = UdpLink(self.reactor, AddressPeer(self.port.socket, addr, f"client link {show(addr)}"), self.carrying)
         if not self.pool.add(link):
@@ -188,18 +212,46 @@ class UdpTunnelPort(TunnelPort):
             self.socket = None
 
     def _unknown(self, addr: tuple, data: bytes) -> None:
-        """A datagram from an address that is no link: it must be the token. The Go server takes
-        a link from any address; balance mode gives it to the client of its address."""
-        if not hmac.compare_digest(data, self.config.token.encode()):
-            drop("not_a_link", "dropped a datagram from %s on the UDP tunnel port: not from a link, and not "
-                 "the token", show(addr))
+        """A datagram from an address that is no link: it must open one, and goes to the client
+        of its address (one client in replace mode)."""
+        ip, acceptor = addr[0], self.acceptor
+        if ip not in acceptor.control_ips and ip != acceptor.proven_ip and acceptor.limiter.refuses(ip):
+            DROPPED.inc(1, "limited")   # the limiter said so once for the window
             return
-        owner = self.entry_of(addr[0])
+        refusal = self._refusal(ip, data)
+        owner = self.entry_of(ip) if refusal is None else None
         if owner is None:
-            drop("no_control", "dropped a link from %s on the UDP tunnel port: no control channel is up%s",
-                 show(addr), " from its address" if self.clients else "")
+            kind, why = refusal or ("no_control", "a link while no control channel is up")
+            if kind in _FAILURES:
+                acceptor.limiter.failed(ip)
+            drop(kind, "dropped a datagram from %s on the UDP tunnel port: %s", show(addr), why)
             return
         cast(UdpLinks, owner.links).add_datagrams(addr)
+
+    def _refusal(self, ip: str, data: bytes) -> tuple[str, str] | None:
+        """Why ``data`` from ``ip`` opens no link (kind, why), or None: the token (v0.7.2), or
+        with auth = "challenge" a LINK frame of a session of its address, from a control
+        channel's address (the Go server takes a link from any address)."""
+        acceptor = self.acceptor
+        if acceptor.challenge:
+            reader = hello_reader()
+            try:
+                if reader.feed(data) or not reader.done:
+                    return "not_a_link", "not from a link, and no link proof"
+            except ProtocolError:
+                return "not_a_link", "not from a link, and no link proof"
+        elif not hmac.compare_digest(data, self.config.token.encode()):
+            return "not_a_link", "not from a link, and not the token"
+        if not self.clients:
+            return "no_control", "a link while no control channel is up"
+        if ip not in acceptor.control_ips:
+            return "foreign", "a link from an address without a control channel"
+        if acceptor.challenge:
+            try:
+                check_any(self.checkers_of(ip), lambda links: links.check_frame(reader.kind, reader.payload))
+            except AuthError as exc:
+                return exc.kind, str(exc)
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,23 +280,26 @@ class UdpClientLink:
         return relay
 
     def close(self) -> None:
-        self.reactor.close_socket(self.sock)
+        self.session.reactor.close_socket(self.sock)
 
 
 def connect(core: ClientCore) -> UdpSession:
-    """Dial the control channel and do the token handshake; blocking, the client's own thread."""
-    sock, addr = handshake(core)
-    return UdpSession(core, sock, addr)
+    """Dial the control channel and do the handshake; blocking, the client's own thread."""
+    sock, addr, signer = handshake(core)
+    return UdpSession(core, sock, addr, signer)
 
 
 class UdpSession:
-    """The client's end of one control channel and the UDP links it opened."""
+    """The client's end of one control channel and the UDP links it opened. With ``signer``
+    (auth = "challenge") each link opens with its LINK frame, never the token."""
 
-    def __init__(self, core: ClientCore, sock: socket.socket, server_addr: tuple[str, int]) -> None:
+    def __init__(self, core: ClientCore, sock: socket.socket, server_addr: tuple[str, int],
+                 signer: LinkSigner | None = None) -> None:
         self.core = core
         self.config = core.config
         self.reactor = core.reactor
         self.server_addr = server_addr
+        self.signer = signer
         self.family = sock.family
         self.channel = ClientChannel(self.reactor, SocketCarrier(self.reactor, sock, "the server"), rtt_echo=True,
                                      on_links=self._links_requested, on_lost=self._lost)
@@ -273,13 +328,25 @@ class UdpSession:
         self.close(reason, notify=False)
 
     def _open_link(self) -> None:
-        """A new UDP socket to the server's port, announced by the token (no answer comes)."""
-        if len(self.links) + len(self.flows) >= MAX_CLIENT_LINKS and not self._make_room():
+        """A new UDP socket to the server's port, announced by the token or the LINK frame (no
+        answer comes). Out of descriptors, flows that carried one datagram make room as at the
+        cap: a flood of new sources must not keep the links out until its flows idle out."""
+        if (len(self.links) + len(self.flows) >= MAX_CLIENT_LINKS
+                and not self._make_room(f"{MAX_CLIENT_LINKS} links open, the most a client keeps")):
             self.pool.opened(f"{MAX_CLIENT_LINKS} UDP links open (idle or carrying a flow), the most a client keeps")
             return
         try:
-            sock = connected_udp(self.family, self.server_addr, self.config.local_addr)
-            sock.send(self.config.token.encode())
+            try:
+                sock = connected_udp(self.family, self.server_addr, self.config.local_addr)
+            except OSError as exc:
+                if exc.errno not in _EXHAUSTED or not self._make_room(reason(exc)):
+                    raise
+                sock = connected_udp(self.family, self.server_addr, self.config.local_addr)
+            try:
+                sock.send(self.signer.frame() if self.signer is not None else self.config.token.encode())
+            except OSError:
+                sock.close()
+                raise
         except OSError as exc:
             self.pool.opened(f"cannot open a UDP link to {show(self.server_addr)}: {reason(exc)}")
             return
@@ -312,7 +379,7 @@ class UdpSession:
             return
         self.core.carry_flow(UdpClientLink(self, sock), target)
 
-    def _make_room(self) -> bool:
+    def _make_room(self, why: str) -> bool:
         """Close a share of the flows that carried one datagram from the server only, the oldest
         first (a flood of new sources asks again and again); False when there is none such. A
         flow in use is never closed to make room: it ends when idle."""
@@ -321,8 +388,8 @@ class UdpSession:
         if not victims:
             return False
         EVICTED.inc(len(victims), "client")
-        WARN.warning("evict-client", "closed %d UDP flows that carried one datagram to make room: %d links "
-                     "open, the most a client keeps", len(victims), MAX_CLIENT_LINKS)
+        WARN.warning("evict-client", "closed %d UDP flows that carried one datagram to make room: %s",
+                     len(victims), why)
         for relay in victims:
             relay.close()
         return True

@@ -9,9 +9,11 @@ The heads are read and answered by our own codec (protocol/http_upgrade.py), the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
+import secrets
 import socket
 import ssl
 from collections.abc import Callable
@@ -20,14 +22,20 @@ from backhaul.config import ClientConfig, ServerConfig
 from backhaul.errors import ProtocolError, TransportError
 from backhaul.log import Throttles
 from backhaul.net import dial, reason, tune
+from backhaul.protocol import auth
 from backhaul.protocol import http_upgrade as http
+from backhaul.protocol.auth import AuthError, LinkChecker, LinkSigner, ServerHandshake, check_any
 from backhaul.protocol.framing import SG_PING
+from backhaul.protocol.handshake import HANDSHAKE_TIMEOUT, hello_reader
 from backhaul.reactor import READ, WRITE, Reactor, Timer
 from backhaul.relay.stream import StreamRelay
 from backhaul.transport.tcpmux import MuxClientSession, SessionLinks
+from backhaul.transport.ws_challenge import challenge
+from backhaul.tunnel.acceptor import MODE_MISMATCH
 from backhaul.tunnel.control import ClientChannel
 from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import control_connection
+from backhaul.tunnel.limiter import FailureLimiter
 from backhaul.tunnel.pending import HANDSHAKE_FAILURES, Pending, PendingSet
 from backhaul.tunnel.pool import ClientPool, LinkPool
 from backhaul.tunnel.port import Port
@@ -94,6 +102,20 @@ class Head(Pending):
         super().__init__(sock, peer, ip)
         self.reader = http.RequestReader()
         self.tls_done = not tls
+
+
+class Challenge(Pending):
+    """An upgraded /channel whose challenge (docs/auth.md) runs in its first messages."""
+
+    __slots__ = ("ws", "handshake")
+
+    def __init__(self, ws: WebSocket, peer: str, ip: str) -> None:
+        super().__init__(ws.sock, peer, ip)
+        self.ws = ws
+        self.handshake: ServerHandshake | None = None   # set when HELLO came and CHALLENGE went
+
+    def discard(self, reactor: Reactor) -> None:
+        self.ws.close()
 
 
 def server_context(cfg: ServerConfig) -> ssl.SSLContext:
@@ -182,7 +204,13 @@ class UpgradePort(Port):
         self.tls = uses_tls(self.name)
         self.mux = mux
         self.context: ssl.SSLContext | None = None
+        self.challenge = self.config.auth == "challenge"
+        self.proven_ip = ""     # the last client that proved the token: never held back (see acceptor.py)
+        self.limiter = FailureLimiter()
         self.pending: PendingSet[Head] = PendingSet(self.reactor, "upgrade heads", HEAD_TIMEOUT, self._too_slow)
+        self.challenges: PendingSet[Challenge] = PendingSet(self.reactor, "challenges", HANDSHAKE_TIMEOUT,
+                                                            self._no_proof)
+        self.pending.on_failed = self.challenges.on_failed = self.limiter.failed
         self._warn = self.pending.warn
 
     def open(self) -> None:
@@ -192,16 +220,27 @@ class UpgradePort(Port):
 
     def _trust(self, ips: frozenset[str]) -> None:
         # The clients' own data connections come from there, many at once under load.
-        self.pending.trusted = ips
+        self.pending.trusted = self.challenges.trusted = ips
 
     def _close_pending(self) -> None:
         self.pending.close()
+        self.challenges.close()
 
     # --- heads ----------------------------------------------------------------------------------
     def _arrived(self, sock: socket.socket, addr: tuple) -> None:
+        if addr[0] not in self.pending.trusted and addr[0] != self.proven_ip and self.limiter.refuses(addr[0]):
+            sock.close()
+            return
         sock.setblocking(False)
         if self.context is not None:
-            sock = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            try:
+                sock = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (ssl.SSLError, OSError) as exc:  # gone already (a reset with bytes unread)
+                HANDSHAKE_FAILURES.inc(1, "tls")
+                self.limiter.failed(addr[0])
+                self._warn.warning("tls", "rejected client %s:%d: %s", addr[0], addr[1], tls_reason(exc))
+                sock.close()
+                return
         entry = Head(sock, f"{addr[0]}:{addr[1]}", addr[0], self.tls)
         self.pending.add(entry)
         self.reactor.watch(sock, READ, lambda _m: self._step(entry))
@@ -244,12 +283,14 @@ class UpgradePort(Port):
 
     def _too_slow(self, entry: Head) -> None:
         HANDSHAKE_FAILURES.inc(1, "timeout")
+        self.limiter.failed(entry.ip)
         self._warn.warning("timeout", "rejected client %s: no whole upgrade head within %g s", entry.peer,
                            HEAD_TIMEOUT)
         self._answer(entry.sock, http.error_response(408))
 
     def _reject(self, entry: Head, kind: str, why: str, status: int = 0) -> None:
         HANDSHAKE_FAILURES.inc(1, kind)
+        self.limiter.failed(entry.ip)
         self._warn.warning(kind, "rejected client %s: %s", entry.peer, why)
         if status:
             self._answer(entry.sock, http.error_response(status), last=True)
@@ -274,8 +315,9 @@ class UpgradePort(Port):
 
     def _request(self, entry: Head, request: http.Request) -> None:
         route = request.route
-        if not http.authorized(request, self.config.token):
-            self._reject(entry, "token", "wrong token", 401)
+        refusal = self._credentials(request, route)
+        if refusal is not None:
+            self._reject(entry, *refusal, 401)
             return
         if route is None:
             self._reject(entry, "path", f"unknown path {request.path!r}", 404)
@@ -287,6 +329,15 @@ class UpgradePort(Port):
             else:  # balance: a link belongs to the client of its address, and this one has none
                 self._reject(entry, "foreign", "data connection from an address without a control channel", 404)
             return
+        if route == "data" and self.challenge:
+            try:
+                check_any(self.checkers_of(entry.ip), lambda links: links.check_authorization(request.authorization))
+            except AuthError as exc:
+                self._reject(entry, exc.kind, f"data connection: {exc}", 401)
+                return
+        if self.tls:  # the 101 must not wait behind the TLS tickets for an ACK (Nagle): 40 ms a connection
+            with contextlib.suppress(OSError):
+                entry.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._answer(entry.sock, http.accept_response(request.key))
         self.pending.end(entry, close=False)
         sock, peer = entry.sock, entry.peer
@@ -295,14 +346,83 @@ class UpgradePort(Port):
             owner.links.add(WebSocket(self.reactor, sock, client=False, peer=f"client {peer}", first=request.rest))
             return
         self.reactor.forget(sock)
-        if owner is None:
-            self._control_up(sock, peer, entry.ip, request.rest)
-        else:
+        if owner is not None:
             owner.links.add(sock, request.rest)
+            return
+        ws = WebSocket(self.reactor, sock, client=False, peer=f"client {peer}", first=request.rest)
+        if self.challenge:
+            self._begin_challenge(ws, peer, entry.ip)
+        else:
+            self._control_up(ws, peer, entry.ip)
+
+    def _credentials(self, request: http.Request, route: str | None) -> tuple[str, str] | None:
+        """Why the request's Authorization is refused (kind, why), or None. Token mode: the
+        bearer token on every request; challenge: none on /channel (the proof follows inside the
+        websocket), a link proof on /tunnel/<N> (checked once the path is known good)."""
+        value = request.authorization
+        if self.challenge:
+            if route == "control" and value is not None:
+                return "auth", MODE_MISMATCH[True]
+            return None
+        if http.authorized(request, self.config.token):
+            return None
+        if value is None and route == "control":
+            return "auth", 'no token on /channel (a client with auth = "challenge" sends none)'
+        if (value or "").startswith(auth.LINK_SCHEME + " "):
+            return "auth", MODE_MISMATCH[False]
+        return "token", "wrong token"
+
+    # --- the challenge (auth = "challenge") -----------------------------------------------------
+    def _begin_challenge(self, ws: WebSocket, peer: str, ip: str) -> None:
+        entry = Challenge(ws, peer, ip)
+        self.challenges.add(entry)
+        ws.messages(lambda message: self._challenge_message(entry, message),
+                    lambda _why: self._challenge_failed(entry, "closed", "closed the connection before its "
+                                                        "handshake ended"))
+
+    def _challenge_message(self, entry: Challenge, message: bytes | str) -> None:
+        """HELLO: answer with CHALLENGE; then PROOF: welcome the client, the channel is up."""
+        entry.heard = True
+        try:
+            if isinstance(message, str):
+                raise AuthError("a text message in the challenge", "garbage")
+            reader = hello_reader()
+            if reader.feed(message) or not reader.done:
+                raise AuthError("a challenge message that is not one whole frame", "garbage")
+            if entry.handshake is None:
+                handshake = ServerHandshake(self.config.token, secrets.token_bytes(auth.NONCE_SIZE))
+                entry.ws.send_binary(handshake.challenge(reader.kind, reader.payload))
+                entry.handshake = handshake
+                return
+            entry.handshake.check(reader.kind, reader.payload)
+        except AuthError as exc:
+            self._challenge_failed(entry, exc.kind, str(exc))
+            return
+        except ProtocolError as exc:
+            self._challenge_failed(entry, "garbage", f"not a Backhaul handshake ({exc})")
+            return
+        if not self.challenges.end(entry, close=False):
+            return
+        entry.ws.send_binary(entry.handshake.welcome())
+        self._control_up(entry.ws, entry.peer, entry.ip, entry.handshake.links())
+
+    def _challenge_failed(self, entry: Challenge, kind: str, why: str) -> None:
+        if entry.sock not in self.challenges.entries:
+            return
+        HANDSHAKE_FAILURES.inc(1, kind)
+        self.limiter.failed(entry.ip)
+        self._warn.warning(kind, "rejected client %s: %s", entry.peer, why)
+        self.challenges.end(entry)
+
+    def _no_proof(self, entry: Challenge) -> None:
+        HANDSHAKE_FAILURES.inc(1, "timeout")
+        self.limiter.failed(entry.ip)
+        self._warn.warning("timeout", "rejected client %s: no answer to the challenge within %g s", entry.peer,
+                           HANDSHAKE_TIMEOUT)
 
     # --- the control channel --------------------------------------------------------------------
-    def _control_up(self, sock: socket.socket, peer: str, ip: str, first: bytes) -> None:
-        ws = WebSocket(self.reactor, sock, client=False, peer=f"client {peer}", first=first)
+    def _control_up(self, ws: WebSocket, peer: str, ip: str, links: LinkChecker | None = None) -> None:
+        self.proven_ip = ip
         if self.clients and not self.balance:
             # PROTOCOL.md 3.1: a second /channel resets the server; the client reconnects.
             log.warning("client %s opened a second control channel: closing both (the one from %s too)",
@@ -310,7 +430,7 @@ class UpgradePort(Port):
             self._drop_all(notify=True)
             ws.close()
             return
-        self._install(WebSocketCarrier(ws), peer, ip, rtt_probe=False)
+        self._install(WebSocketCarrier(ws), peer, ip, rtt_probe=False, links=links)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,12 +478,25 @@ def check_pin(sock: ssl.SSLSocket, pin: str) -> None:
         raise ProtocolError("the server's certificate does not match tls_pin")
 
 
-def request_head(cfg: ClientConfig, path_kind: str) -> tuple[bytes, str]:
-    """An upgrade request for the control channel or a data connection, and its key."""
+def request_head(cfg: ClientConfig, path_kind: str, signer: LinkSigner | None = None) -> tuple[bytes, str]:
+    """An upgrade request for the control channel or a data connection, and its key. With
+    auth = "challenge": no Authorization on /channel, the session's link proof on /tunnel/<N>."""
     raw_key, user_id = http.new_key_and_id(_RNG)
     path = http.CONTROL_PATH if path_kind == "control" else http.data_path(user_id)
-    head = http.client_request(cfg.remote_addr, path, cfg.token, http.pick_user_agent(_RNG), user_id, raw_key)
-    return head, http.encode_key(raw_key)
+    agent = http.pick_user_agent(_RNG)
+    if cfg.auth != "challenge":
+        return http.client_request(cfg.remote_addr, path, cfg.token, agent, user_id, raw_key), http.encode_key(raw_key)
+    authorization = signer.authorization() if signer is not None and path_kind == "data" else None
+    return http.upgrade_request(cfg.remote_addr, path, authorization, agent, user_id, raw_key), http.encode_key(raw_key)
+
+
+def check_answer(cfg: ClientConfig, response: http.Response, key: str, path_kind: str) -> None:
+    """The upgrade was accepted; a 401 says what was refused in the auth mode at hand."""
+    if response.status == 401 and cfg.auth == "challenge":
+        raise ProtocolError("the server refused the link proof (401)" if path_kind == "data" else
+                            'the server answered 401 to a /channel without a token: it may not have '
+                            'auth = "challenge"')
+    http.check_accept(response, key)
 
 
 def dial_address(cfg: ClientConfig) -> tuple[str, int]:
@@ -396,9 +529,15 @@ def connect(core: ClientCore) -> WebSocketSession:
             raise ProtocolError("no upgrade answer from the server in time") from None
         except OSError as exc:
             raise TransportError(f"upgrade failed: {reason(exc)}") from None
-        http.check_accept(response, key)
+        check_answer(cfg, response, key, "control")
+        first, signer = response.rest, None
+        if cfg.auth == "challenge":
+            try:
+                signer, first = challenge(sock, cfg.token, first)
+            except OSError as exc:
+                raise TransportError(f"challenge failed: {reason(exc)}") from None
         sock.setblocking(False)
-        return WebSocketSession(core, sock, response.rest, addr)
+        return WebSocketSession(core, sock, first, addr, signer)
     except BaseException:
         sock.close()
         raise
@@ -410,14 +549,14 @@ class UpgradeDial:
     watched by the reactor: ``done`` watches it with a callback of its own (a ``WebSocket`` takes
     the registration over), forgets it or closes it with ``reactor.close_socket``."""
 
-    def __init__(self, core: ClientCore, addr: tuple[str, int], done: Callable[[socket.socket | None, bytes, str], None]
-                 ) -> None:
+    def __init__(self, core: ClientCore, addr: tuple[str, int],
+                 done: Callable[[socket.socket | None, bytes, str], None], signer: LinkSigner | None = None) -> None:
         self.core = core
         self.cfg = core.config
         self.reactor = core.reactor
         self.done = done
         self.sock: socket.socket | None = None
-        self.head, self.key = request_head(self.cfg, "data")
+        self.head, self.key = request_head(self.cfg, "data", signer)
         self.reader = http.ResponseReader()
         self.tls_done = False
         self.timer = self.reactor.call_later(self.cfg.dial_timeout, self._fail, "the upgrade timed out")
@@ -436,10 +575,19 @@ class UpgradeDial:
              sndbuf=cfg.so_sndbuf)
         # The socket stays watched (for WRITE, by the dial): every step below watches it anew
         # or closes it, which saves a system call or two per connection.
-        if uses_tls(cfg.transport):
-            sock = client_context(cfg).wrap_socket(sock, server_hostname=cfg.remote_host,
-                                                   do_handshake_on_connect=False)
         self.sock = sock
+        if uses_tls(cfg.transport):
+            # wrap_socket takes the descriptor over, and closes it when it fails (a connection
+            # reset already): the reactor must not be left watching a number that is reused.
+            self.reactor.forget(sock)
+            try:
+                self.sock = client_context(cfg).wrap_socket(sock, server_hostname=cfg.remote_host,
+                                                            do_handshake_on_connect=False)
+            except (ssl.SSLError, OSError) as exc:  # the connection broke already
+                sock.close()   # nothing left to close when wrap_socket took it over
+                self.sock = None
+                self._fail(f"TLS handshake failed: {tls_reason(exc)}")
+                return
         self._step(0)
 
     def _step(self, _mask: int) -> None:
@@ -484,7 +632,7 @@ class UpgradeDial:
             self._fail(f"upgrade failed: {reason(exc)}")
             return
         try:
-            http.check_accept(response, self.key)
+            check_answer(self.cfg, response, self.key, "data")
         except ProtocolError as exc:
             self._fail(str(exc))
             return
@@ -506,19 +654,21 @@ class UpgradeDial:
 class WebSocketSession:
     """The client's end of a ws/wss control channel and the WebSockets it opened."""
 
-    def __init__(self, core: ClientCore, sock: socket.socket, first: bytes, server_addr: tuple[str, int]) -> None:
+    def __init__(self, core: ClientCore, sock: socket.socket, first: bytes, server_addr: tuple[str, int],
+                 signer: LinkSigner | None = None) -> None:
         self.core = core
         self.config = core.config
         self.reactor = core.reactor
         self.server_addr = server_addr
         self.sock = sock
         self.first = first
+        self.signer = signer
         self.channel: ClientChannel | None = None
         self.links: set[WebSocket] = set()
         self.closed = False
         self.pool = ClientPool(self.reactor, self.config.connection_pool, self.config.aggressive_pool,
                                MAX_CLIENT_LINKS, "data connection",
-                               lambda: UpgradeDial(self.core, self.server_addr, self._dialed),
+                               lambda: UpgradeDial(self.core, self.server_addr, self._dialed, self.signer),
                                idle=lambda: len(self.links), open_now=lambda: len(self.links))
 
     def start(self) -> None:
@@ -575,7 +725,7 @@ def connect_mux(core: ClientCore) -> MuxClientSession:
 
     def upgrade(done: Callable[[socket.socket | None, str, bytes], None]) -> None:
         # MuxClientSession forgets the socket first thing: its session reads it on its own.
-        UpgradeDial(core, control.server_addr, lambda sock, first, error: done(sock, error, first))
+        UpgradeDial(core, control.server_addr, lambda sock, first, error: done(sock, error, first), control.signer)
 
     ws = WebSocket(core.reactor, control.sock, client=True, peer="the server", first=control.first)
     return MuxClientSession(core, WebSocketCarrier(ws), control.server_addr, heartbeat_echo=True,

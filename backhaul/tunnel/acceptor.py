@@ -1,41 +1,61 @@
 """The tunnel port of the tcp family: tells links from handshakes and reads handshakes.
 
-A connection from a control channel's address that has sent nothing is a link. Anything else
-is read as a token handshake on the reactor thread, each with a 2 s deadline. Pending handshakes
-are capped in all and per source address; when the cap is reached the oldest silent one makes
-room, because a real client sends its token at once and a flood of silent connections must not
-keep it out.
+With ``auth = "token"`` (v0.7.2) a connection from a control channel's address that has sent
+nothing is a link, and anything else is read as a token handshake. With ``auth = "challenge"``
+(docs/auth.md) every connection says what it is: a HELLO starts the challenge, a LINK frame with
+a proof of a session of its address makes it a link. Either way each is read on the reactor thread
+with a 2 s deadline, capped in all and per source address; when the cap is reached the oldest
+silent one makes room, because a real client speaks at once and a flood of silent connections
+must not keep it out. Failures count per address (tunnel/limiter.py): an address past the limit
+is refused unread for the rest of its window, except the last one that proved the token (its
+links in flight when its control channel drops fail by the dozen, and must not keep it out).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from backhaul.errors import ProtocolError
+from backhaul.protocol import auth
+from backhaul.protocol.auth import AuthError, LinkChecker, ServerHandshake, check_any
 from backhaul.protocol.framing import SG_CHAN, FrameReader
-from backhaul.protocol.handshake import HANDSHAKE_TIMEOUT, hello_reader, server_accepts
+from backhaul.protocol.handshake import HANDSHAKE_TIMEOUT, hello, hello_reader, server_accepts
 from backhaul.reactor import READ, Reactor
+from backhaul.tunnel.limiter import FailureLimiter
 from backhaul.tunnel.pending import HANDSHAKE_FAILURES, MAX_PENDING, PENDING_PER_SOURCE, Pending, PendingSet
 
 log = logging.getLogger("backhaul.acceptor")
 
 
-# on_control(sock, peer, ip): a valid handshake; the socket now belongs to the callee
-OnControl = Callable[[socket.socket, str, str], None]
+# on_control(sock, peer, ip, reply, links): a valid handshake; the socket now belongs to the
+# callee, which sends ``reply`` first; ``links`` checks the new session's links (challenge only)
+OnControl = Callable[[socket.socket, str, str, bytes, LinkChecker | None], None]
 OnLink = Callable[[socket.socket, str], None]   # on_link(sock, ip)
+CheckersOf = Callable[[str], Iterable[LinkChecker]]   # the link checkers of an address's sessions
+
+# the frame types a connection may start with, by mode (anything else is rejected at its third byte)
+_FIRST = {False: (SG_CHAN,), True: (auth.HELLO, auth.LINK)}
+_OTHER_MODE = {False: auth.HELLO, True: SG_CHAN}   # the first frame of the other mode's client
+MODE_MISMATCH = {
+    False: 'the client uses auth = "challenge"; set it on this server too',
+    True: 'the client sent the token handshake of v0.7.2 (auth = "token"); this server has auth = "challenge"',
+}
 
 
 class Handshake(Pending):
-    """A tunnel connection whose token handshake is being read."""
+    """A tunnel connection whose handshake (or, with challenge, link proof) is being read."""
 
-    __slots__ = ("reader", "foreign")
+    __slots__ = ("reader", "foreign", "challenge", "link")
 
     def __init__(self, sock: socket.socket, peer: str, ip: str, foreign: str) -> None:
         super().__init__(sock, peer, ip)
         self.reader: FrameReader = hello_reader()
         self.foreign = foreign   # the control channels' addresses when this one came from another
+        self.challenge: ServerHandshake | None = None   # sent CHALLENGE, waiting for PROOF
+        self.link = False        # it sent a LINK frame: a failure is a refused data connection
 
 
 def has_bytes(sock: socket.socket) -> bool:
@@ -49,25 +69,47 @@ def has_bytes(sock: socket.socket) -> bool:
         return True  # broken already: let the handshake path close it with a reason
 
 
+def drain(sock: socket.socket, limit: int = 65536) -> None:
+    """Take what the peer sent and we did not read (a bounded amount), so that our close is a FIN
+    it can read as a refusal, not a reset that may reach it before it reads what it sent for."""
+    try:
+        while limit > 0:
+            data = sock.recv(min(limit, 16384))
+            if not data:
+                return
+            limit -= len(data)
+    except OSError:
+        pass
+
+
 class HandshakeAcceptor:
     """Sorts tunnel connections into links and handshakes, and judges the handshakes."""
 
     def __init__(self, reactor: Reactor, token: str, on_control: OnControl, on_link: OnLink,
-                 max_pending: int = MAX_PENDING, per_source: int = PENDING_PER_SOURCE) -> None:
+                 max_pending: int = MAX_PENDING, per_source: int = PENDING_PER_SOURCE, *,
+                 challenge: bool = False) -> None:
         self.reactor = reactor
         self.token = token
         self.on_control = on_control
         self.on_link = on_link
+        self.challenge = challenge
         self.control_ips: frozenset[str] = frozenset()   # set by the owner: the addresses with a control channel
+        self.proven_ip = ""      # the address of the last client that proved the token: never held back
+        self.checkers_of: CheckersOf = lambda _ip: ()   # challenge: set by the owner
+        self.limiter = FailureLimiter()
         self.pending: PendingSet[Handshake] = PendingSet(reactor, "handshakes", HANDSHAKE_TIMEOUT, self._expired,
                                                          max_pending, per_source)
+        self.pending.on_failed = self.limiter.failed
         self._warn = self.pending.warn
 
     def arrived(self, sock: socket.socket, addr: tuple) -> None:
         """A new connection on the tunnel port."""
-        sock.setblocking(False)
         ip = addr[0]
-        if ip in self.control_ips and not has_bytes(sock):
+        if ip not in self.control_ips and ip != self.proven_ip and self.limiter.refuses(ip):
+            sock.close()
+            return
+        sock.setblocking(False)
+        if not self.challenge and ip in self.control_ips and not has_bytes(sock):
             self.on_link(sock, ip)
         else:
             self.begin(sock, f"{ip}:{addr[1]}", ip)
@@ -85,40 +127,91 @@ class HandshakeAcceptor:
     def _readable(self, entry: Handshake) -> None:
         kind, verdict = "", ""
         try:
-            while True:  # the frame usually arrives whole: judge it without another wake-up
+            while not kind:  # a frame usually arrives whole: judge it without another wake-up
                 data = entry.sock.recv(entry.reader.needed())
                 if not data:
-                    kind, verdict = "closed", "closed the connection before sending a token"
+                    kind, verdict = "closed", ("closed the connection before its handshake ended" if self.challenge
+                                               else "closed the connection before sending a token")
                     break
                 entry.heard = True
                 entry.reader.feed(data)
-                if entry.reader.kind is not None and entry.reader.kind != SG_CHAN:
-                    kind, verdict = "garbage", "not a Backhaul handshake"
-                    break
-                if entry.reader.done:
-                    accepted = server_accepts(entry.reader, self.token)
-                    kind, verdict = ("ok", "") if accepted else ("token", "wrong token")
-                    break
+                if entry.reader.kind is not None and entry.reader.kind not in self._expected(entry):
+                    other = entry.challenge is None and entry.reader.kind == _OTHER_MODE[self.challenge]
+                    kind, verdict = ("auth", MODE_MISMATCH[self.challenge]) if other else (
+                        "garbage", "not a Backhaul handshake")
+                elif entry.reader.done:
+                    kind, verdict = self._judge(entry)
         except BlockingIOError:
             return
+        except AuthError as exc:
+            kind, verdict = exc.kind, str(exc)
         except ProtocolError as exc:
             kind, verdict = "garbage", f"not a Backhaul handshake ({exc})"
         except OSError as exc:
             kind, verdict = "failed", f"connection failed during the handshake: {exc.strerror or exc}"
         if kind == "ok":
+            reply = entry.challenge.welcome() if entry.challenge else hello(self.token)
+            links = entry.challenge.links() if entry.challenge else None
             self._end(entry, close=False)
-            self.on_control(entry.sock, entry.peer, entry.ip)
+            self.proven_ip = entry.ip
+            self.on_control(entry.sock, entry.peer, entry.ip, reply, links)
+        elif kind == "linked":
+            self._end(entry, close=False)
+            self.on_link(entry.sock, entry.ip)
         else:
-            HANDSHAKE_FAILURES.inc(1, kind)
+            self._failed(entry, kind, verdict)
+
+    def _expected(self, entry: Handshake) -> tuple[int, ...]:
+        return (auth.PROOF,) if entry.challenge is not None else _FIRST[self.challenge]
+
+    def _judge(self, entry: Handshake) -> tuple[str, str]:
+        """A whole frame is in: ("ok", ""), ("linked", ""), ("", "") to read the next frame, or a
+        failure's kind and verdict. AuthError and ProtocolError mean a failure too."""
+        kind, payload = entry.reader.kind, entry.reader.payload
+        if not self.challenge:
+            return ("ok", "") if server_accepts(entry.reader, self.token) else ("token", "wrong token")
+        if entry.challenge is not None:
+            entry.challenge.check(kind, payload)
+            return "ok", ""
+        if kind == auth.LINK:
+            return self._link(entry)
+        entry.challenge = ServerHandshake(self.token, secrets.token_bytes(auth.NONCE_SIZE))
+        frame = entry.challenge.challenge(kind, payload)
+        if entry.sock.send(frame) != len(frame):  # into an empty socket: it goes whole or not at all
+            return "failed", "the connection took only part of the challenge"
+        entry.reader = hello_reader()
+        return "", ""
+
+    def _link(self, entry: Handshake) -> tuple[str, str]:
+        """A LINK frame: the proof of a session of its address, from a control channel's address."""
+        entry.link = True
+        if not self.control_ips:
+            return "early", "no control channel is up"
+        if entry.foreign:
+            return "foreign", f"not {_whose(entry.foreign)} {entry.foreign}"
+        kind, payload = entry.reader.kind, entry.reader.payload
+        check_any(self.checkers_of(entry.ip), lambda links: links.check_frame(kind, payload))
+        return "linked", ""
+
+    def _failed(self, entry: Handshake, kind: str, verdict: str) -> None:
+        HANDSHAKE_FAILURES.inc(1, kind)
+        self.limiter.failed(entry.ip)
+        if entry.link:
+            self._warn.warning(kind, "rejected data connection from %s: %s", entry.peer, verdict)
+        else:
             self._warn.warning(kind, "rejected client %s: %s", entry.ip, verdict)
-            self._end(entry)
+        drain(entry.sock)
+        self._end(entry)
 
     def _expired(self, entry: Handshake) -> None:
         HANDSHAKE_FAILURES.inc(1, "foreign" if entry.foreign else "timeout")
+        self.limiter.failed(entry.ip)
         if entry.foreign:
-            whose = "one of the" if " " in entry.foreign else "the control channel's address"
-            self._warn.warning("foreign", "rejected data connection from %s: not %s %s", entry.peer, whose,
-                               entry.foreign)
+            self._warn.warning("foreign", "rejected data connection from %s: not %s %s", entry.peer,
+                               _whose(entry.foreign), entry.foreign)
+        elif self.challenge:
+            self._warn.warning("timeout", "rejected client %s: no handshake or link proof within %g s", entry.peer,
+                               HANDSHAKE_TIMEOUT)
         else:
             self._warn.warning("timeout", "rejected client %s: no handshake within %g s", entry.peer,
                                HANDSHAKE_TIMEOUT)
@@ -130,3 +223,7 @@ class HandshakeAcceptor:
 
     def close(self) -> None:
         self.pending.close()
+
+
+def _whose(foreign: str) -> str:
+    return "one of the" if " " in foreign else "the control channel's address"

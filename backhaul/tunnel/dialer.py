@@ -1,17 +1,30 @@
-"""The client's side of the tcp family's handshake (PROTOCOL.md 1.2): dial the tunnel port, send
-the token frame, check the server's answer. Blocking, on the client's own supervising thread.
+"""The client's side of the tcp family's handshake (PROTOCOL.md 1.2, or docs/auth.md with
+``auth = "challenge"``): dial the tunnel port, prove the token, check the server's answer.
+Blocking, on the client's own supervising thread.
 """
 
 from __future__ import annotations
 
+import secrets
 import socket
+import time
 
 from backhaul.config import ClientConfig
 from backhaul.errors import ProtocolError, TransportError
 from backhaul.net import bind_source, reason, tune
+from backhaul.protocol import auth
+from backhaul.protocol.auth import ClientHandshake, LinkSigner
+from backhaul.protocol.framing import FrameReader
 from backhaul.protocol.handshake import HANDSHAKE_TIMEOUT, client_accepts, hello, hello_reader
 from backhaul.resolver import resolve
 from backhaul.tunnel.core import ClientCore
+
+CLOSED = {
+    "token": "the server closed the connection during the handshake: a wrong token, or the server is busy "
+             "with too many pending handshakes",
+    "challenge": "the server closed the connection during the handshake: a wrong token, a server without "
+                 'auth = "challenge", or a server busy with too many pending handshakes',
+}
 
 
 def control_connection(cfg: ClientConfig, host: str, port: int) -> tuple[socket.socket, tuple[str, int]]:
@@ -37,29 +50,59 @@ def control_connection(cfg: ClientConfig, host: str, port: int) -> tuple[socket.
     return sock, addr
 
 
-def handshake(core: ClientCore) -> tuple[socket.socket, tuple[str, int]]:
-    """The control channel, non-blocking and past the handshake, and the server's address."""
+def read_frame(sock: socket.socket, deadline: float, closed: str) -> FrameReader:
+    """One LTV frame, reading no byte past it, before ``deadline`` (TimeoutError after)."""
+    reader = hello_reader()
+    while not reader.done:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        data = sock.recv(reader.needed())
+        if not data:
+            raise ProtocolError(closed)
+        reader.feed(data)
+    return reader
+
+
+def handshake(core: ClientCore) -> tuple[socket.socket, tuple[str, int], LinkSigner | None]:
+    """The control channel, non-blocking and past the handshake, the server's address, and the
+    signer of the session's links (``auth = "challenge"``; None with the token handshake)."""
     cfg = core.config
     sock, addr = control_connection(cfg, cfg.remote_host, cfg.remote_port)
     try:
-        sock.settimeout(HANDSHAKE_TIMEOUT)
-        reader = hello_reader()
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        signer: LinkSigner | None = None
+        closed = CLOSED[cfg.auth]
         try:
-            sock.sendall(hello(cfg.token))
-            while not reader.done:
-                data = sock.recv(reader.needed())
-                if not data:
-                    raise ProtocolError("the server closed the connection during the handshake: a wrong "
-                                        "token, or the server is busy with too many pending handshakes")
-                reader.feed(data)
+            if cfg.auth == "challenge":
+                client = ClientHandshake(cfg.token, secrets.token_bytes(auth.NONCE_SIZE))
+                sock.sendall(client.hello())
+                challenge = read_frame(sock, deadline, closed)
+                sock.sendall(client.answer(challenge.kind, challenge.payload))
+                welcome = read_frame(sock, deadline, closed)
+                signer = client.welcome(welcome.kind, welcome.payload)
+            else:
+                sock.sendall(hello(cfg.token))
+                reply = read_frame(sock, deadline, closed)
+                if not client_accepts(reply, cfg.token):
+                    raise ProtocolError("the server answered the handshake with a different token")
         except TimeoutError:
             raise ProtocolError(f"no handshake reply from the server within {HANDSHAKE_TIMEOUT:g} s") from None
         except OSError as exc:
             raise TransportError(f"handshake failed: {reason(exc)}") from None
-        if not client_accepts(reader, cfg.token):
-            raise ProtocolError("the server answered the handshake with a different token")
         sock.setblocking(False)
-        return sock, addr
+        return sock, addr, signer
     except BaseException:
         sock.close()
         raise
+
+
+def send_link_proof(sock: socket.socket, signer: LinkSigner) -> bool:
+    """A new data connection's LINK frame (auth = "challenge"); False when it is gone already.
+    43 bytes into a fresh socket: they go whole."""
+    frame = signer.frame()
+    try:
+        return sock.send(frame) == len(frame)
+    except OSError:
+        return False

@@ -39,6 +39,10 @@ class Pending:
         self.heard = False       # any byte arrived: not a silent connection
         self.state = state       # what the reader of this kind keeps (a frame reader, a TLS step...)
 
+    def discard(self, reactor: Reactor) -> None:
+        """Close what the entry holds (a subclass may hold more than its socket, a WebSocket)."""
+        reactor.close_socket(self.sock)
+
 
 P = TypeVar("P", bound=Pending)
 
@@ -59,6 +63,7 @@ class PendingSet(Generic[P]):
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.evicted = 0                  # metric-ready count of connections that made room
         self.warn = Throttles(log)
+        self.on_failed: Callable[[str], None] | None = None   # told the address of each one evicted
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -82,6 +87,8 @@ class PendingSet(Generic[P]):
     def _evict(self, entry: P, why: str) -> None:
         self.evicted += 1
         HANDSHAKE_FAILURES.inc(1, "evicted")
+        if self.on_failed is not None:
+            self.on_failed(entry.ip)
         self.warn.warning("pending", "closed the oldest pending connection %s to make room: %s", entry.peer, why)
         self.end(entry)
 
@@ -103,7 +110,7 @@ class PendingSet(Generic[P]):
         if entry.timer is not None:
             entry.timer.cancel()
         if close:
-            self.reactor.close_socket(entry.sock)
+            entry.discard(self.reactor)
         return True
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from backhaul.listener import Listener
 from backhaul.log import Throttles
 from backhaul.metrics import METRICS
 from backhaul.net import listen, peer_of, tune
-from backhaul.protocol.handshake import hello
+from backhaul.protocol.auth import LinkChecker
 from backhaul.tunnel.acceptor import HandshakeAcceptor
 from backhaul.tunnel.carrier import Carrier, SocketCarrier
 from backhaul.tunnel.control import ServerChannel
@@ -74,12 +74,13 @@ class ClientEntry:
     """One client address: its control channels (more than one only in balance mode, when
     clients share an address) and the links that come from it."""
 
-    __slots__ = ("ip", "channels", "links")
+    __slots__ = ("ip", "channels", "links", "checkers")
 
     def __init__(self, ip: str) -> None:
         self.ip = ip
         self.channels: list[ServerChannel] = []
         self.links: Links
+        self.checkers: dict[ServerChannel, LinkChecker] = {}   # auth = "challenge": each session's
 
     def ask(self, count: int) -> None:
         """Ask for ``count`` more links on the newest channel: a client that restarted from this
@@ -221,6 +222,11 @@ class Port:
         """A link of a client started talking: what it says is read as a new handshake."""
         sock.close()
 
+    def checkers_of(self, ip: str) -> list[LinkChecker]:
+        """The link checkers of the sessions of the clients at ``ip`` (auth = "challenge")."""
+        entry = self.clients.get(ip)
+        return list(entry.checkers.values()) if entry is not None else []
+
     def entry_of(self, ip: str) -> ClientEntry | None:
         """The client that owns a link from ``ip``: the one client in replace mode, where the
         transport checks the address (or, on the WebSocket and UDP transports, does not)."""
@@ -235,8 +241,10 @@ class Port:
                 channel.close(notify=notify)
                 self._remove(entry, channel)
 
-    def _install(self, carrier: Carrier, peer: str, ip: str, *, rtt_probe: bool, first: bytes = b"") -> None:
-        """A client is in: its control channel runs on ``carrier``; ``first`` leaves first."""
+    def _install(self, carrier: Carrier, peer: str, ip: str, *, rtt_probe: bool, first: bytes = b"",
+                 links: LinkChecker | None = None) -> None:
+        """A client is in: its control channel runs on ``carrier``; ``first`` leaves first; ``links``
+        checks the proofs of its session's links (auth = "challenge")."""
         cfg = self.config
         entry = self.clients.get(ip)
         fresh = entry is None
@@ -251,12 +259,15 @@ class Port:
                                "are the most balance mode keeps", ip, oldest.peer, MAX_CHANNELS_PER_ADDRESS)
             oldest.close(notify=True)
             entry.channels.remove(oldest)
+            entry.checkers.pop(oldest, None)
         if entry is None:
             entry = self.clients[ip] = ClientEntry(ip)
             entry.links = self.make_links(self.core, entry.ask, self._talking)
         channel = ServerChannel(self.reactor, carrier, cfg.heartbeat, rtt_probe=rtt_probe,
                                 on_lost=lambda reason, goodbye: self._lost(entry, channel, reason, goodbye))
         entry.channels.append(channel)
+        if links is not None:
+            entry.checkers[channel] = links
         self._trust(frozenset(self.clients))
         # Installed before the reply leaves, so the links that follow it find it.
         channel.start(first)
@@ -289,6 +300,7 @@ class Port:
         """``channel`` ended; the last channel of an address takes that address's links with it."""
         if channel in entry.channels:
             entry.channels.remove(channel)
+        entry.checkers.pop(channel, None)
         if entry.channels or self.clients.get(entry.ip) is not entry:
             return
         del self.clients[entry.ip]
@@ -304,7 +316,9 @@ class TunnelPort(Port):
     def __init__(self, core: ServerCore, name: str, make_links: LinksFactory, *, rtt_probe: bool) -> None:
         super().__init__(core, name, make_links)
         self.rtt_probe = rtt_probe
-        self.acceptor = HandshakeAcceptor(self.reactor, self.config.token, self._control_up, self.links_add)
+        self.acceptor = HandshakeAcceptor(self.reactor, self.config.token, self._control_up, self.links_add,
+                                          challenge=self.config.auth == "challenge")
+        self.acceptor.checkers_of = self.checkers_of
 
     def _arrived(self, sock: socket.socket, addr: tuple) -> None:
         self.acceptor.arrived(sock, addr)
@@ -315,13 +329,13 @@ class TunnelPort(Port):
     def _close_pending(self) -> None:
         self.acceptor.close()
 
-    def _control_up(self, sock: socket.socket, peer: str, ip: str) -> None:
+    def _control_up(self, sock: socket.socket, peer: str, ip: str, reply: bytes, links: LinkChecker | None) -> None:
         if self.clients and not self.balance:
             log.info("client %s opened a new control channel; dropping the one from %s", peer, self.peer())
-            self._drop_all(notify=False)
+            self._drop_all(notify=False)   # the old session's link proofs end with it
         tune(sock, nodelay=True)  # keepalive comes with the listener's options
         self._install(SocketCarrier(self.reactor, sock, f"client {peer}"), peer, ip, rtt_probe=self.rtt_probe,
-                      first=hello(self.config.token))
+                      first=reply, links=links)
 
     def links_add(self, sock: socket.socket, ip: str) -> None:
         entry = self.entry_of(ip)

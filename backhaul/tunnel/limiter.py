@@ -1,0 +1,82 @@
+"""Failed handshakes counted per source address: past a limit within a window, the address's new
+connections are closed unread until its window ends.
+
+Token guessing and floods of junk cost the server a read, a judgement and a log line each; an
+address that keeps failing gets one line a window and costs an accept and a close afterwards.
+The owners never refuse the address of the last client that proved the token (its own links
+fail in numbers when its control channel drops), and the table of addresses is bounded, oldest
+first out.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable
+
+from backhaul.log import Throttle
+from backhaul.tunnel.pending import HANDSHAKE_FAILURES
+
+log = logging.getLogger("backhaul.acceptor")
+
+FAILURES = 20        # failed handshakes one address may cause in a window
+WINDOW = 10.0        # seconds
+MAX_SOURCES = 4096   # addresses remembered at once
+
+
+class _Source:
+    __slots__ = ("start", "failures", "refused")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.failures = 0
+        self.refused = 0
+
+
+class FailureLimiter:
+    """Counts failures by address in fixed windows; reactor thread only."""
+
+    def __init__(self, limit: int = FAILURES, window: float = WINDOW, max_sources: int = MAX_SOURCES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_sources = max_sources
+        self.clock = clock
+        self._sources: collections.OrderedDict[str, _Source] = collections.OrderedDict()
+        self._lines = Throttle(log)   # many addresses crossing at once still cost a line a second
+
+    def _current(self, ip: str, now: float) -> _Source | None:
+        source = self._sources.get(ip)
+        if source is not None and now - source.start >= self.window:
+            del self._sources[ip]
+            source = None
+        return source
+
+    def failed(self, ip: str) -> None:
+        """One more failed handshake from ``ip``; the one that reaches the limit is logged."""
+        now = self.clock()
+        source = self._current(ip, now)
+        if source is None:
+            if len(self._sources) >= self.max_sources:
+                self._sources.popitem(last=False)
+            source = self._sources[ip] = _Source(now)
+        source.failures += 1
+        if source.failures == self.limit:
+            held = self._lines.allow()
+            if held is not None:
+                log.warning("refusing connections from %s for %g s: %d failed handshakes within %g s%s", ip,
+                            self.window - (now - source.start), self.limit, self.window,
+                            f" ({held} more addresses like it)" if held else "")
+
+    def refuses(self, ip: str) -> bool:
+        """True (and counted) when ``ip`` reached the limit in its current window."""
+        source = self._current(ip, self.clock())
+        if source is None or source.failures < self.limit:
+            return False
+        source.refused += 1
+        HANDSHAKE_FAILURES.inc(1, "limited")
+        return True
+
+    def __len__(self) -> int:
+        return len(self._sources)

@@ -1,0 +1,60 @@
+"""The per-address limit of failed handshakes (tunnel/limiter.py), on a clock of the test's."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from backhaul.tunnel.limiter import FailureLimiter
+from backhaul.tunnel.pending import HANDSHAKE_FAILURES
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_address_is_refused_from_its_limit_to_the_end_of_its_window(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    limiter = FailureLimiter(limit=3, window=10.0, clock=clock)
+    limited = HANDSHAKE_FAILURES.value("limited")
+    with caplog.at_level(logging.WARNING, logger="backhaul.acceptor"):
+        for _ in range(2):
+            limiter.failed("192.0.2.1")
+        assert not limiter.refuses("192.0.2.1")
+        limiter.failed("192.0.2.1")
+        assert limiter.refuses("192.0.2.1") and limiter.refuses("192.0.2.1")
+        assert not limiter.refuses("192.0.2.2"), "another address pays for nothing"
+        limiter.failed("192.0.2.1")  # past the limit: no second line
+        clock.now += 9.9
+        assert limiter.refuses("192.0.2.1")
+        clock.now += 0.2
+        assert not limiter.refuses("192.0.2.1"), "the window ended"
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["refusing connections from 192.0.2.1 for 10 s: 3 failed handshakes within 10 s"], lines
+    assert HANDSHAKE_FAILURES.value("limited") == limited + 3
+
+
+def test_the_table_of_addresses_is_bounded_oldest_out() -> None:
+    clock = Clock()
+    limiter = FailureLimiter(limit=2, window=10.0, max_sources=100, clock=clock)
+    limiter.failed("10.0.0.1")
+    limiter.failed("10.0.0.1")
+    for i in range(150):
+        limiter.failed(f"10.1.0.{i}")
+    assert len(limiter) == 100
+    assert not limiter.refuses("10.0.0.1"), "the oldest address was forgotten first"
+
+
+def test_many_addresses_crossing_at_once_cost_a_line_a_second(caplog: pytest.LogCaptureFixture) -> None:
+    limiter = FailureLimiter(limit=1, window=10.0)
+    with caplog.at_level(logging.WARNING, logger="backhaul.acceptor"):
+        for i in range(50):
+            limiter.failed(f"10.2.0.{i}")
+    assert len(caplog.records) == 1
