@@ -245,7 +245,9 @@ class UdpTunnelPort(TunnelPort):
         if not self.clients:
             return "no_control", "a link while no control channel is up"
         if ip not in acceptor.control_ips:
-            return "foreign", "a link from an address without a control channel"
+            ips = acceptor.control_ips
+            whom = f"the control channel's {next(iter(ips))}" if len(ips) == 1 else f"those of {len(ips)} clients"
+            return "foreign", f"a link from another address than {whom}"
         if acceptor.challenge:
             try:
                 check_any(self.checkers_of(ip), lambda links: links.check_frame(reader.kind, reader.payload))
