@@ -331,7 +331,7 @@ class UpgradePort(Port):
             return
         if route == "data" and self.challenge:
             try:
-                check_any(self.checkers_of(entry.ip), lambda links: links.check_authorization(request.authorization))
+                check_any(owner.checkers.values(), lambda links: links.check_authorization(request.authorization))
             except AuthError as exc:
                 self._reject(entry, exc.kind, f"data connection: {exc}", 401)
                 return
