@@ -107,7 +107,7 @@ def control_corpus() -> list[bytes]:
 
 
 def target_corpus() -> list[bytes]:
-    return [encode_ltv(SG_TCP, b"8443"), encode_ltv(SG_TCP, b"127.0.0.1:5201"), encode_ltv(SG_UDP, b"32945"),
+    return [encode_ltv(SG_TCP, b"8443"), encode_ltv(SG_TCP, b"target.internal:5201"), encode_ltv(SG_UDP, b"32945"),
             encode_lv(b"8443"), encode_lv(b"127.0.0.2:80") + b"GET / HTTP/1.1\r\n\r\n"]
 
 
@@ -129,7 +129,7 @@ def udp_frames_corpus() -> list[bytes]:
             encode_up(b"w" * MAX_DATAGRAM, 1)]
 
 
-def head_corpus(host: str = "127.0.0.1:3080") -> list[bytes]:
+def head_corpus(host: str = "tunnel.internal:3080") -> list[bytes]:
     key = bytes(range(16))
     heads = [http.client_request(host, http.CONTROL_PATH, TOKEN, http.USER_AGENTS[0], 1, key),
              http.client_request(host, http.data_path(7), TOKEN, http.USER_AGENTS[3], 7, key),
@@ -147,7 +147,7 @@ def response_corpus() -> list[bytes]:
 def config_corpus() -> list[bytes]:
     return [b'[server]\nbind_addr = "0.0.0.0:3080"\ntransport = "tcpmux"\ntoken = "x"\nports = ["443", "80=1.1.1.1:80",'
             b' "500-600=5201"]\nmux_version = 2\nauth = "challenge"\n',
-            b'[client]\nremote_addr = "[::1]:3080"\ntransport = "wss"\nforwarder = ["5201=127.0.0.1:9090"]\n'
+            b'[client]\nremote_addr = "[::1]:3080"\ntransport = "wss"\nforwarder = ["5201=10.0.0.9:9090"]\n'
             b'tls_pin = "' + b"ab:" * 31 + b'ab"\nedge_ip = "198.51.100.1"\n',
             b'[server]\nbind_addr = ":3080"\nheartbeat = 0\nchannel_size = 1\n[client]\nremote_addr = "h:1"\n']
 
@@ -259,7 +259,7 @@ _DERIVED = {"bind_host", "bind_port", "remote_host", "remote_port", "token_is_de
 SECTION_KEYS = {"server": [f.name for f in fields(ServerConfig) if f.name not in _DERIVED],
                 "client": [f.name for f in fields(ClientConfig) if f.name not in _DERIVED]}
 KEYS = SECTION_KEYS["server"] + SECTION_KEYS["client"] + ["bind_adr", "x", ""]
-REQUIRED = {"server": 'bind_addr = "127.0.0.1:3080"', "client": 'remote_addr = "127.0.0.1:3080"'}
+REQUIRED = {"server": 'bind_addr = "0.0.0.0:3080"', "client": 'remote_addr = "tunnel.internal:3080"'}
 
 
 def toml_value(rng: random.Random, depth: int = 0) -> str:
@@ -272,7 +272,7 @@ def toml_value(rng: random.Random, depth: int = 0) -> str:
     if choice == 2:
         return rng.choice(("0.5", "-0.0", "inf", "nan", "1e300"))
     if choice == 3:
-        return json.dumps(rng.choice(("", "tcp", "challenge", "token", "127.0.0.1:3080", "[::1]:80", "443-600=5201",
+        return json.dumps(rng.choice(("", "tcp", "challenge", "token", "tunnel.internal:3080", "[::1]:80", "443-600=5201",
                                       "a" * 70000, "\u0000", "é:1", "0.0.0.0:0", "1=2=3", "debug")))
     if choice == 4:
         return json.dumps("".join(chr(rng.randint(1, 0x2FF)) for _ in range(rng.randint(0, 12))))

@@ -64,7 +64,7 @@ def test_server_report_has_every_key_in_effect_and_hides_the_token(tmp_path: Pat
         '#   tcp 0.0.0.0:2000-2002  public, ports entry "2000-2002": '
         "the client dials 127.0.0.1:2000 ... 127.0.0.1:2002 (each port its own)",
         f'#   tcp {HOST}:4000  public, ports entry "{HOST}:4000=db.local:5432": the client dials db.local:5432',
-        '#   tcp 0.0.0.0:4001  public, ports entry "4001=5201": the client dials 127.0.0.1:5201',
+        f'#   tcp 0.0.0.0:4001  public, ports entry "4001=5201": the client dials {HOST}:5201',
     ]
     assert listens[1] == "#   nothing\n"
     with socket.create_server((HOST, bind_port)):  # nothing was opened
@@ -76,7 +76,7 @@ def test_client_report_names_the_server_and_the_forwarder(tmp_path: Path, capsys
     (or shown as its default value), the report not TOML apart from the secret."""
     path = tmp_path / "client.toml"
     path.write_text(toml_section("client", {"remote_addr": "203.0.113.1:3080", "retry_interval": 3,
-                                            "forwarder": ["5201=127.0.0.1:9090", "22=10.0.0.5:22"]}))
+                                            "forwarder": ["5201=10.0.0.9:9090", "22=10.0.0.5:22"]}))
     code, out, err = check(path, capsys)
     assert code == 0 and err == "", err
     assert "token = <not set: the default of v0.7.2>" in out.splitlines()
@@ -89,7 +89,7 @@ def test_client_report_names_the_server_and_the_forwarder(tmp_path: Path, capsys
     assert dials.splitlines() == [
         "#   tcp 203.0.113.1:3080  the server (tcp)",
         "#   tcp the targets the server sends: a bare port as 127.0.0.1:PORT, host:port as written",
-        "#   tcp 127.0.0.1:9090  for the target '5201' (forwarder)",
+        "#   tcp 10.0.0.9:9090  for the target '5201' (forwarder)",
         "#   tcp 10.0.0.5:22  for the target '22' (forwarder)",
     ]
 
