@@ -21,6 +21,7 @@ from backhaul.protocol.smux import Session
 from backhaul.reactor import Reactor
 from backhaul.relay.splice import Relay
 from backhaul.resolver import Resolver
+from backhaul.transport.tcpmux import SessionLinks
 from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.control import ServerChannel
 from tests.harness import wait_until
@@ -253,3 +254,24 @@ def test_a_stream_closed_unread_gives_its_share_of_the_receive_buffer_back(react
     finally:
         on_reactor(reactor, conn.close)
         theirs.close()
+
+
+class _Counted:
+    """A stand-in for an smux session: only its streams are counted."""
+
+    def __init__(self, streams: int) -> None:
+        self.streams = dict.fromkeys(range(streams))
+
+
+def test_a_new_stream_goes_to_the_session_with_the_fewest_streams_that_has_room() -> None:
+    """The server spreads users over the client's sessions: fewest streams first, the first of
+    equals, none past mux_con (this runs twice per user, so it must stay one look per session)."""
+    links = SessionLinks.__new__(SessionLinks)
+    links.config = type("Config", (), {"mux_con": 4})()
+    sessions = [_Counted(n) for n in (4, 2, 3, 2, 5)]
+    links.sessions = sessions  # type: ignore[assignment]
+    assert links._free() is sessions[1]
+    sessions.append(_Counted(0))
+    assert links._free() is sessions[5]
+    links.sessions = [_Counted(4), _Counted(7)]  # type: ignore[assignment]
+    assert links._free() is None

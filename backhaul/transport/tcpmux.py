@@ -139,11 +139,17 @@ class SessionLinks:
         self.core.link_available()
 
     def _free(self) -> MuxConnection | None:
-        """The session with the fewest streams, if one has room (streams counted as Go does)."""
+        """The session with the fewest streams, if one has room (streams counted as Go does).
+        It runs twice per user over up to ``connection_pool`` sessions: an empty one ends the
+        search, and each session's count is looked at once."""
         best = None
+        fewest = self.config.mux_con
         for conn in self.sessions:
-            if len(conn) < self.config.mux_con and (best is None or len(conn) < len(best)):
-                best = conn
+            count = len(conn.streams)
+            if count < fewest:
+                if not count:
+                    return conn
+                best, fewest = conn, count
         return best
 
     def idle(self) -> int:
