@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from common import (
     threads_and_rss,
     track,
 )
-from nginx_ab import Nginx, find_tools, run_ab
+from nginx_ab import AbResult, Nginx, find_tools, run_ab
 from report import PATHS, Cell, Row
 from tunnel import TunnelPair
 
@@ -40,6 +41,7 @@ class Settings:
 
     seconds: float
     idle_count: int
+    ab_rounds: int  # ab runs per path and concurrency, interleaved across the paths
     ping_rounds: int
     use_iperf: bool
     workdir: Path
@@ -106,11 +108,14 @@ def each_path(
     fn: Callable[[Endpoint], dict[str, Cell]],
     paths: tuple[str, ...] = PATHS,
     extra: tuple[str, ...] = (),
+    rotate: int = 0,
 ) -> list[Row]:
-    """Run `fn` on every path (and on the `extra` ones); one failed path becomes an error cell,
-    not a failed run."""
+    """Run `fn` on every path (and on the `extra` ones), starting `rotate` paths later and
+    wrapping round; one failed path becomes an error cell, not a failed run."""
     cells: dict[str, dict[str, Cell]] = {name: {} for name in names}
-    for path in s.paths + extra:
+    order = s.paths + extra
+    turn = rotate % len(order)
+    for path in order[turn:] + order[:turn]:
         if path not in paths + extra:
             got = {name: Cell.missing("-") for name in names}
         elif path in s.unavailable:
@@ -345,7 +350,12 @@ def measure_clients(s: Settings) -> list[Row]:
 
 
 def measure_ab(s: Settings) -> list[Row]:
-    """ApacheBench against nginx, one request per connection; skipped when either is missing."""
+    """ApacheBench against nginx, one request per connection; skipped when either is missing.
+
+    Each concurrency runs ``ab_rounds`` rounds over every path, the paths in a rotated order
+    each round, and shows each path's median: the machine's speed drifts within minutes (the
+    direct figure alone moves by a fifth between runs), and a ratio of figures taken side by
+    side in each round is what the table is for."""
     tools, missing = find_tools()
     if missing:
         why = f"ab: skipped, {' and '.join(missing)} not found (apt-get install nginx apache2-utils)"
@@ -361,23 +371,70 @@ def measure_ab(s: Settings) -> list[Row]:
     rows: list[Row] = []
     with nginx:
         for concurrency in (50, 200):
-            label = f"ab req/s c={concurrency}"
-            row = each_path(label, [label], nginx.port, s, lambda ep, c=concurrency: _ab(ep, tools["ab"], c, s))[0]
-            row.kind = "higher"
-            rows.append(row)
+            rows.append(_ab_row(tools["ab"], concurrency, nginx.port, s))
     return rows
 
 
-def _ab(ep: Endpoint, ab: str, concurrency: int, s: Settings) -> dict[str, Cell]:
+def _ab_row(ab: str, concurrency: int, port: int, s: Settings) -> Row:
     label = f"ab req/s c={concurrency}"
+    runs: dict[str, list[AbResult]] = {}
+
+    def one(ep: Endpoint) -> dict[str, Cell]:
+        result = _ab(ep, ab, concurrency, s)
+        runs.setdefault(ep.path, []).append(result)
+        return {label: Cell(result.rps)}
+
+    rounds = [each_path(label, [label], port, s, one, rotate=turn)[0] for turn in range(s.ab_rounds)]
+    if s.ab_rounds > 1:
+        s.notes.append(f"{label}, each round to its own direct: " + "; ".join(map(_round_ratios, rounds)))
+    row = _median_row(rounds, runs)
+    row.kind = "higher"
+    return row
+
+
+def _ab(ep: Endpoint, ab: str, concurrency: int, s: Settings) -> AbResult:
     result = run_ab(ab, ep.port, AB_REQUESTS, concurrency, timeout=120)
-    extra = f"{result.failed} fail" + (f", {result.non2xx} non-2xx" if result.non2xx else "")
     if result.failed or result.non2xx:
         s.notes.append(
-            f"{label} via {ep.path}: {result.failed} failed ({result.failed_detail}),"
+            f"ab req/s c={concurrency} via {ep.path}: {result.failed} failed ({result.failed_detail}),"
             f" {result.non2xx} non-2xx of {result.complete:,} complete"
         )
-    return {label: Cell(result.rps, extra=extra)}
+    return result
+
+
+def _median_row(rounds: list[Row], runs: dict[str, list[AbResult]]) -> Row:
+    """The rounds as one row: per path the median, the range when there are several rounds,
+    and the failures of all rounds; a path that failed in a round shows that round's error."""
+    first = rounds[0]
+    cells: dict[str, Cell] = {}
+    for path, cell in first.cells.items():
+        broken = next((r.cells[path] for r in rounds if r.cells[path].value is None), None)
+        results = runs.get(path, [])
+        if broken is not None or not results:
+            cells[path] = broken or cell
+            continue
+        rps = [r.rps for r in results]
+        failed = sum(r.failed for r in results)
+        non2xx = sum(r.non2xx for r in results)
+        extra = f"{failed} fail" + (f", {non2xx} non-2xx" if non2xx else "")
+        if len(rps) > 1:
+            extra += f", {min(rps):,.0f}-{max(rps):,.0f}"
+        cells[path] = Cell(statistics.median(rps), extra=extra)
+    return Row(first.name, first.kind, cells)
+
+
+def _round_ratios(row: Row) -> str:
+    """One round's figures as ratios to that round's direct figure."""
+    direct = row.cells.get("direct")
+    if direct is None or not direct.value:
+        return "no direct figure"
+    cells = sorted(row.cells.items(), key=_path_order)
+    return ", ".join(f"{path} {cell.value / direct.value:.2f}x" for path, cell in cells
+                     if path != "direct" and cell.value is not None)
+
+
+def _path_order(item: tuple[str, Cell]) -> int:
+    return PATHS.index(item[0]) if item[0] in PATHS else len(PATHS)
 
 
 # ------------------------------------------------------------------ latency

@@ -150,6 +150,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         s = Settings(
             seconds=2.0 if args.quick else 5.0,
             idle_count=1_000 if args.quick else 9_000,
+            ab_rounds=1 if args.quick else 3,
             ping_rounds=2_000 if args.quick else 5_000,
             use_iperf=use_iperf,
             workdir=workdir,
