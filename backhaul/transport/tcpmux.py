@@ -154,7 +154,8 @@ class SessionLinks:
 
     def idle(self) -> int:
         """Streams the sessions may still open (as many users as that, without asking)."""
-        return sum(max(0, self.config.mux_con - len(conn)) for conn in self.sessions)
+        mux_con = self.config.mux_con
+        return sum(max(0, mux_con - len(conn.streams)) for conn in self.sessions)
 
     def enough(self) -> int:
         return max(1, self.config.connection_pool) * self.config.mux_con
