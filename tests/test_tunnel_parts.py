@@ -259,19 +259,38 @@ def test_a_stream_closed_unread_gives_its_share_of_the_receive_buffer_back(react
 class _Counted:
     """A stand-in for an smux session: only its streams are counted."""
 
+    closed = False
+
     def __init__(self, streams: int) -> None:
         self.streams = dict.fromkeys(range(streams))
 
 
-def test_a_new_stream_goes_to_the_session_with_the_fewest_streams_that_has_room() -> None:
-    """The server spreads users over the client's sessions: fewest streams first, the first of
-    equals, none past mux_con (this runs twice per user, so it must stay one look per session)."""
+def _session_links(mux_con: int, *counts: int) -> tuple[SessionLinks, list[_Counted]]:
+    """SessionLinks over stand-in sessions, told of each as a stream of it ended."""
     links = SessionLinks.__new__(SessionLinks)
-    links.config = type("Config", (), {"mux_con": 4})()
-    sessions = [_Counted(n) for n in (4, 2, 3, 2, 5)]
-    links.sessions = sessions  # type: ignore[assignment]
+    links.config = type("Config", (), {"mux_con": mux_con})()
+    links._empty, links._with_room = {}, {}
+    sessions = [_Counted(n) for n in counts]
+    for conn in sessions:
+        links._note_room(conn)  # type: ignore[arg-type]
+    return links, sessions
+
+
+def test_a_new_stream_goes_to_the_session_with_the_fewest_streams_that_has_room() -> None:
+    """The server spreads users over the client's sessions: an empty one first (the one empty
+    the longest), else the fewest streams, none past mux_con; a look or two per user."""
+    links, sessions = _session_links(4, 4, 2, 3, 2, 5)
     assert links._free() is sessions[1]
-    sessions.append(_Counted(0))
-    assert links._free() is sessions[5]
-    links.sessions = [_Counted(4), _Counted(7)]  # type: ignore[assignment]
+    links, sessions = _session_links(4, 3, 2, 0, 1, 0)
+    assert links._free() is sessions[2]
+    sessions[2].streams[9] = None  # a stream opened there
+    assert links._free() is sessions[4]
+    sessions[4].streams[9] = None
+    assert links._free() is sessions[2]   # none empty: the first with one stream
+    sessions[1].streams.clear()           # its streams ended
+    links._note_room(sessions[1])  # type: ignore[arg-type]
+    assert links._free() is sessions[1]
+    sessions[1].closed = True             # a session that ended is never given a stream
+    assert links._free() is sessions[2]
+    links, sessions = _session_links(4, 4, 7)
     assert links._free() is None

@@ -97,6 +97,10 @@ class SessionLinks:
         self.sessions: list[MuxConnection] = []
         self.requested: collections.deque[float] = collections.deque()
         self.demand = 0          # users that found every session full since the last request
+        # Hints, checked on use, so a user costs a look or two and not one at every session:
+        # sessions that had no stream, and sessions that had room, in the order they got so.
+        self._empty: dict[MuxConnection, None] = {}
+        self._with_room: dict[MuxConnection, None] = {}
         self._warn = Throttles(log)
 
     def start(self) -> None:
@@ -108,6 +112,8 @@ class SessionLinks:
             conn.close()
         self.requested.clear()
         self.demand = 0
+        self._empty.clear()
+        self._with_room.clear()
 
     def add(self, sock: socket.socket, first: bytes = b"") -> None:
         """A new session from the client; ``first``: its bytes read already (wsmux)."""
@@ -123,6 +129,7 @@ class SessionLinks:
                              on_lost=self._lost)
         conn.on_stream_closed = self._room
         self.sessions.append(conn)
+        self._empty[conn] = self._with_room[conn] = None
         if self.requested:
             self.requested.popleft()
         self.demand = max(0, self.demand - self.config.mux_con)
@@ -133,23 +140,45 @@ class SessionLinks:
     def _lost(self, conn: MuxConnection, why: str) -> None:
         if conn in self.sessions:
             self.sessions.remove(conn)
+        self._empty.pop(conn, None)
+        self._with_room.pop(conn, None)
         self._warn.warning("lost", "smux session from %s ended: %s", conn.peer, why)
 
-    def _room(self, _conn: MuxConnection) -> None:
+    def _room(self, conn: MuxConnection) -> None:
+        self._note_room(conn)
         self.core.link_available()
 
-    def _free(self) -> MuxConnection | None:
-        """The session with the fewest streams, if one has room (streams counted as Go does).
-        It runs twice per user over up to ``connection_pool`` sessions: an empty one ends the
-        search, and each session's count is looked at once."""
-        best = None
-        fewest = self.config.mux_con
-        for conn in self.sessions:
+    def _note_room(self, conn: MuxConnection) -> None:
+        """One of ``conn``'s streams ended."""
+        if not conn.closed:
             count = len(conn.streams)
-            if count < fewest:
+            if count < self.config.mux_con:
+                self._with_room[conn] = None
                 if not count:
-                    return conn
+                    self._empty[conn] = None
+
+    def _free(self) -> MuxConnection | None:
+        """The session for the next stream: one with no stream (empty the longest) if there is
+        one, else the one with the fewest streams below mux_con (streams counted as Go does);
+        None when every session is full."""
+        empty = self._empty
+        while empty:
+            conn = next(iter(empty))
+            if not conn.streams and not conn.closed:
+                return conn
+            del empty[conn]
+        mux_con = self.config.mux_con
+        best, fewest, full = None, mux_con, []
+        for conn in self._with_room:
+            count = len(conn.streams)
+            if count >= mux_con or conn.closed:
+                full.append(conn)
+            elif count < fewest:
                 best, fewest = conn, count
+                if count <= 1:
+                    break  # none is empty: one stream is the fewest
+        for conn in full:
+            del self._with_room[conn]
         return best
 
     def idle(self) -> int:
@@ -178,9 +207,14 @@ class SessionLinks:
             if conn is None:
                 return None
             try:
-                return StreamLink(self.reactor, conn.open_stream())
+                stream = conn.open_stream()
             except ProtocolError as exc:  # ids used up or streams full: this session is done
                 conn.fail(str(exc))
+                continue
+            self._empty.pop(conn, None)
+            if len(conn.streams) >= self.config.mux_con:
+                self._with_room.pop(conn, None)
+            return StreamLink(self.reactor, stream)
 
 
 def server(core: ServerCore) -> TunnelPort:
