@@ -260,3 +260,24 @@ def is_listening(port: int) -> bool:
     wanted = f"0100007F:{port:04X}"
     with open("/proc/net/tcp") as f:
         return any(line.split()[1] == wanted and line.split()[3] == "0A" for line in f.readlines()[1:])
+
+
+TLS_TRANSPORTS = ("wss", "wssmux")
+
+
+def certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and its key for the TLS transports' servers (system openssl)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=localhost"], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def tls_settings(transport: str, server_extra: tuple[str, ...], directory: Path) -> tuple[str, ...]:
+    """The server's settings with a certificate made for this run when the transport needs one
+    and none was given (ours and the Go program read the same two keys)."""
+    if transport not in TLS_TRANSPORTS or any(line.split("=")[0].strip() == "tls_cert" for line in server_extra):
+        return server_extra
+    cert, key = certificate(directory)
+    return (*server_extra, f'tls_cert = "{cert}"', f'tls_key = "{key}"')
+

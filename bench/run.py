@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import Helper, raise_nofile_limit, stop_all
+from common import Helper, raise_nofile_limit, stop_all, tls_settings
 from measure import (
     Settings,
     log,
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             workdir=workdir,
             probe_port=int(probe.expect("PORT", 10)),
             transport=args.transport,
-            server_extra=tuple(args.server_set),
+            server_extra=tls_settings(args.transport, tuple(args.server_set), workdir),
             client_extra=tuple(args.client_set),
             go_binary=go_binary,
             unavailable=unavailable,

@@ -34,7 +34,6 @@ import random
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import HOST, Helper, fd_count, raise_nofile_limit, stop_all, threads_and_rss
+from common import HOST, Helper, fd_count, raise_nofile_limit, stop_all, threads_and_rss, tls_settings
 from tunnel import TunnelPair
 
 from tests.faultproxy import FaultProxy
@@ -288,22 +287,12 @@ def median(samples: list[Sample]) -> Sample:
             for role in samples[0]}
 
 
-def certificate(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", "/CN=localhost"], check=True, capture_output=True, timeout=60)
-    return cert, key
-
-
 def soak(transport: str, minutes: float, cut_every: float, workdir: Path, seed: int) -> dict[str, object]:
     duration = minutes * 60
     warm_up = max(WARM_UP, duration / 10)
     with Helper.script("services.py", "echo") as echo:
         target = int(echo.expect("PORT", 10))
-        extra: tuple[str, ...] = ()
-        if transport in ("wss", "wssmux"):
-            cert, key = certificate(workdir)
-            extra = (f'tls_cert = "{cert}"', f'tls_key = "{key}"')
+        extra = tls_settings(transport, (), workdir)
         pair = ProxiedPair(workdir, f"soak-{transport}", target, target, transport, server_extra=extra)
         counts = Counts()
         samples: list[tuple[float, Sample]] = []
