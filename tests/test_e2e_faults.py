@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -317,10 +318,12 @@ SCRIPT = [jitter_phase, jitter_reconnect, throttled, short_blackhole, lambda f, 
           long_blackhole, kill_client, kill_server]
 
 
-def run_script(f: Faulted, run: Run) -> None:
+def run_script(f: Faulted, run: Run, script: list[Callable[[Any, Run], None]]) -> None:
+    """Every step of ``script`` on one faulted tunnel, then both processes alive and without a
+    traceback; a failed step is recorded and ends this tunnel's script only."""
     try:
         f.start()
-        for step in SCRIPT:
+        for step in script:
             step(f, run)
         for proc in (f.tunnel.server, f.tunnel.client):
             assert proc is not None
@@ -330,10 +333,9 @@ def run_script(f: Faulted, run: Run) -> None:
         run.failures.append(f"{type(exc).__name__}: {exc}"[:2000])
 
 
-def test_every_fault_on_every_transport(launcher: Launcher, echo_service: Service) -> None:
-    runs = [Run(transport) for transport in TRANSPORTS]
-    faulted = [Faulted(launcher, run.transport, echo_service.port) for run in runs]
-    threads = [threading.Thread(target=run_script, args=(f, run), name=f"faults-{run.transport}")
+def run_all(faulted: list[Faulted], runs: list[Run], script: list[Callable[[Any, Run], None]], name: str) -> None:
+    """The script on every tunnel at once, one thread each; the proxies closed at the end."""
+    threads = [threading.Thread(target=run_script, args=(f, run, script), name=f"{name}-{run.transport}")
                for f, run in zip(faulted, runs, strict=True)]
     try:
         for thread in threads:
@@ -344,13 +346,25 @@ def test_every_fault_on_every_transport(launcher: Launcher, echo_service: Servic
         for f in faulted:
             if f.proxy is not None:
                 f.proxy.close()
-    names = ["jitter-reconnect", "cut-fin", "cut-rst", "blackhole-detect", "blackhole", "kill-client", "kill-server"]
-    print("\nseconds until a new user got through after each fault (blackhole-detect: until the client noticed)")
-    print(f"{'':>8}" + "".join(f"{n:>17}" for n in names))
+
+
+def report(runs: list[Run], names: list[str], title: str, labels: dict[str, str]) -> None:
+    """Print each fault's recovery time per transport; fail with every failure of every run."""
+    width = max([8, *(len(label) for label in labels.values())])
+    print(f"\n{title}")
+    print(" " * width + "".join(f"{n:>17}" for n in names))
     for run in runs:
-        print(f"{run.transport:>8}" + "".join(f"{run.timings.get(n, float('nan')):>16.2f}s" for n in names))
+        label = labels.get(run.transport, run.transport)
+        print(f"{label:>{width}}" + "".join(f"{run.timings.get(n, float('nan')):>16.2f}s" for n in names))
     failures = [f"{run.transport}: {failure}" for run in runs for failure in run.failures]
     assert not failures, "\n".join(failures)
+
+
+def test_every_fault_on_every_transport(launcher: Launcher, echo_service: Service) -> None:
+    runs = [Run(transport) for transport in TRANSPORTS]
+    run_all([Faulted(launcher, run.transport, echo_service.port) for run in runs], runs, SCRIPT, "faults")
+    report(runs, ["jitter-reconnect", "cut-fin", "cut-rst", "blackhole-detect", "blackhole", "kill-client", "kill-server"],
+           "seconds until a new user got through after each fault (blackhole-detect: until the client noticed)", {})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -508,38 +522,9 @@ UDP_SCRIPT = [lambda f, r: udp_cut(f, r, rst=False), lambda f, r: udp_cut(f, r, 
               lambda f, r: udp_kill(f, r, "client"), lambda f, r: udp_kill(f, r, "server")]
 
 
-def run_udp_script(f: UdpFaulted, run: Run) -> None:
-    try:
-        f.start()
-        for step in UDP_SCRIPT:
-            step(f, run)
-        for proc in (f.tunnel.server, f.tunnel.client):
-            assert proc is not None
-            run.check(proc.alive(), f"{proc.name} died")
-            run.check("Traceback" not in proc.log(), f"{proc.name} logged a traceback")
-    except BaseException as exc:
-        run.failures.append(f"{type(exc).__name__}: {exc}"[:2000])
-
-
 def test_every_fault_on_udp(launcher: Launcher, udp_echo: UdpEcho) -> None:
     runs = [Run("udp"), Run("tcp")]   # the udp transport; accept_udp over tcp
-    faulted = [UdpFaulted(launcher, run.transport, udp_echo.port) for run in runs]
-    threads = [threading.Thread(target=run_udp_script, args=(f, run), name=f"faults-udp-{run.transport}")
-               for f, run in zip(faulted, runs, strict=True)]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(140)
-    finally:
-        for f in faulted:
-            if f.proxy is not None:
-                f.proxy.close()
-    names = ["cut-fin", "cut-rst", "blackhole-detect", "blackhole", "kill-client", "kill-server"]
-    print("\nseconds until a new UDP user got through after each fault (blackhole-detect: until noticed)")
-    print(f"{'':>12}" + "".join(f"{n:>17}" for n in names))
-    for run in runs:
-        label = "udp" if run.transport == "udp" else "tcp+accept"
-        print(f"{label:>12}" + "".join(f"{run.timings.get(n, float('nan')):>16.2f}s" for n in names))
-    failures = [f"{run.transport}: {failure}" for run in runs for failure in run.failures]
-    assert not failures, "\n".join(failures)
+    run_all([UdpFaulted(launcher, run.transport, udp_echo.port) for run in runs], runs, UDP_SCRIPT, "faults-udp")
+    report(runs, ["cut-fin", "cut-rst", "blackhole-detect", "blackhole", "kill-client", "kill-server"],
+           "seconds until a new UDP user got through after each fault (blackhole-detect: until noticed)",
+           {"udp": "udp", "tcp": "tcp+accept"})

@@ -146,31 +146,49 @@ SERVER_TARGETS = [
 ]
 
 
-class GoodUsers(threading.Thread):
-    """Users through the good client, one after another, each sha256-checked, until stopped."""
+class GoodTraffic(threading.Thread):
+    """Users through the good client, one after another, until stopped; ``one(seed)`` serves
+    one and says what went wrong ("" when nothing did)."""
 
-    def __init__(self, port: int) -> None:
-        super().__init__(name="good-users", daemon=True)
+    def __init__(self, port: int, name: str) -> None:
+        super().__init__(name=name, daemon=True)
         self.port = port
         self.done = 0
         self.failures: list[str] = []
         self._halt = threading.Event()
         self.start()
 
+    def one(self, seed: int) -> str:
+        raise NotImplementedError
+
     def run(self) -> None:
         seed = 0
         while not self._halt.is_set():
             seed += 1
-            try:
-                echo_works(self.port, size=20_000, seed=seed)
+            failure = self.one(seed)
+            if failure:
+                self.failures.append(failure)
+            else:
                 self.done += 1
-            except (AssertionError, OSError) as exc:
-                self.failures.append(f"user {seed}: {exc!r}")
             self._halt.wait(0.02)
 
     def stop(self) -> None:
         self._halt.set()
         self.join(30)
+
+
+class GoodUsers(GoodTraffic):
+    """TCP users, each sha256-checked."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port, "good-users")
+
+    def one(self, seed: int) -> str:
+        try:
+            echo_works(self.port, size=20_000, seed=seed)
+        except (AssertionError, OSError) as exc:
+            return f"user {seed}: {exc!r}"
+        return ""
 
 
 @contextlib.contextmanager
@@ -521,34 +539,19 @@ def test_bad_udp_frames_end_only_their_flow(launcher: Launcher, listener: Listen
 # ------------------------------------------------------------------------------------------------
 # UDP: garbage datagrams to a udp transport server
 
-class GoodFlows(threading.Thread):
-    """UDP users through the good client, each a new flow of a few datagrams, until stopped."""
+class GoodFlows(GoodTraffic):
+    """UDP users, each a new flow of a few datagrams."""
 
     def __init__(self, port: int) -> None:
-        super().__init__(name="good-flows", daemon=True)
-        self.port = port
-        self.done = 0
-        self.failures: list[str] = []
-        self._halt = threading.Event()
-        self.start()
+        super().__init__(port, "good-flows")
 
-    def run(self) -> None:
-        seed = 0
-        while not self._halt.is_set():
-            seed += 1
-            with contextlib.closing(user_socket()) as user:
-                for k in range(3):
-                    payload = random.Random(seed * 10 + k).randbytes(1 + seed % 1400)
-                    if exchange(user, self.port, payload, timeout=2.0, tries=3) is None:
-                        self.failures.append(f"flow {seed}: datagram {k} never came back")
-                        break
-                else:
-                    self.done += 1
-            self._halt.wait(0.02)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(30)
+    def one(self, seed: int) -> str:
+        with contextlib.closing(user_socket()) as user:
+            for k in range(3):
+                payload = random.Random(seed * 10 + k).randbytes(1 + seed % 1400)
+                if exchange(user, self.port, payload, timeout=2.0, tries=3) is None:
+                    return f"flow {seed}: datagram {k} never came back"
+        return ""
 
 
 def udp_garbage_corpus(token: str) -> list[bytes]:
