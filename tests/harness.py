@@ -65,19 +65,49 @@ def thread_is_sleeping(thread: threading.Thread) -> bool:
 # ------------------------------------------------------------------------------------------------
 # ports and configs
 
+def _below_ephemeral() -> range:
+    """Port numbers under the kernel's range for outgoing connections: a port handed to a server
+    that binds it a moment later must not be taken meanwhile as the local port of a connection
+    (of a tunnel already running), which bind(0) ports can be. Empty when the range starts low."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            low = int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(10_000, low) if low > 11_000 else range(0)
+
+
+_PORTS = _below_ephemeral()
+_handed: set[int] = set()          # never the same number twice in one test run
+_pick = random.Random()
+
+
 def free_port(host: str = HOST) -> int:
-    """A port nothing listens on right now, over TCP and over UDP (bind port 0, read it, close):
-    the UDP transports bind the same number for both."""
+    """A port nothing listens on right now, over TCP and over UDP (the UDP transports bind the
+    same number for both): a random one below the outgoing range when there is one, else one
+    the kernel picks (bind port 0); never one handed out before in this run."""
     while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port = sock.getsockname()[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            try:
-                udp.bind((host, port))
-            except OSError:
-                continue
+        if _PORTS and len(_handed) < len(_PORTS) // 2:
+            port = _pick.choice(_PORTS)
+        else:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+        if port in _handed or not _bindable(host, port):
+            continue
+        _handed.add(port)
         return port
+
+
+def _bindable(host: str, port: int) -> bool:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind((host, port))
+            udp.bind((host, port))
+    except OSError:
+        return False
+    return True
 
 
 def toml_section(name: str, values: dict[str, object]) -> str:
