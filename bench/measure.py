@@ -200,7 +200,7 @@ class IperfSink:
                 raise RuntimeError("iperf3 server did not start listening")
             time.sleep(0.05)
 
-    def run(self, port: int, streams: int, seconds: float) -> tuple[float, float]:
+    def run(self, port: int, streams: int, seconds: float, reverse: bool = False) -> tuple[float, float]:
         argv = [
             shutil.which("iperf3") or "iperf3",
             "-c",
@@ -212,6 +212,7 @@ class IperfSink:
             "-P",
             str(streams),
             "-J",
+            *(["-R"] if reverse else []),
         ]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
         report = json.loads(done.stdout or "{}")
@@ -225,24 +226,33 @@ class IperfSink:
 
 
 def measure_throughput(s: Settings, stream_counts: tuple[int, ...] = (1, 8)) -> list[Row]:
+    """User to target over 1 and 8 streams; with iperf3 also 1 stream target to user (``-R``),
+    the direction of most traffic behind a reverse tunnel (a WebSocket client masks it)."""
     rows: list[Row] = []
-    for streams in stream_counts:
-        label = f"throughput {streams} stream" + ("s" if streams > 1 else "")
+    runs = [(streams, False) for streams in stream_counts]
+    if s.use_iperf and 1 in stream_counts:
+        runs.append((1, True))
+    for streams, reverse in runs:
+        label = f"throughput {streams} stream" + ("s" if streams > 1 else "") + (" back" if reverse else "")
         sink = IperfSink() if s.use_iperf else PySink()
         try:
-            rows += _throughput_rows(s, sink, streams, label)
+            rows += _throughput_rows(s, sink, streams, label, reverse)
         finally:
             sink.stop()
+    if not s.use_iperf:
+        s.notes.append("throughput back (target to user): not measured (needs iperf3)")
     return rows
 
 
-def _throughput_rows(s: Settings, sink: PySink | IperfSink, streams: int, label: str) -> list[Row]:
-    cpu_name = "CPU s per GB moved"
+def _throughput_rows(s: Settings, sink: PySink | IperfSink, streams: int, label: str,
+                     reverse: bool = False) -> list[Row]:
+    cpu_name = "CPU s per GB moved" + (" back" if reverse else "")
     names = [label] + ([cpu_name] if streams == 1 else [])
 
     def one(ep: Endpoint) -> dict[str, Cell]:
         before = {name: cpu_seconds(pid) for name, pid in ep.pids.items()}
-        moved, window = sink.run(ep.port, streams, s.seconds)
+        moved, window = sink.run(ep.port, streams, s.seconds, reverse) if reverse else \
+            sink.run(ep.port, streams, s.seconds)
         per_gb = {name: (cpu_seconds(pid) - before[name]) / (moved / GB) for name, pid in ep.pids.items()}
         cells = {label: Cell(moved / window / 1e6)}
         if streams == 1:

@@ -28,9 +28,10 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
 from backhaul import ws as ws_module
+from backhaul.protocol.ws_frame import frame_head
 from backhaul.reactor import Reactor, Timer
 from backhaul.relay.stream import READ_CHUNK, Stream, StreamListener, StreamRelay
-from backhaul.ws import FIN_PING, MESSAGE_SIZE, WebSocket, WebSocketCarrier, WebSocketStream
+from backhaul.ws import FIN_PING, FRAME_SIZE, MESSAGE_SIZE, SERVER_MESSAGE, WebSocket, WebSocketCarrier, WebSocketStream
 from tests import test_relay as conformance
 from tests.test_relay import read_all, read_until_closed, send_and_finish, send_until_broken, tcp_pair, wait_until
 
@@ -406,10 +407,17 @@ def test_switch_to_stream_mode_loses_nothing(reactor, listener, arrival):
 
     if arrival == "first":
         cws = ws_on(reactor, client_sock, client=True, first=blob)
+        sender = None
     else:
         cws = ws_on(reactor, client_sock, client=True)
-        server_sock.sendall(blob)
+        # One write, from a thread: the kernel's buffers need not hold all of it before the
+        # websocket reads (an idle one does not).
+        sender = threading.Thread(target=server_sock.sendall, args=(blob,))
+        sender.start()
     on_reactor(reactor, cws.messages, on_message, got.on_lost)
+    if sender is not None:
+        sender.join(10)
+        assert not sender.is_alive()
     server_sock.shutdown(socket.SHUT_WR)                # TCP EOF: the stream's end of data
     wait_until(lambda: "collector" in state and state["collector"].ended.is_set(), "the stream to end")
     collector = state["collector"]
@@ -461,6 +469,41 @@ def test_stream_keeps_the_stream_contract(reactor, listener):
     wait_until(lambda: on_reactor(reactor, a.read, 100) is None, "EOF at the other end")
     on_reactor(reactor, a.close)
     assert client_sock.fileno() == -1
+
+
+@pytest.mark.parametrize(("length", "head"), [
+    (0, b"\x82\x00"), (5, b"\x82\x05"), (125, b"\x82\x7d"), (126, b"\x82\x7e\x00\x7e"),
+    (65535, b"\x82\x7e\xff\xff"), (65536, b"\x82\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
+    (1 << 32, b"\x82\x7f\x00\x00\x00\x01\x00\x00\x00\x00")])
+def test_server_frame_head_is_the_rfc_head_wsproto_writes(length, head):
+    assert frame_head(length) == head
+    if length <= 65536:
+        payload = bytes(range(256)) * (length // 256) + bytes(length % 256)
+        frame = bytes(Connection(ConnectionType.SERVER).send(BytesMessage(data=payload)))
+        assert frame == head + payload
+
+
+def test_server_stream_frames_fill_whole_tls_records_and_keep_the_bytes_written(reactor, listener):
+    """A server's stream data leaves as frames of FRAME_SIZE bytes (whole 16 KiB TLS records),
+    payload unchanged; a writer's buffer changed after the write does not change what goes."""
+    client_sock, server_sock = tcp_pair(listener)
+    stream = on_reactor(reactor, lambda: WebSocketStream(WebSocket(reactor, server_sock, client=False, peer="c")))
+    data = bytearray(os.urandom(3 * SERVER_MESSAGE + 1000))
+    sent = bytes(data)
+    assert on_reactor(reactor, stream.write, data) == len(data)
+    data[:] = bytes(len(data))
+    client_sock.settimeout(10)
+    wire = bytearray()
+    while len(wire) < 3 * FRAME_SIZE + 4 + 1000:
+        wire += client_sock.recv(1 << 20)
+    head = frame_head(SERVER_MESSAGE)
+    assert len(head) + SERVER_MESSAGE == FRAME_SIZE and MESSAGE_SIZE + 8 == FRAME_SIZE
+    for n in range(3):
+        frame = wire[n * FRAME_SIZE:(n + 1) * FRAME_SIZE]
+        assert frame[:4] == head and frame[4:] == sent[n * SERVER_MESSAGE:(n + 1) * SERVER_MESSAGE]
+    assert wire[3 * FRAME_SIZE:] == frame_head(1000) + sent[3 * SERVER_MESSAGE:]
+    on_reactor(reactor, stream.close)
+    client_sock.close()
 
 
 def test_close_before_the_end_resets_the_peer(reactor, listener):
