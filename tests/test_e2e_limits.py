@@ -262,46 +262,81 @@ def small_reader(port: int) -> socket.socket:
     return sock
 
 
+def _pipe_pages_soft() -> int:
+    try:
+        return int(Path("/proc/sys/fs/pipe-user-pages-soft").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+# Run as the unprivileged user: enlarges pipes until the kernel refuses, so that user is past its
+# pipe pages (fs.pipe-user-pages-soft) whatever the tunnel's own pipes would have come to; holds
+# them until its stdin closes.
+_PIPE_HOG = """
+import fcntl, os, sys
+held = []
+refused = 0
+while len(held) < 400 and not refused:
+    r, w = os.pipe()
+    held.append((r, w))
+    try:
+        fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except PermissionError:
+        refused = 1
+print(refused, flush=True)
+sys.stdin.read()
+"""
+
+
 @pytest.mark.skipif(not _nobody_can_run_python(), reason="needs root to drop to an unprivileged user")
+@pytest.mark.skipif(_pipe_pages_soft() == 0, reason="no fs.pipe-user-pages-soft: the kernel refuses no pipe size")
 def test_unprivileged_pipes_refused_logged_once_and_downloads_exact(tmp_path: Path) -> None:
-    """As an unprivileged user past its pipe pages (fs.pipe-user-pages-soft, 64 MiB by default),
-    the kernel refuses 1 MiB pipes: one log line, and 80 downloads whose users do not read (each
-    stalls with a full pipe) still arrive sha256-exact once they do."""
+    """As an unprivileged user past its pipe pages (fs.pipe-user-pages-soft, 64 MiB by default;
+    another process of that user holds them), the kernel refuses 1 MiB pipes: one log line, and 80
+    downloads whose users do not read still arrive sha256-exact once they do, through the small
+    pipes the kernel gives."""
     size = 8 << 20
     payload = random.Random(72).randbytes(size)
-    with Service(lambda conn: conn.sendall(payload), "download") as service:
-        shared = Path(tempfile.mkdtemp(prefix="backhaul-nobody-"))
-        shared.chmod(0o755)
-        la = Launcher(shared)
-        try:
-            tunnel = Tunnel(la, [str(service.port)])
-            for name, text in (("server", tunnel.server_text), ("client", tunnel.client_text)):
-                path = la.write_config(name, text)
-                path.chmod(0o644)
-                proc = la.start_file(name, path, wrap=NOBODY)
-                setattr(tunnel, name, proc)
-            tunnel.wait_connected()
-            with contextlib.ExitStack() as stack:
-                users = [stack.enter_context(small_reader(tunnel.public[0])) for _ in range(80)]
-                assert tunnel.server is not None and tunnel.client is not None
-                wait_until(lambda: tunnel.client.lines("refused a 1024 KiB pipe")
-                           or tunnel.server.lines("refused a 1024 KiB pipe"), 20,
-                           "a refused pipe size to be logged")
-                for user in users:
-                    digest, got = hashlib.sha256(), 0
-                    while got < size:
-                        chunk = user.recv(1 << 20)
-                        assert chunk, f"EOF after {got} bytes"
-                        digest.update(chunk)
-                        got += len(chunk)
-                    assert digest.digest() == hashlib.sha256(payload).digest()
-            for proc in (tunnel.server, tunnel.client):
-                assert proc is not None
-                assert len(proc.lines("refused a 1024 KiB pipe")) <= 1, proc.log()
-                assert "Traceback" not in proc.log()
-        finally:
-            la.stop_all()
-            shutil.rmtree(shared, ignore_errors=True)
+    hog = subprocess.Popen([*NOBODY, sys.executable, "-c", _PIPE_HOG], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout is not None
+        assert hog.stdout.readline().strip() == "1", "400 pipes of 1 MiB and still no refusal"
+        with Service(lambda conn: conn.sendall(payload), "download") as service:
+            shared = Path(tempfile.mkdtemp(prefix="backhaul-nobody-"))
+            shared.chmod(0o755)
+            la = Launcher(shared)
+            try:
+                tunnel = Tunnel(la, [str(service.port)])
+                for name, text in (("server", tunnel.server_text), ("client", tunnel.client_text)):
+                    path = la.write_config(name, text)
+                    path.chmod(0o644)
+                    proc = la.start_file(name, path, wrap=NOBODY)
+                    setattr(tunnel, name, proc)
+                tunnel.wait_connected()
+                with contextlib.ExitStack() as stack:
+                    users = [stack.enter_context(small_reader(tunnel.public[0])) for _ in range(80)]
+                    assert tunnel.server is not None and tunnel.client is not None
+                    wait_until(lambda: tunnel.client.lines("refused a 1024 KiB pipe")
+                               or tunnel.server.lines("refused a 1024 KiB pipe"), 20,
+                               "a refused pipe size to be logged")
+                    for user in users:
+                        digest, got = hashlib.sha256(), 0
+                        while got < size:
+                            chunk = user.recv(1 << 20)
+                            assert chunk, f"EOF after {got} bytes"
+                            digest.update(chunk)
+                            got += len(chunk)
+                        assert digest.digest() == hashlib.sha256(payload).digest()
+                for proc in (tunnel.server, tunnel.client):
+                    assert proc is not None
+                    assert len(proc.lines("refused a 1024 KiB pipe")) <= 1, proc.log()
+                    assert "Traceback" not in proc.log()
+            finally:
+                la.stop_all()
+                shutil.rmtree(shared, ignore_errors=True)
+    finally:
+        hog.communicate(timeout=10)  # stdin closes: it exits and its pipes go
 
 
 def test_raise_limit_helper_does_not_touch_the_test_process() -> None:

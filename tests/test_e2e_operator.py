@@ -326,7 +326,7 @@ def test_relay_copy_mode_uses_no_pipe_while_splice_does(relay_launcher: Launcher
                     for name, proc in procs.items():
                         seen[name] = max(seen[name], pipe_fds(proc.pid))
                     samples += 1
-                    if not copy and all(seen.values()):
+                    if not copy and any(seen.values()):
                         break
                     time.sleep(0.005)  # the sampling cadence, not a synchronisation
                 got = recv_all(user).decode()
@@ -337,7 +337,10 @@ def test_relay_copy_mode_uses_no_pipe_while_splice_does(relay_launcher: Launcher
             assert samples >= 20, f"only {samples} samples during the transfer"
             assert seen == {"server": 0, "client": 0}, f"pipes open with BACKHAUL_RELAY=copy: {seen}"
         else:
-            assert all(seen.values()), f"no pipe seen during a spliced transfer: {seen}"
+            # The side that reads from the user (who sends as fast as it can) fills its reads and
+            # splices in a worker; a side whose reads stay short (the slow target's) may well copy
+            # every time on the reactor, by design, so one side with a pipe is the proof.
+            assert any(seen.values()), f"no pipe seen during a spliced transfer: {seen}"
     finally:
         sink.service.close()
 
@@ -522,8 +525,12 @@ def test_relay_survives_the_client_saying_goodbye_on_the_control_channel(launche
             writer.start()
             assert hashlib.sha256(recv_exact(link, len(up))).digest() == hashlib.sha256(up).digest()
             writer.join(10)
-            link.sendall(down)
+            # Sent from a thread while the user reads: the kernel's buffers on the way need not
+            # hold a mebibyte that nobody reads yet.
+            writer = threading.Thread(target=link.sendall, args=(down,), daemon=True)
+            writer.start()
             assert hashlib.sha256(recv_exact(user, len(down))).digest() == hashlib.sha256(down).digest()
+            writer.join(10)
             link.shutdown(socket.SHUT_WR)
             assert recv_all(user) == b""  # the half-close still crosses
             user.shutdown(socket.SHUT_WR)

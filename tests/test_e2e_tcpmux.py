@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from backhaul.protocol.smux import encode_frame
+from backhaul.relay.stream import READ_CHUNK
 from tests import harness
 from tests.faultproxy import FaultProxy
 from tests.harness import (
@@ -396,17 +397,20 @@ def test_thousand_concurrent_streams_on_one_session_sha256_exact(launcher: Launc
 # ------------------------------------------------------------------------------------------------
 # 2. a stalled reader
 
-DOWNLOAD = 32 * MiB
+DOWNLOAD = 64 * MiB
 ECHO_USERS = 20
 ECHO_SIZE = 1 * MiB
 RECEIVE_BUFFER = 4 * MiB  # mux_recievebuffer, the default
+OUTBOX = 1 * MiB          # what a session queues for its socket
 # The stalled stream alone: the session's receive buffer (v1 fills it; v2 holds at most the 256 KiB
-# window), the outbox (1 MiB), the relays' reads and the allocator's share: "a few MiB".
+# window), the outbox, the relays' reads and the allocator's share: "a few MiB".
 STALL_LIMIT = RECEIVE_BUFFER + 5 * MiB
-# With 20 more streams busy, or while everything drains: each relay holds up to one 128 KiB read per
-# direction, and glibc keeps freed blocks of several threads' arenas. Still half the download at
-# most: a tunnel that buffered the stalled stream would grow by most of its 32 MiB.
-BUSY_LIMIT = DOWNLOAD // 2
+# With 20 more streams busy, or while everything drains: each relay holds at most one read per
+# direction (v1: the echoes' bytes wait in both), and glibc keeps freed blocks of several threads'
+# arenas. Well under half the download: a tunnel that buffered the stalled stream would grow by
+# most of its 64 MiB.
+BUSY_LIMIT = RECEIVE_BUFFER + OUTBOX + 2 * ECHO_USERS * READ_CHUNK + 5 * MiB
+assert BUSY_LIMIT < DOWNLOAD // 2
 
 
 def download_chunks(seed: int, size: int) -> Iterator[bytes]:
@@ -489,7 +493,7 @@ class CountingEcho:
 
 @pytest.mark.parametrize("version", [2, 1])
 def test_stalled_reader_does_not_stall_the_session(launcher: Launcher, version: int) -> None:
-    """v2: a user that never reads a 32 MiB download stalls only its own stream (20 others echo
+    """v2: a user that never reads a 64 MiB download stalls only its own stream (20 others echo
     1 MiB each on the same session meanwhile) and RSS stays bounded; v1 (one window for the whole
     session, as in Go) stays bounded too and everything completes once the reader reads."""
     source = Source(DOWNLOAD, seed=32)
@@ -511,7 +515,7 @@ def test_stalled_reader_does_not_stall_the_session(launcher: Launcher, version: 
                 wait_until(settled(lambda: source.sent), 15, "the stalled download to stop moving", interval=0.2)
                 stalled_at = source.sent
                 if version == 2:  # (v1: the kernel's socket buffers may well hold most of it)
-                    assert stalled_at < DOWNLOAD, "32 MiB went through to a user that never read"
+                    assert stalled_at < DOWNLOAD, f"{DOWNLOAD // MiB} MiB went through to a user that never read"
                 rss.phase("stalled+echoes")
                 futures = [pool.submit(echo_exact, echo_port, ECHO_SIZE, 100 + i) for i in range(ECHO_USERS)]
                 if version == 2:
