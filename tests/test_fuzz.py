@@ -667,11 +667,11 @@ def run_udp_target_fuzz(launcher: Launcher, echo: UdpEcho, count: int, seed: int
             def next_link() -> tuple[str, int]:
                 while True:
                     data, addr = udp.recvfrom(65536)
-                    if addr in links:
-                        continue   # an echo through a link whose target was good
-                    if data == TOKEN.encode():
+                    if data == TOKEN.encode():   # first: a new link may reuse a closed one's port
                         links.add(addr)
                         return addr
+                    if addr in links:
+                        continue   # an echo through a link whose target was good
                     failures.append(f"a datagram from the client that opens no link: {data[:40]!r}")
 
             link = next_link()
@@ -696,10 +696,11 @@ def run_udp_target_fuzz(launcher: Launcher, echo: UdpEcho, count: int, seed: int
                     break
                 link = next_link()
             time.sleep(0.3)
-        if not client.alive() or "Traceback" in client.log():
-            failures.append("the client died or logged a traceback")
-        if client.lines("lost the server"):
-            failures.append("the control channel went down")
+            # checked while the control connection is still open: its close is a real loss
+            if not client.alive() or "Traceback" in client.log():
+                failures.append("the client died or logged a traceback")
+            if client.lines("lost the server"):
+                failures.append("the control channel went down")
     return {"inputs": count, "seconds": time.monotonic() - start, "failures": failures}
 
 
