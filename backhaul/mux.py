@@ -36,7 +36,10 @@ from backhaul.relay.stream import StreamListener
 log = logging.getLogger("backhaul.mux")
 
 READ_SIZE = 1024 * 1024   # one read of the session socket by its demux thread
-INLINE_READ = 64 * 1024   # one read by the reactor; a full one hands the socket to the thread
+# One read by the reactor; a full one hands the socket to the thread. Larger than a v2 window
+# turn (64 KiB of data plus frame heads by default): at 64 KiB every turn filled the read, so each
+# one woke the thread and took the socket back 1 ms later (v2, 8 streams: 327 -> 560 MB/s).
+INLINE_READ = 256 * 1024
 QUIET_MS = 1              # the thread gives the socket back after this long without bytes
 IN_FLIGHT = 1024 * 1024   # bytes read that the reactor has not taken yet
 POLL_MS = 1000            # how often an idle demux thread looks whether its session closed
