@@ -336,7 +336,11 @@ def test_unprivileged_pipes_refused_logged_once_and_downloads_exact(tmp_path: Pa
                 la.stop_all()
                 shutil.rmtree(shared, ignore_errors=True)
     finally:
-        hog.communicate(timeout=10)  # stdin closes: it exits and its pipes go
+        try:
+            hog.communicate(timeout=10)  # stdin closes: it exits and its pipes go
+        except subprocess.TimeoutExpired:
+            hog.kill()  # never left behind holding the user's pipe pages
+            hog.communicate()
 
 
 def test_raise_limit_helper_does_not_touch_the_test_process() -> None:
