@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from tests import contention
+
 
 def _open_fds() -> dict[str, str]:
     fds = {}
@@ -35,3 +37,13 @@ def no_leaks():
     leaked_fds = {fd: t for fd, t in fds_after.items() if fds_before.get(fd) != t}
     assert not leaked_threads, f"threads left running: {leaked_threads}"
     assert not leaked_fds, f"sockets or pipes left open: {leaked_fds}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def contention_mode():
+    """BACKHAUL_CONTENTION=1: a busy loop on each core for the whole run (tests/contention.py)."""
+    if not contention.ENABLED:
+        yield
+        return
+    with contention.BusyLoops():
+        yield

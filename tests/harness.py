@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from backhaul.config import toml_value
+from tests import contention
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -123,6 +124,7 @@ def server_toml(bind_port: int, ports: list[str], token: str = "e2e-token", **ex
         "token": token,
         "log_level": "info",
         "ports": ports,
+        **contention.tunnel_options(),
     }
     values.update(extra)
     return toml_section("server", values)
@@ -135,6 +137,7 @@ def client_toml(remote_port: int, token: str = "e2e-token", **extra: object) -> 
         "token": token,
         "retry_interval": 1,
         "log_level": "info",
+        **contention.tunnel_options(),
     }
     values.update(extra)
     return toml_section("client", values)
@@ -503,6 +506,7 @@ def connect(port: int, timeout: float = IO_TIMEOUT, source: str = "") -> Iterato
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
+        contention.small_buffers(sock)
         if source:
             sock.bind((source, 0))
         sock.connect((HOST, port))
