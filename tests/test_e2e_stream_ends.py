@@ -122,9 +122,15 @@ def watched(handler) -> Iterator[Watched]:  # type: ignore[no-untyped-def]
 
 def test_a_user_who_leaves_an_endless_download_leaves_no_target_behind(launcher: Launcher, path) -> None:
     """Catches (issue: tcpmux/wsmux): the client kept the target open and pushed its bytes into
-    a stream the server had dropped, for as long as the target sent."""
+    a stream the server had dropped, for as long as the target sent. Nothing else of the users
+    stays behind either: the processes' descriptors come back to where they were."""
     with watched(endless) as target:
         tunnel = tunnel_for(launcher, path, target.port)
+        assert tunnel.server is not None and tunnel.client is not None
+        with connect(tunnel.public[0]) as user:   # a first user: pools and scratch buffers exist
+            user.recv(1)
+        assert target.ended.acquire(timeout=10)
+        fds = tunnel.server.fds(), tunnel.client.fds()
         for _ in range(3):
             with connect(tunnel.public[0]) as user:
                 got = 0
@@ -132,7 +138,25 @@ def test_a_user_who_leaves_an_endless_download_leaves_no_target_behind(launcher:
                     got += len(user.recv(1 << 20))
         for _ in range(3):
             assert target.ended.acquire(timeout=10), f"a target still open 10 s after its user left: {target.ends}"
-        assert target.ends == ["reset"] * 3
+        assert target.ends == ["reset"] * 4
+        wait_until(lambda: tunnel.server.fds() <= fds[0] and tunnel.client.fds() <= fds[1], 10,
+                   f"the descriptors of the users to be closed (before {fds})")
+
+
+def test_a_client_that_dies_mid_download_ends_the_users_connection(launcher: Launcher, path) -> None:
+    """The session (or link) is lost with bytes in flight: the user's connection ends, with a
+    reset on smux (a session's end without the stream's FINs is never clean); on tcp and ws a
+    dying process's FIN reads like the target's own end (as with the Go program)."""
+    with watched(endless) as target:
+        tunnel = tunnel_for(launcher, path, target.port)
+        assert tunnel.client is not None
+        with connect(tunnel.public[0]) as user:
+            assert user.recv(1 << 16)
+            tunnel.client.kill()
+            reset_seen = ends_with_reset(user)
+        if "mux" in path[0]:
+            assert reset_seen, "a lost smux session ended a download like a complete one"
+        assert target.ended.acquire(timeout=10)
 
 
 def test_a_slow_user_gets_all_of_a_download_whose_target_closed(launcher: Launcher, path) -> None:
