@@ -32,7 +32,7 @@ class Series:
         self.to_user = array("q", bytes(8 * POINTS))
         self.head = 0
         self.filled = 0
-        self.base = (0, 0)    # a name's totals begin at 0 when it first appears
+        self.base = (0, 0)
 
     def push(self, to_target: int, to_user: int) -> None:
         at = (self.head + self.filled) % POINTS
@@ -42,6 +42,13 @@ class Series:
             self.filled += 1
         else:
             self.head = (self.head + 1) % POINTS
+
+    def moved(self, totals: tuple[int, int]) -> tuple[int, int]:
+        """Bytes each way since ``base``; totals below it began anew (a peer forgotten by the
+        usage and back since) and count from 0."""
+        if totals[0] < self.base[0] or totals[1] < self.base[1]:
+            return totals
+        return totals[0] - self.base[0], totals[1] - self.base[1]
 
     def samples(self) -> list[tuple[int, int]]:
         """The completed steps, oldest first."""
@@ -56,6 +63,7 @@ class History:
         self.series: dict[str, Series] = {}
         self.stepped_at = 0.0     # monotonic time of the last completed step (the first update before one)
         self.began: float | None = None   # monotonic time of the first update
+        self._turned_away = False   # a name found no room once: names adopted later may have counted before
 
     def update(self, now: float, totals: Totals) -> None:
         """Called often (every second): completes a step every ``STEP`` seconds. A late call
@@ -69,24 +77,30 @@ class History:
             return
         self.stepped_at += steps * STEP
         for name, series in list(self.series.items()):
-            to_target, to_user = totals.get(name, series.base)
-            moved_target, moved_user = to_target - series.base[0], to_user - series.base[1]
+            now_totals = totals.get(name, series.base)
+            moved_target, moved_user = series.moved(now_totals)
             for index in range(max(0, steps - POINTS), steps):
                 series.push(_share(moved_target, steps, index), _share(moved_user, steps, index))
-            series.base = (to_target, to_user)
+            series.base = now_totals
 
     def _adopt(self, totals: Totals) -> None:
         """A series for each new name while there is room; one whose name is gone from the
-        totals makes room for a new one."""
+        totals makes room for a new one. A name's bytes count from its first update (its
+        totals begin at 0 when it appears); those of names there before the history began
+        (the page was turned on by a reload), or that may have waited for room, from now."""
+        counted_before = self.began is None or self._turned_away
         for name in totals:
             if name in self.series:
                 continue
             if len(self.series) >= MAX_SERIES:
                 gone = next((old for old in self.series if old not in totals), None)
                 if gone is None:
+                    self._turned_away = True
                     return
                 del self.series[gone]
-            self.series[name] = Series()
+            series = self.series[name] = Series()
+            if counted_before:
+                series.base = totals[name]
 
     def span(self, now: float) -> int:
         """The seconds a graph of this history spans: as far back as it goes, in whole minutes,
@@ -106,8 +120,8 @@ class History:
         points = [(since + (len(done) - 1 - i) * STEP, float(STEP), to_target / STEP, to_user / STEP)
                   for i, (to_target, to_user) in enumerate(done)]
         if since >= 1.0:
-            to_target, to_user = totals.get(name, series.base)
-            points.append((0.0, since, (to_target - series.base[0]) / since, (to_user - series.base[1]) / since))
+            to_target, to_user = series.moved(totals.get(name, series.base))
+            points.append((0.0, since, to_target / since, to_user / since))
         return points
 
 

@@ -248,7 +248,7 @@ def render_html(data: dict[str, object]) -> str:
 <dt>connections open</dt><dd id="active" data-value="{data["connections_active"]}">{data["connections_active"]}</dd>
 <dt>version</dt><dd id="version" data-value="{esc(build["version"])}">{esc(build["text"])}</dd>
 <dt>process</dt><dd id="process">
-CPU <span id="cpu" data-value="{proc["cpu_percent"]}">{proc["cpu_percent"]:.1f} %</span>
+CPU <span id="cpu" data-value="{proc["cpu_percent"]}">{proc["cpu_percent"]:.1f} %</span> of a core
 <small>({proc["cpu_seconds"]:.1f} s in all)</small> &middot;
 RSS <span id="rss" data-value="{proc["resident_bytes"]}">{human_bytes(proc["resident_bytes"])}</span> &middot;
 <span id="fds" data-value="{proc["open_fds"]}">{fds}</span> open files &middot;

@@ -258,7 +258,8 @@ class Usage:
                 "peers": {name: points for name, points in peers.items() if points is not None}}
 
     def client_snapshot(self) -> dict[str, dict[str, int]]:
-        """Client address -> its connections open and made and its bytes each way (server)."""
+        """Peer address (the client's on the server, the server's on the client) -> its
+        connections open and made and its bytes each way."""
         moved = self.client_bytes()
         return {name: {"active": usage.active, "total": usage.total, "bytes_to_target": moved.get(name, (0, 0))[0],
                        "bytes_to_user": moved.get(name, (0, 0))[1]} for name, usage in list(self.clients.items())}

@@ -30,14 +30,15 @@ def test_history_counts_bytes_per_step_and_the_step_under_way() -> None:
     """Catches: a step that holds totals instead of what moved in it, a rate not per second, the
     current step missing (a graph that lags ten seconds behind), bytes lost at a step."""
     history = History()
-    history.update(100.0, {"80": (0, 0)})
-    history.update(105.0, {"80": (400, 100)})        # within the first step: nothing completed
-    assert history.series["80"].samples() == []
+    history.update(100.0, {"22": (7000, 7000)})      # before the history began: not drawn
+    history.update(105.0, {"22": (7000, 7000), "80": (400, 100)})   # a new port: from its start
+    assert history.series["80"].samples() == []      # within the first step: nothing completed
     history.update(110.0, {"80": (1000, 500)})
     history.update(120.5, {"80": (1500, 500)})
     assert history.series["80"].samples() == [(1000, 500), (500, 0)]
     points = history.rates("80", 125.0, {"80": (1800, 900)})
     assert points == [(15.0, STEP, 100.0, 50.0), (5.0, STEP, 50.0, 0.0), (0.0, 5.0, 60.0, 80.0)]
+    assert history.series["22"].samples() == [(0, 0), (0, 0)]
 
 
 def test_history_spreads_a_late_update_over_the_steps_it_missed() -> None:
@@ -74,10 +75,10 @@ def test_history_graphs_a_bounded_number_of_names() -> None:
     history.update(0.0, names)
     assert len(history.series) == MAX_SERIES
     assert history.rates(str(MAX_SERIES + 5), 1.0, names) is None
-    remaining = {name: (0, 0) for name in list(names)[1:]}   # the first name is gone
+    remaining = {name: (500, 0) for name in list(names)[1:]}   # the first name is gone
     history.update(1.0, remaining)
     assert len(history.series) == MAX_SERIES and "0" not in history.series
-    assert str(MAX_SERIES) in history.series
+    assert history.series[str(MAX_SERIES)].base == (500, 0)   # it may have counted while it waited
 
 
 def test_history_span_follows_the_process_age_within_bounds() -> None:
@@ -258,3 +259,14 @@ def test_process_metrics_follow_the_process() -> None:
                            capture_output=True, text=True, timeout=20, check=True)
     assert started - 1.0 <= float(child.stdout) <= time.time() + 0.1
 
+
+
+def test_history_counts_a_name_whose_totals_began_anew_from_zero() -> None:
+    """Catches: negative traffic drawn for a peer the usage forgot (past its bound) and that came
+    back with totals counted from 0."""
+    history = History()
+    history.update(0.0, {"192.0.2.1": (5000, 5000)})
+    history.update(10.0, {"192.0.2.1": (6000, 6000)})
+    history.update(20.0, {"192.0.2.1": (300, 200)})
+    assert history.series["192.0.2.1"].samples() == [(1000, 1000), (300, 200)]
+    assert history.rates("192.0.2.1", 25.0, {"192.0.2.1": (400, 200)})[-1] == (0.0, 5.0, 20.0, 0.0)
