@@ -20,6 +20,7 @@ from backhaul.history import History
 from backhaul.metrics import METRICS
 from backhaul.relay.datagram import FramedRelay, PairRelay
 from backhaul.tunnel.core import Relaying
+from backhaul.tunnel.port import RECONNECTS
 
 ACTIVE = METRICS.gauge("backhaul_connections_active", "User connections being relayed now.", ("side", "port"))
 TOTAL = METRICS.sourced_counter("backhaul_connections_total", "User connections relayed since start.",
@@ -88,6 +89,7 @@ class Usage:
         self.total_history = History()     # the side, all ports together
         for reason in REFUSAL_REASONS[side]:
             REFUSED.inc(0, side, reason)
+        RECONNECTS.inc(0, side)
         self._unwatch: list[Callable[[], None]] = [
             ACTIVE.watch(lambda: [((self.side, u.port), u.active) for u in list(self.ports.values())]),
             TOTAL.watch(lambda: [((self.side, u.port), u.total) for u in list(self.ports.values())]),

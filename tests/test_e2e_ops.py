@@ -470,6 +470,7 @@ def test_metrics_follow_the_exposition_format_and_count_the_traffic(served: tupl
         assert (name, ()) in samples, f"{name} has no sample before its first event"
     assert (("backhaul_connections_refused_total", (("side", "server"), ("reason", "channel_size")))
             in samples)
+    assert ("backhaul_reconnects_total", (("side", "server"),)) in samples
 
     target = str(service.port)
     client = parse_exposition(http_get(client_web, "/metrics")[2])
