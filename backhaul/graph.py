@@ -5,7 +5,8 @@ Each graph spans the last hour, or what there is of it in the process's first ho
 five minutes), now at the right edge. Traffic to the target rises above the middle line and
 traffic to the user hangs below it, each step a solid block as wide as its ten seconds, both
 scaled to the larger peak (said in the title, and on the wide graph in its corner): an echo's
-two directions never hide each other, and a short burst is still a visible block.
+two directions never hide each other, and a short burst is still a visible block. A port's or a
+peer's graph may share the side's scale, so that a few bytes do not look like a flood.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ DIRECTIONS = ("to-target", "to-user")
 
 
 def svg(points: Sequence[Point] | None, label: str, *, span: int = SPAN, width: int = 180, height: int = 32,
-        axis: bool = False) -> str:
+        axis: bool = False, scale: float = 0.0) -> str:
     """A graph of ``points``; ``axis``: with the peak and the time span written on it (the wide
-    graph). None (not graphed, see backhaul/history.py) draws nothing but says so."""
+    graph); ``scale``: the rate of a full half (the graph's own peak when that is higher). None
+    (not graphed, see backhaul/history.py) draws nothing but says so."""
     if points is None:
         return '<small class="nograph">not graphed</small>'
-    peak = max((max(to_target, to_user) for *_when, to_target, to_user in points), default=0.0)
+    peak = peak_of(points)
+    full = max(peak, scale)
     top = 12 if axis else 1        # room for the peak's label
     half = (height - top - 1) / 2
     middle = top + half
@@ -37,7 +40,7 @@ def svg(points: Sequence[Point] | None, label: str, *, span: int = SPAN, width: 
         sign = -1 if index == 0 else 1
         corners = []
         for ago, length, *rates in points:
-            y = f"{middle + sign * half * rates[index] / peak:.1f}" if peak else f"{middle:.1f}"
+            y = f"{middle + sign * half * rates[index] / full:.1f}" if full else f"{middle:.1f}"
             corners += [f"{x(ago + length)},{y}", f"{x(ago)},{y}"]
         if corners:
             start, end = corners[0].split(",")[0], corners[-1].split(",")[0]
@@ -54,6 +57,10 @@ def svg(points: Sequence[Point] | None, label: str, *, span: int = SPAN, width: 
             f'data-peak="{peak:.0f}" data-points="{len(points)}" data-span="{span}" '
             f'aria-label="{html.escape(title)}"><title>{html.escape(title)}</title>{"".join(shapes)}'
             f'<line class="middle" x1="0" y1="{middle:.1f}" x2="{width}" y2="{middle:.1f}"/>{text}</svg>')
+
+
+def peak_of(points: Sequence[Point] | None) -> float:
+    return max((max(to_target, to_user) for *_when, to_target, to_user in points or ()), default=0.0)
 
 
 def span_text(span: int) -> str:

@@ -210,6 +210,7 @@ def render_html(data: dict[str, object]) -> str:
     side = str(data["side"])
     now = time.time()
     span = int(graphs["span"])
+    scale = graph.peak_of(graphs["side"])   # ports and peers share the side's scale: comparable at a glance
     rows = []
     sums = dict.fromkeys(PORT_KEYS, 0)
     for row in data["ports"]:  # type: ignore[attr-defined]
@@ -223,11 +224,12 @@ def render_html(data: dict[str, object]) -> str:
             value = float(row[key])
             cells.append(f'<td class="{key}" data-value="{value:.0f}">{graph.rate_text(value)}</td>')
         cells.append(render_health(row, side, now))
-        cells.append(f'<td class="graph">{graph.svg(graphs["ports"].get(port), f"port {port}", span=span)}</td>')
+        drawn = graph.svg(graphs["ports"].get(port), f"port {port}", span=span, scale=scale)
+        cells.append(f'<td class="graph">{drawn}</td>')
         rows.append(f'<tr data-port="{esc(port)}">{"".join(cells)}</tr>')
     body_rows = "\n".join(rows) or '<tr><td colspan="9">no connections yet</td></tr>'
     totals = "".join(_count_cell(key, sums[key]) for key in PORT_KEYS)
-    peers = render_peers(data["peers"], graphs["peers"], span)  # type: ignore[arg-type]
+    peers = render_peers(data["peers"], graphs["peers"], span, scale)  # type: ignore[arg-type]
     port_kind = "public port" if side == "server" else "target port"
     health_head = "target" if side == "client" else "target <small>(as the server sees it)</small>"
     build: dict = data["build"]  # type: ignore[assignment]
@@ -327,7 +329,8 @@ def _utc(when: float) -> str:
 PEER_STATES = {"in use": "up", "standby": "idle"}
 
 
-def render_peers(rows: list[dict[str, object]], graphs: dict[str, object] | None = None, span: int = 3600) -> str:
+def render_peers(rows: list[dict[str, object]], graphs: dict[str, object] | None = None, span: int = 3600,
+                 scale: float = 0.0) -> str:
     """The table of the other side's ends (the server's clients, the client's servers), its
     columns the rows' keys, and each one's last hour; empty when there is none."""
     if not rows:
@@ -350,7 +353,7 @@ def render_peers(rows: list[dict[str, object]], graphs: dict[str, object] | None
                 shown = f'<span class="pill {PEER_STATES.get(str(value), "idle")}">{shown}</span>'
             cells.append(f'<td class="{esc(key)}"{number}>{shown}</td>')
         points = graphs.get(name)
-        drawn = graph.svg(points, name, span=span) if points is not None else ""  # type: ignore[arg-type]
+        drawn = graph.svg(points, name, span=span, scale=scale) if points is not None else ""  # type: ignore[arg-type]
         cells.append(f'<td class="graph">{drawn}</td>')
         body.append(f'<tr data-peer="{esc(name)}">{"".join(cells)}</tr>')
     return f'<table id="peers">\n<thead><tr>{head}</tr></thead>\n<tbody>\n' + "\n".join(body) + "\n</tbody></table>"

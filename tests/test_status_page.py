@@ -270,3 +270,13 @@ def test_history_counts_a_name_whose_totals_began_anew_from_zero() -> None:
     history.update(20.0, {"192.0.2.1": (300, 200)})
     assert history.series["192.0.2.1"].samples() == [(1000, 1000), (300, 200)]
     assert history.rates("192.0.2.1", 25.0, {"192.0.2.1": (400, 200)})[-1] == (0.0, 5.0, 20.0, 0.0)
+
+
+def test_a_port_graph_on_the_side_scale_shows_a_few_bytes_as_little() -> None:
+    """Catches: 18 bytes drawn as high as the side's megabytes (each graph on its own peak only)."""
+    points = [(0.0, 10.0, 2.0, 0.0)]
+    own = _polygon(graph.svg(points, "quiet"), "to-target")
+    shared = _polygon(graph.svg(points, "quiet", scale=1 << 20), "to-target")
+    assert min(y for _x, y in own) == pytest.approx(1.0)            # the top: its own peak
+    assert min(y for _x, y in shared) == pytest.approx(16.0, abs=0.1)   # about the middle line
+    assert 'data-peak="2"' in graph.svg(points, "quiet", scale=1 << 20)
