@@ -20,12 +20,16 @@ DIRECTIONS = ("to-target", "to-user")
 
 
 def svg(points: Sequence[Point] | None, label: str, *, span: int = SPAN, width: int = 180, height: int = 32,
-        axis: bool = False, scale: float = 0.0) -> str:
+        axis: bool = False, scale: float = 0.0, blocks: int = 0) -> str:
     """A graph of ``points``; ``axis``: with the peak and the time span written on it (the wide
-    graph); ``scale``: the rate of a full half (the graph's own peak when that is higher). None
+    graph); ``scale``: the rate of a full half (the graph's own peak when that is higher);
+    ``blocks``: at most so many blocks over the span (0: a block a step), each the mean of the
+    steps it holds, so that a table of graphs stays a small page that is quick to build. None
     (not graphed, see backhaul/history.py) draws nothing but says so."""
     if points is None:
         return '<small class="nograph">not graphed</small>'
+    if blocks:
+        points = grouped(points, span / blocks)
     peak = peak_of(points)
     full = max(peak, scale)
     top = 12 if axis else 1        # room for the peak's label
@@ -38,10 +42,15 @@ def svg(points: Sequence[Point] | None, label: str, *, span: int = SPAN, width: 
     shapes = []
     for index, css in enumerate(DIRECTIONS):
         sign = -1 if index == 0 else 1
-        corners = []
+        corners: list[str] = []
+        level = ""
         for ago, length, *rates in points:
             y = f"{middle + sign * half * rates[index] / full:.1f}" if full else f"{middle:.1f}"
-            corners += [f"{x(ago + length)},{y}", f"{x(ago)},{y}"]
+            if y == level:   # the same height as the block before: it only grows
+                corners[-1] = f"{x(ago)},{y}"
+            else:
+                corners += [f"{x(ago + length)},{y}", f"{x(ago)},{y}"]
+            level = y
         if corners:
             start, end = corners[0].split(",")[0], corners[-1].split(",")[0]
             shapes.append(f'<polygon class="{css}" points="{start},{middle:.1f} {" ".join(corners)} '
@@ -57,6 +66,24 @@ def svg(points: Sequence[Point] | None, label: str, *, span: int = SPAN, width: 
             f'data-peak="{peak:.0f}" data-points="{len(points)}" data-span="{span}" '
             f'aria-label="{html.escape(title)}"><title>{html.escape(title)}</title>{"".join(shapes)}'
             f'<line class="middle" x1="0" y1="{middle:.1f}" x2="{width}" y2="{middle:.1f}"/>{text}</svg>')
+
+
+def grouped(points: Sequence[Point], seconds: float) -> list[Point]:
+    """``points`` in blocks of ``seconds`` (by when each ends): a block's rates are the mean of
+    its steps', weighted by their lengths, so a block holds the bytes its steps held."""
+    blocks: list[Point] = []
+    key = None
+    for ago, length, to_target, to_user in points:
+        bucket = int(ago // seconds)
+        if bucket == key:
+            _end, total, mean_target, mean_user = blocks[-1]
+            both = total + length
+            blocks[-1] = (ago, both, (mean_target * total + to_target * length) / both,
+                          (mean_user * total + to_user * length) / both)
+        else:
+            blocks.append((ago, length, to_target, to_user))
+            key = bucket
+    return blocks
 
 
 def peak_of(points: Sequence[Point] | None) -> float:

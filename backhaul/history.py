@@ -3,7 +3,7 @@ way per ten seconds in a fixed ring per name, fed from the usage totals by the p
 
 Bounded: 360 samples a direction per series, at most ``MAX_SERIES`` series per history (a name
 past it is not graphed until one whose name is gone makes room), so a history costs at most
-about 1.5 MiB however many ports a range opens or clients come and go.
+about 400 KiB however many ports a range opens or clients come and go.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ STEP = 10                 # seconds per sample
 SPAN = 3600               # seconds kept
 MIN_SPAN = 300            # seconds a graph spans at least, so a young process's traffic is not a sliver
 POINTS = SPAN // STEP
-MAX_SERIES = 256          # as many as the usage keeps client addresses (usage.MAX_CLIENTS)
+MAX_SERIES = 64           # names graphed: a page of more graphs would be slow to build and to read
 
 Totals = Mapping[str, tuple[int, int]]   # name -> (bytes to the target, bytes to the user) since start
 Point = tuple[float, float, float, float]  # seconds ago at its end, seconds long, bytes/s to target, to user

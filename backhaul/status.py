@@ -198,6 +198,7 @@ tfoot td{font-weight:600;border-top:2px solid #bbb}td.graph{padding:.2em .4em}
 """ + graph.STYLE
 
 PORT_KEYS = ("active", "total", "bytes_to_target", "bytes_to_user")
+ROW_BLOCKS = 60   # blocks in a port's or a peer's graph: a minute each over the hour (the side's has a step each)
 
 
 def render_html(data: dict[str, object]) -> str:
@@ -224,7 +225,7 @@ def render_html(data: dict[str, object]) -> str:
             value = float(row[key])
             cells.append(f'<td class="{key}" data-value="{value:.0f}">{graph.rate_text(value)}</td>')
         cells.append(render_health(row, side, now))
-        drawn = graph.svg(graphs["ports"].get(port), f"port {port}", span=span, scale=scale)
+        drawn = graph.svg(graphs["ports"].get(port), f"port {port}", span=span, scale=scale, blocks=ROW_BLOCKS)
         cells.append(f'<td class="graph">{drawn}</td>')
         rows.append(f'<tr data-port="{esc(port)}">{"".join(cells)}</tr>')
     body_rows = "\n".join(rows) or '<tr><td colspan="9">no connections yet</td></tr>'
@@ -353,7 +354,8 @@ def render_peers(rows: list[dict[str, object]], graphs: dict[str, object] | None
                 shown = f'<span class="pill {PEER_STATES.get(str(value), "idle")}">{shown}</span>'
             cells.append(f'<td class="{esc(key)}"{number}>{shown}</td>')
         points = graphs.get(name)
-        drawn = graph.svg(points, name, span=span, scale=scale) if points is not None else ""  # type: ignore[arg-type]
+        drawn = graph.svg(points, name, span=span, scale=scale, blocks=ROW_BLOCKS) \
+            if points is not None else ""  # type: ignore[arg-type]
         cells.append(f'<td class="graph">{drawn}</td>')
         body.append(f'<tr data-peer="{esc(name)}">{"".join(cells)}</tr>')
     return f'<table id="peers">\n<thead><tr>{head}</tr></thead>\n<tbody>\n' + "\n".join(body) + "\n</tbody></table>"

@@ -280,3 +280,17 @@ def test_a_port_graph_on_the_side_scale_shows_a_few_bytes_as_little() -> None:
     assert min(y for _x, y in own) == pytest.approx(1.0)            # the top: its own peak
     assert min(y for _x, y in shared) == pytest.approx(16.0, abs=0.1)   # about the middle line
     assert 'data-peak="2"' in graph.svg(points, "quiet", scale=1 << 20)
+
+
+def test_a_small_graph_groups_steps_into_blocks_that_keep_the_bytes() -> None:
+    """Catches: a page of many graphs with a polygon corner per step (slow to build, heavy to
+    load), or blocks whose mean loses or invents bytes."""
+    points = [(float(ago), 10.0, 100.0, 0.0) for ago in range(3590, 0, -10)] + [(0.0, 5.0, 400.0, 0.0)]
+    blocks = graph.grouped(points, 60.0)
+    assert len(blocks) <= 61
+    assert sum(length * rate for _ago, length, rate, _u in blocks) == pytest.approx(
+        sum(length * rate for _ago, length, rate, _u in points))
+    drawn = graph.svg(points, "busy", blocks=60)
+    assert len(_polygon(drawn, "to-target")) < 2 * 61 + 2
+    idle = graph.svg([(float(ago), 10.0, 0.0, 0.0) for ago in range(3590, -10, -10)], "idle")
+    assert len(_polygon(idle, "to-target")) == 4   # one flat block, not a corner per step
