@@ -298,14 +298,16 @@ def render_health(row: dict[str, object], side: str, now: float) -> str:
             state, word, detail = "idle", "no dial yet", ""
         if failed_at:
             detail += (f'<br>refused <span class="refused" data-value="{refused}">{refused}</span>, unreachable '
-                       f'<span class="unreachable" data-value="{unreachable}">{unreachable}</span>; last failed '
-                       f'<span title="{_utc(failed_at)}">{_ago(failed_at, now)}</span>')
+                       f'<span class="unreachable" data-value="{unreachable}">{unreachable}</span>')
+            if state != "down":   # the failure is history: when, and what it was
+                detail += f'; the last {_ago(failed_at, now)}: {esc(str(target["last_error"]))}'
     else:
         no_reply, replied_at = int(target["no_reply"]), float(target["replied_at"])  # type: ignore[call-overload]
         if no_reply:
             state, word = "warn", "no reply"
-            detail = (f'the last <span class="no_reply" data-value="{no_reply}">{no_reply}</span> ended without a '
-                      "byte from the target: is it up? (the client's page says)")
+            which = "connection" if no_reply == 1 else "connections"
+            detail = (f'the last <span class="no_reply" data-value="{no_reply}">{no_reply}</span> {which} ended '
+                      "without a byte from the target: is it up? (the client's page says)")
         elif replied_at:
             state, word, detail = "up", "ok", f'answered {_ago(replied_at, now)}'
         elif int(row["bytes_to_user"]):  # type: ignore[call-overload]

@@ -159,7 +159,8 @@ def test_client_page_shows_a_refusing_target_as_down_with_the_error_and_counts()
 
     recovered = render_html(_page_data("client", {"refused": 3, "unreachable": 1, "last_error": error,
                                                   "failed_at": now - 60, "connected_at": now - 4}, []))
-    assert 'data-value="up"' in _cell(recovered, "health")
+    health = _cell(recovered, "health")
+    assert 'data-value="up"' in health and error in health and re.search(r"6[01] s ago", health)
     timed_out = render_html(_page_data("client", {"refused": 0, "unreachable": 1, "last_error": "timed out",
                                                   "failed_at": now, "connected_at": 0.0}, []))
     assert ">unreachable</span>" in _cell(timed_out, "health")
