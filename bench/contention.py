@@ -24,7 +24,6 @@ of a cut upload), for UDP datagrams lost and corrupted. The process ends with 1 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import random
 import socket
@@ -38,8 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ["BACKHAUL_CONTENTION"] = "1"   # before tests.contention is imported
 
-from tests import contention  # noqa: E402
-from tests.harness import HOST, Launcher, Service, Tunnel, UdpEcho, echo_handler  # noqa: E402
+from tests import contention
+from tests.harness import HOST, Launcher, Service, Tunnel, UdpEcho, echo_handler
 
 HANG = 60.0       # seconds a user may take before it counts as hung
 LEFTOVER = 5.0    # seconds a target may stay open after its user left
@@ -127,6 +126,9 @@ def read_to_end(sock: socket.socket) -> tuple[bytes, str]:
 
 def judge(counts: Counter[str], expected: bytes, got: bytes, how: str) -> None:
     counts["streams"] += 1
+    if how != "eof" or got != expected:
+        print(f"  {time.strftime('%H:%M:%S')} a stream ended {how} after {len(got)} of {len(expected)} bytes",
+              file=sys.stderr)
     if how == "hang":
         counts["hangs"] += 1
     elif len(got) < len(expected):
@@ -223,7 +225,9 @@ def udp_run(port: int, rng: random.Random, counts: Counter[str]) -> None:
 
 def run_path(name: str, runs: int, directory: Path, seed: int) -> Counter[str]:
     transport, version, mode = PATHS[name]
-    mux = {"mux_version": version} if version else {}
+    mux: dict[str, object] = {"mux_version": version} if version else {}
+    if os.environ.get("BACKHAUL_CONTENTION_DEBUG"):
+        mux["log_level"] = "debug"   # every stream's end in the logs of a bad path
     counts: Counter[str] = Counter()
     launcher = Launcher(directory / name, mode)
     (directory / name).mkdir(parents=True, exist_ok=True)
@@ -255,6 +259,14 @@ def run_path(name: str, runs: int, directory: Path, seed: int) -> Counter[str]:
                 counts["tracebacks"] += 1
     finally:
         launcher.stop_all()
+    if any(counts[c] for c in FAILURES):
+        # What the tunnel said is what explains a bad count: its warnings go to the report.
+        for log in sorted((directory / name).glob("*.stderr")):
+            lines = [line for line in log.read_text(errors="replace").splitlines()
+                     if " WARNING " in line or " ERROR " in line or "Traceback" in line
+                     or "stream failed" in line or "relay error" in line or "lost:" in line]
+            for line in lines[-20:]:
+                print(f"  {name} {log.stem}: {line}", file=sys.stderr)
     counts["runs"] = runs
     return counts
 
@@ -265,6 +277,7 @@ def progress(name: str, done: int, runs: int, counts: Counter[str]) -> None:
         print(f"{name}: {done}/{runs} runs {dict(bad) or 'clean'}", file=sys.stderr, flush=True)
 
 
+FAILURES = ("mismatches", "truncated", "reset", "hangs", "leftovers", "errors", "corrupted", "tracebacks")
 COLUMNS = ("runs", "streams", "mismatches", "truncated", "reset", "hangs", "leftovers", "errors",
            "datagrams", "lost", "corrupted", "tracebacks")
 
@@ -289,9 +302,7 @@ def main() -> int:
         print(f"| {name} | " + " | ".join(str(counts[c]) for c in COLUMNS) + " |")
     print("\n(reset: a stream that ended with a reset although nothing cut it; lost: UDP datagrams with "
           "no answer within 2 s)")
-    failed = any(counts[c] for counts in results.values()
-                 for c in ("mismatches", "truncated", "reset", "hangs", "leftovers", "errors", "corrupted",
-                           "tracebacks"))
+    failed = any(counts[c] for counts in results.values() for c in FAILURES)
     return 1 if failed else 0
 
 
