@@ -216,7 +216,7 @@ class UdpTunnelPort(TunnelPort):
         """A datagram from an address that is no link: it must open one, and goes to the client
         of its address (one client in replace mode)."""
         ip, acceptor = addr[0], self.acceptor
-        if ip not in acceptor.control_ips and ip != acceptor.proven_ip and acceptor.limiter.refuses(ip):
+        if acceptor.limiter.refuses(ip):
             DROPPED.inc(1, "limited")   # the limiter said so once for the window
             return
         refusal = self._refusal(ip, data)
