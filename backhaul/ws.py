@@ -72,6 +72,7 @@ from collections.abc import Callable
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from backhaul.buffers import scratch
+from backhaul.log import Throttle
 from backhaul.net import reason, reset_on_close
 from backhaul.protocol.chunks import ChunkQueue, advance
 from backhaul.protocol.ws_frame import frame_head
@@ -80,6 +81,7 @@ from backhaul.relay.stream import StreamListener
 from backhaul.tunnel.carrier import CONTROL_BACKLOG, OnData, OnLost
 
 log = logging.getLogger("backhaul.ws")
+VIOLATIONS = Throttle(log)      # peers that break the protocol: a line a second however many do
 
 # A stream's binary messages are one frame each of FRAME_SIZE bytes, head included: three whole
 # 16 KiB TLS records, no extra one for the last few bytes. Below the loopback MSS (65483) on
@@ -461,7 +463,7 @@ class WebSocket:
                 if self._closed:
                     return
         except ParseFailed as exc:
-            self._fail(f"{self.peer} broke the websocket protocol: {exc}")
+            self._violated(f"broke the websocket protocol: {exc}")
             return
         if self._out:
             self._flush()  # pongs
@@ -481,8 +483,8 @@ class WebSocket:
             self._parts.append(data)
             self._part_size += len(data) if isinstance(data, bytes) else len(data.encode())
             if self._part_size > self.max_message:
-                self._fail(f"{self.peer} sent a websocket message of more than {self.max_message} bytes "
-                           f"({self._part_size} so far)")
+                self._violated(f"sent a websocket message of more than {self.max_message} bytes "
+                               f"({self._part_size} so far)")
                 return
         if finished:
             parts = self._parts
@@ -550,6 +552,12 @@ class WebSocket:
             self._deliver_due()
 
     # --- the end --------------------------------------------------------------------------------
+    def _violated(self, why: str) -> None:
+        """The peer sent what the protocol forbids: a line says so (its owner may tell nobody,
+        as a data link's relay does), then the websocket is lost."""
+        VIOLATIONS.warning("closed the websocket of %s: it %s", self.peer, why)
+        self._fail(f"{self.peer} {why}")
+
     def _fail(self, why: str) -> None:
         """The websocket is lost: close the socket, then tell the user (once)."""
         if self._closed:

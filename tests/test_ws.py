@@ -28,6 +28,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
 from backhaul import ws as ws_module
+from backhaul.log import Throttle
 from backhaul.protocol.ws_frame import frame_head
 from backhaul.reactor import Reactor, Timer
 from backhaul.relay.stream import READ_CHUNK, Stream, StreamListener, StreamRelay
@@ -864,3 +865,38 @@ def test_slow_reader_memory_stays_bounded():
         assert peaks["total"] <= 2 * READ_CHUNK + out_limit + frames + in_limit + read_size
     finally:
         bench.close()
+
+
+def test_bad_frames_on_a_data_link_end_it_with_one_line(reactor, listener, monkeypatch, caplog):
+    """Three data links (stream mode, relayed to their targets) get frames the protocol forbids:
+    each link ends (its target is closed) and the log has one line naming the peer and what it
+    broke, the others held back by the throttle and counted in the next line. Catches: a data
+    link ending on bad input with nothing logged, or a line per frame in a flood."""
+    monkeypatch.setattr(ws_module, "VIOLATIONS", Throttle(ws_module.log), raising=False)   # a second of its own
+    links, closed = [], threading.Semaphore(0)
+    for n in range(3):
+        target, near = tcp_pair(listener)
+        client_sock, server_sock = tcp_pair(listener)
+
+        def build(near: socket.socket = near, server_sock: socket.socket = server_sock, n: int = n) -> None:
+            stream = WebSocketStream(WebSocket(reactor, server_sock, client=False, peer=f"client {n}"))
+            StreamRelay(reactor, near, stream, on_close=lambda _r: closed.release()).start()
+
+        on_reactor(reactor, build)
+        links.append((target, client_sock))
+    try:
+        with caplog.at_level(logging.WARNING, logger="backhaul.ws"):
+            for _target, client_sock in links:
+                client_sock.sendall(b"\x82\x01\x00")               # unmasked frame from a client
+            for target, _client_sock in links:
+                assert closed.acquire(timeout=5), "a data link stayed up after a bad frame"
+                target.settimeout(5)
+                read_until_closed(target)
+        lines = [r.getMessage() for r in caplog.records if r.name == "backhaul.ws"]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("closed the websocket of client 0: it broke the websocket protocol: "), lines
+        assert "unmasked" in lines[0], lines
+    finally:
+        for target, client_sock in links:
+            target.close()
+            client_sock.close()
