@@ -246,6 +246,7 @@ class WebSocket:
         except OSError:
             pass
         self._close_socket()
+        self._inbox.clear()   # its user is done: nobody reads what the peer sent
 
     def abort(self) -> None:
         """Close with a reset (SO_LINGER 0): nothing queued is sent; idempotent, no callback."""
@@ -253,6 +254,7 @@ class WebSocket:
             return
         self._set_reset()
         self._close_socket()
+        self._inbox.clear()
 
     # --- sending --------------------------------------------------------------------------------
     def _message_frame(self, payload: bytes | bytearray | memoryview | str) -> bytes | bytearray:
@@ -771,6 +773,10 @@ class WebSocketStream:
             ws._close_after_flush()
         else:
             ws.abort()
+        # The websocket points back at its stream: a cycle, which only the garbage collector's
+        # full pass frees, and a quiet server may not run one for hours. Broken here, the two go
+        # with their last reference, and whatever a closed websocket still holds goes with them.
+        ws._stream = None
 
     # --- from the websocket -----------------------------------------------------------------------
     # Inside the websocket's own socket event (or resume) a notification is delivered when that
