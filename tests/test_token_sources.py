@@ -62,9 +62,9 @@ def test_the_credential_gives_the_token_to_both_sides(tmp_path: Path, monkeypatc
 
 def test_an_empty_or_absent_credential_leaves_the_token_to_the_file(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """Catches: the units' empty fallback (SetCredential=token:) taken as a token, or as a
-    conflict with the token of the file; a missing credential taken as an error."""
-    directory = credentials(tmp_path, monkeypatch, "")
+    """Catches: the units' fallback (SetCredential=token:\\n, an empty line) taken as a token, or as
+    a conflict with the token of the file; a missing credential taken as an error."""
+    directory = credentials(tmp_path, monkeypatch, "\n")
     config = load(str(write(tmp_path / "c.toml", SERVER + 'token = "in-file"\n')))
     assert config.server is not None and (config.server.token, config.server.token_source) == ("in-file",
                                                                                              "set in the file")
