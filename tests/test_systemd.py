@@ -235,7 +235,8 @@ def test_units_fail_once_reload_visibly_share_a_host_and_get_the_token_as_a_cred
         lines = [line for line in (UNITS / unit).read_text().splitlines() if not line.startswith("#")]
         assert not [line for line in lines if line.startswith("ExecStartPre")], unit
         reloads = [line for line in lines if line.startswith("ExecReload=")]
-        assert reloads == [f"ExecReload=/usr/bin/backhaul -c /etc/backhaul/{name}.toml --check",
+        assert reloads == [f"ExecReload=/usr/bin/env -u CREDENTIALS_DIRECTORY /usr/bin/backhaul -c "
+                           f"/etc/backhaul/{name}.toml --check",
                            "ExecReload=/bin/kill -HUP $MAINPID"], unit
         assert f"StateDirectory=backhaul/{name}" in lines and f"WorkingDirectory=%S/backhaul/{name}" in lines
         assert f"LoadCredential=token:/etc/backhaul/{name}.token" in lines and "SetCredential=token:\\n" in lines
