@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backhaul: {args.config}: ok")
         return EXIT_OK
     logs.setup(_verbosest(config))
-    return run(config)
+    try:
+        return run(config)
+    except Exception:   # a bug: its traceback is why the service failed, so it goes out at err too
+        log.exception("stopped by an unexpected error")
+        return EXIT_RUNTIME
 
 
 def _verbosest(config: Config) -> str:

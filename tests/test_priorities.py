@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from backhaul import cli
 from backhaul import log as logs
 from tests import harness
 from tests.harness import HOST, REPO, Launcher, client_toml, free_port, server_toml
@@ -128,3 +129,29 @@ def test_retry_lines_thin_out_and_keep_the_first_and_the_last(monkeypatch: pytes
     assert held + len(a_lines) - 1 == 42    # every attempt is a line or counted in one
     retries.settle()                    # a settled log starts over: the next failure is a first again
     assert stream.getvalue().splitlines() == lines
+
+
+def test_an_unexpected_error_is_an_err_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches: a bug that ends the process leaving its traceback at info in the journal."""
+    path = tmp_path / "server.toml"
+    path.write_text(server_toml(free_port(), ["5201"]))
+
+    def broken(_config: object) -> int:
+        raise RuntimeError("a bug")
+
+    logger = logging.getLogger("backhaul")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    with open(tmp_path / "stderr", "w+") as err:
+        st = os.fstat(err.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        monkeypatch.setattr(sys, "stderr", err)
+        monkeypatch.setattr(cli, "run", broken)
+        try:
+            assert cli.main(["-c", str(path)]) == cli.EXIT_RUNTIME
+        finally:
+            logger.handlers[:], logger.level, logger.propagate = saved
+        err.seek(0)
+        lines = err.read().splitlines()
+    assert lines[0] == "<3>ERROR backhaul: stopped by an unexpected error", lines
+    assert lines[-1] == "<3>RuntimeError: a bug", lines
+    assert all(line.startswith("<3>") for line in lines), lines
