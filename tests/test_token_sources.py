@@ -10,8 +10,13 @@ import pytest
 from backhaul import cli, config
 from backhaul.config import DEFAULT_TOKEN, MAX_TOKEN_BYTES, changed_keys, load
 from backhaul.errors import ConfigError
+from tests import harness
+from tests.harness import Launcher, Service, Tunnel, echo_works
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = pytest.mark.timeout(60)
+
+launcher = harness.launcher
+echo_service = harness.echo_service
 
 SECRET = "s3cr3t-0f-the-tunnel"
 SERVER = '[server]\nbind_addr = "127.0.0.1:3080"\n'
@@ -151,3 +156,27 @@ def test_a_config_only_root_may_read_is_explained(tmp_path: Path, monkeypatch: p
     with pytest.raises(ConfigError, match=r"Permission denied \(this process runs as uid \d+\); keep the token "
                        r"out of it \(token_file, or the systemd credential 'token'\) and make it readable"):
         load(str(path))
+
+
+def test_a_tunnel_whose_tokens_come_from_a_credential_and_a_token_file(launcher: Launcher, echo_service: Service,
+                                                                       tmp_path: Path) -> None:
+    """Catches: a token read from $CREDENTIALS_DIRECTORY or token_file that differs from the same
+    token in a config (a newline kept, a wrong file), either one printed, a default-token warning
+    although a token was given; a wrong token in a token_file let in."""
+    directory = tmp_path / "credentials"
+    directory.mkdir()
+    write(directory / "token", SECRET + "\n", 0o400)
+    write(tmp_path / "client.token", SECRET + "\n", 0o600)
+    write(tmp_path / "wrong.token", SECRET + "-not\n", 0o600)
+    tunnel = Tunnel(launcher, [str(echo_service.port)], token="")
+    tunnel.server = launcher.start("server", tunnel.server_text, env={"CREDENTIALS_DIRECTORY": str(directory)})
+    tunnel.wait_listening()
+    tunnel.client = launcher.start("client", tunnel.client_text + f'token_file = "{tmp_path / "client.token"}"\n')
+    tunnel.wait_connected()
+    echo_works(tunnel.public[0], size=200_000, seed=3)
+    wrong = launcher.start("wrong", tunnel.client_text + f'token_file = "{tmp_path / "wrong.token"}"\n')
+    tunnel.server.wait_for_log("wrong token")
+    wrong.wait_for_log("cannot connect to server")
+    for proc in (tunnel.server, tunnel.client, wrong):
+        assert SECRET not in proc.log(), proc.name
+        assert not proc.lines("default of v0.7.2"), proc.log()
