@@ -407,7 +407,8 @@ class _Reader:
         value = self.table.get("token", "")
         if not isinstance(value, str):
             raise self.error("token", "expected a string")  # never show the value
-        self._check_size("token", value)
+        if len(value.encode()) > MAX_TOKEN_BYTES:
+            raise self.error("token", _too_long(value))
         path = self.string("token_file")
         found = [(value, "token", "set in the file")] if value else []
         if path:
@@ -431,15 +432,8 @@ class _Reader:
                 found.append((secret, "", f"from the systemd credential {CREDENTIAL!r} ({credential})"))
         if not found:
             return DEFAULT_TOKEN, True, path, ""
-        token, key, source = found[0]
-        if key != "token":
-            self._check_size(key or "token", token)
+        token, _key, source = found[0]
         return token, False, path, source
-
-    def _check_size(self, name: str, token: str) -> None:
-        size = len(token.encode())
-        if size > MAX_TOKEN_BYTES:
-            raise self.error(name, f"is {size} bytes long; the handshake carries at most {MAX_TOKEN_BYTES}")
 
     def address(self, name: str, *, listen: bool) -> tuple[str, str, int]:
         if name not in self.table:
@@ -486,7 +480,13 @@ def read_secret(path: str, *, empty_ok: bool = False) -> str:
         raise ValueError("the file holds more than one line; it must hold the token alone")
     if not text and not empty_ok:
         raise ValueError("the file is empty")
+    if len(text.encode()) > MAX_TOKEN_BYTES:
+        raise ValueError(f"the token in the file {_too_long(text)}")
     return text
+
+
+def _too_long(token: str) -> str:
+    return f"is {len(token.encode())} bytes long; the handshake carries at most {MAX_TOKEN_BYTES}"
 
 
 def _common(reader: _Reader) -> dict[str, object]:
