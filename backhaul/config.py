@@ -407,8 +407,9 @@ class _Reader:
         value = self.table.get("token", "")
         if not isinstance(value, str):
             raise self.error("token", "expected a string")  # never show the value
-        if len(value.encode()) > MAX_TOKEN_BYTES:
-            raise self.error("token", _too_long(value))
+        size = len(value.encode())
+        if size > MAX_TOKEN_BYTES:
+            raise self.error("token", f"is {size} bytes long; the handshake carries at most {MAX_TOKEN_BYTES}")
         path = self.string("token_file")
         found = [(value, "token", "set in the file")] if value else []
         if path:
@@ -480,13 +481,9 @@ def read_secret(path: str, *, empty_ok: bool = False) -> str:
         raise ValueError("the file holds more than one line; it must hold the token alone")
     if not text and not empty_ok:
         raise ValueError("the file is empty")
-    if len(text.encode()) > MAX_TOKEN_BYTES:
-        raise ValueError(f"the token in the file {_too_long(text)}")
+    if len(text.encode()) > MAX_TOKEN_BYTES:   # only so much was read: its true length is not known
+        raise ValueError(f"the token in the file is longer than the handshake carries ({MAX_TOKEN_BYTES} bytes)")
     return text
-
-
-def _too_long(token: str) -> str:
-    return f"is {len(token.encode())} bytes long; the handshake carries at most {MAX_TOKEN_BYTES}"
 
 
 def _common(reader: _Reader) -> dict[str, object]:

@@ -89,10 +89,9 @@ def test_an_empty_or_absent_credential_leaves_the_token_to_the_file(tmp_path: Pa
     (SERVER + 'token_file = "t"\n', {"t": "\n"}, None, "server.token_file = 't': the file is empty"),
     (SERVER + 'token_file = "t"\n', {"t": SECRET + "\nmore\n"}, None, "holds more than one line"),
     (SERVER + 'token_file = "t"\n', {"t": "x" * (MAX_TOKEN_BYTES + 1)}, None,
-     f"the token in the file is {MAX_TOKEN_BYTES + 1} bytes long"),
+     f"server.token_file = 't': the token in the file is longer than the handshake carries ({MAX_TOKEN_BYTES} "),
     (CLIENT + 'token_file = 7\n', {}, None, "client.token_file = 7: expected a string"),
-    (CLIENT, {}, "x" * MAX_TOKEN_BYTES, "/token: the systemd credential 'token': the token in the file is "
-     f"{MAX_TOKEN_BYTES + len(SECRET)} bytes long"),
+    (CLIENT, {}, "x" * MAX_TOKEN_BYTES, "/token: the systemd credential 'token': the token in the file is longer "),
 ])
 def test_a_token_given_twice_or_unreadable_is_refused_without_showing_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], text: str,
