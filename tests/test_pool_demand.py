@@ -88,10 +88,11 @@ class Timeline:
 
 
 def timeline(wait: float, users_per_second: float, load: tuple[float, float], capacity: int = 2048,
-             seconds: float = 0.0) -> Timeline:
-    """A pool of BASE links whose links take ``wait`` s to arrive, users evenly spaced from
-    ``load[0]`` to ``load[1]``, run for ``seconds`` (default: until the load ends)."""
-    tl = Timeline(LinkDemand(BASE, capacity), wait)
+             seconds: float = 0.0, own: int = BASE, base: int = BASE) -> Timeline:
+    """A pool whose links take ``wait`` s to arrive, starting with the ``own`` links the client
+    dialed by itself, users evenly spaced from ``load[0]`` to ``load[1]``, run for ``seconds``
+    (default: until the load ends)."""
+    tl = Timeline(LinkDemand(base, capacity), wait, idle=own)
     tl.at(1.0, "tick")
     start, end = load
     count = int((end - start) * users_per_second)
@@ -199,12 +200,38 @@ def test_channel_size_bounds_what_is_asked_for():
     assert tl.idle + tl.on_way - tl.waiting <= 100
 
 
-def test_only_idle_links_beyond_the_target_are_closed():
+def test_only_idle_links_asked_for_ahead_and_beyond_the_target_are_closed():
     demand = LinkDemand(BASE, 2048)
-    assert demand.to_close(0.0, idle=BASE, stock=BASE) == 0
+    assert demand.to_close(0.0, idle=40, stock=40) == 0            # the client's own: none asked ahead
+    demand.ahead = 30                                              # as if asked for under a load
     assert demand.to_close(0.0, idle=3, stock=BASE + 20) == 3      # the rest is on its way
+    assert demand.ahead == 25                                      # (no more than the stock was ours)
     assert demand.to_close(0.0, idle=40, stock=40) == 10           # a quarter of them at a time
-    assert demand.to_close(0.0, idle=12, stock=12) == 4
+    assert demand.ahead == 15
+    assert demand.to_close(0.0, idle=12, stock=12) == 4            # down to the target
+    assert demand.to_close(0.0, idle=BASE, stock=BASE) == 0
+    assert demand.to_close(0.0, idle=4, stock=4) == 0              # below the target
+    assert demand.ahead == 4, "what never arrived is no longer counted"
+
+
+def test_a_client_that_keeps_more_links_than_connection_pool_keeps_them():
+    """v0.7.2 sets connection_pool on the client: a client with 3 x the server's keeps them all,
+    idle or after a load, and each user's link is replaced as the Go server does."""
+    own = 3 * BASE
+    tl = timeline(wait=0.2, users_per_second=2, load=(1.0, 31.0), own=own)
+    assert tl.closed == 0 and tl.idle == own
+    assert tl.asked_by_user == tl.users
+    tl = timeline(wait=0.2, users_per_second=250, load=(1.0, 11.0), own=own)
+    tl.run(11.0 + 60.0)
+    assert tl.closed > 0 and tl.idle == own
+
+
+def test_with_no_pool_on_the_server_the_client_keeps_its_own():
+    """connection_pool = 0 on the server: it asks ahead under load and gives back only that."""
+    tl = timeline(wait=0.2, users_per_second=250, load=(1.0, 11.0), own=2, base=0)
+    assert tl.idle > 20
+    tl.run(11.0 + 60.0)
+    assert tl.idle == 2
 
 
 def test_the_timescale_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):

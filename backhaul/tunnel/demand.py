@@ -5,7 +5,12 @@ control channel, the client's dial, for ws its upgrade) arrives a while later: a
 trips over a long path. Users that come faster than that find the pool empty and each waits for
 a link of its own. So the server holds, idle or on their way, as many links as users arrive while
 one is on its way (arrival rate x arrival time, Little's law), with headroom, on top of
-``connection_pool``; when the load is gone the rate decays and the pool shrinks back to it.
+``connection_pool``; when the load is gone the rate decays and the pool shrinks back.
+
+Only the links asked for beyond one per user are ever closed again: each user's link is replaced
+as the Go server does, and the links a client opened of its own accord (its ``connection_pool``,
+which v0.7.2 configures on the client alone, and what its pool sizing adds) stay as many as they
+were, so a client that keeps more than the server's ``connection_pool`` keeps them.
 
 Nothing here does I/O: time enters as ``now`` (seconds, monotonic), the pool says what happened.
 """
@@ -66,6 +71,7 @@ class LinkDemand:
         self.ahead_burst = ahead_burst
         self.tokens = float(ahead_burst)    # links that may be asked for beyond one per user now
         self.refilled: float | None = None
+        self.ahead = 0                      # links asked for beyond one per user, not closed since
 
     def user(self, now: float) -> None:
         """A user arrived: it takes a link, now or when one comes."""
@@ -89,24 +95,31 @@ class LinkDemand:
 
     def to_ask(self, now: float, stock: int, *, for_user: bool = False) -> int:
         """How many links to ask for now, with ``stock`` links idle or on their way (less the one
-        a user who just arrived will take). The one that replaces a user's link (``for_user``) is
-        asked for as the Go server does; the others only as fast as the cap on dials allows."""
-        missing = self.target(now) - stock
+        a user who just arrived takes, ``for_user``). That user's link is replaced whatever the
+        stock, as the Go server does; the links missing beyond it are asked for only as fast as
+        the cap on dials allows."""
+        replace = 1 if for_user else 0
+        missing = self.target(now) - stock - replace
         if missing <= 0:
-            return 0
-        free = 1 if for_user else 0
+            return replace
         self._refill(now)
-        extra = max(0, min(missing - free, int(self.tokens)))
+        extra = min(missing, int(self.tokens))
         self.tokens -= extra
-        return free + extra
+        self.ahead = min(self.ahead + extra, self.capacity)
+        return replace + extra
 
     def to_close(self, now: float, idle: int, stock: int) -> int:
         """How many of the ``idle`` links to close now (``stock``: idle and on their way): those
-        beyond the target, a bounded share at a time, so a pool a load left behind goes gradually."""
-        surplus = min(idle, stock - self.target(now))
+        beyond the target that were asked for ahead, a bounded share at a time, so a pool a load
+        left behind goes gradually. The caller closes them."""
+        # Asked-for links that never came are no longer in the stock: no more of it was ours.
+        self.ahead = min(self.ahead, stock)
+        surplus = min(idle, stock - self.target(now), self.ahead)
         if surplus <= 0:
             return 0
-        return min(surplus, max(SHRINK_LEAST, idle // SHRINK_SHARE))
+        count = min(surplus, max(SHRINK_LEAST, idle // SHRINK_SHARE))
+        self.ahead -= count
+        return count
 
     def _refill(self, now: float) -> None:
         if self.refilled is not None:

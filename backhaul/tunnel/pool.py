@@ -3,8 +3,8 @@
 Policy only: it keeps links ready by asking the client for what is missing and not yet asked
 for, bounds the idle links by ``channel_size``, and forgets requests the client did not answer in
 time. A pool that can give links back (tcp, ws, wss: closing an idle link is all it takes, a Go
-client just forgets it) follows the users: it asks ahead as fast as they take links and shrinks
-back to ``connection_pool`` after them (tunnel/demand.py). The udp pool keeps ``connection_pool``.
+client just forgets it) follows the users: it asks ahead as fast as they take links and closes
+what it asked ahead once they are gone (tunnel/demand.py). The udp pool keeps ``connection_pool``.
 What a link is and how it is asked for belong to the transport.
 """
 
