@@ -5,7 +5,10 @@ control channel, the client's dial, for ws its upgrade) arrives a while later: a
 trips over a long path. Users that come faster than that find the pool empty and each waits for
 a link of its own. So the server holds, idle or on their way, as many links as users arrive while
 one is on its way (arrival rate x arrival time, Little's law), with headroom, on top of
-``connection_pool``; when the load is gone the rate decays and the pool shrinks back.
+``connection_pool``. Users come unevenly, some in waves (50 at once, each back one round trip
+later, as ``ab -c 50`` does) that want a whole wave's worth at once: so the pool counts the users
+of about the last arrival time, holds the most it saw, and lets that fade slowly, which carries
+it through pauses and, once the load is gone, shrinks it back.
 
 Only the links asked for beyond one per user are ever closed again: each user's link is replaced
 as the Go server does, and the links a client opened of its own accord (its ``connection_pool``,
@@ -19,10 +22,11 @@ from __future__ import annotations
 
 import math
 
-HEADROOM = 1.5            # links ahead per link the measured rate and arrival time call for
-RISE = 0.5                # s, time constant of the rate that follows a rising load
-HOLD = 6.0                # s, time constant of the rate that carries the pool through pauses and
-#                           shrinks it after the load (back to connection_pool within about 30 s)
+HEADROOM = 1.5            # links asked for ahead per user expected while one is on its way...
+SLACK = 2.0               # ...and kept before any is closed: a pool that just holds its load
+#                           (users in waves a second apart) closes nothing to ask for it again
+HOLD = 5.0                # s, time constant with which the most users seen fades: it carries the
+#                           pool through pauses and shrinks it after the load (in 30-50 s)
 WAIT_WEIGHT = 0.25        # weight of a new arrival time in the smoothed one
 AHEAD_PER_SECOND = 200.0  # links asked for beyond one per user, at most, a second...
 AHEAD_BURST = 50          # ...and at once
@@ -30,25 +34,24 @@ SHRINK_LEAST = 8          # a step closes at most this many idle links or a quar
 SHRINK_SHARE = 4
 
 
-class DecayingRate:
-    """Events per second, each event counted for a time that decays with constant ``tau``: under
-    a steady rate it converges to that rate; without events it decays to nothing."""
+class RecentCount:
+    """Events of about the last ``span`` seconds: each counts one, fading with constant ``span``
+    (which may change from one call to the next)."""
 
-    __slots__ = ("tau", "value", "at")
+    __slots__ = ("value", "at")
 
-    def __init__(self, tau: float) -> None:
-        self.tau = tau
+    def __init__(self) -> None:
         self.value = 0.0
         self.at = 0.0
 
-    def add(self, now: float, count: int = 1) -> None:
-        self.value = self.get(now) + count / self.tau
+    def add(self, now: float, span: float) -> None:
+        self.value = self.get(now, span) + 1
         self.at = max(now, self.at)
 
-    def get(self, now: float) -> float:
-        if not self.value:
+    def get(self, now: float, span: float) -> float:
+        if not self.value or span <= 0:
             return 0.0
-        return self.value * math.exp(-max(0.0, now - self.at) / self.tau)
+        return self.value * math.exp(-max(0.0, now - self.at) / span)
 
 
 class LinkDemand:
@@ -64,8 +67,10 @@ class LinkDemand:
                  ahead_per_second: float = AHEAD_PER_SECOND, ahead_burst: int = AHEAD_BURST) -> None:
         self.base = base
         self.capacity = capacity
-        self.rise = DecayingRate(RISE * timescale)
-        self.hold = DecayingRate(HOLD * timescale)
+        self.hold = HOLD * timescale
+        self.recent = RecentCount()
+        self.peak = 0.0                     # the most users of one arrival time lately...
+        self.peak_at = 0.0                  # ...and when, since when it fades
         self.wait = 0.0                     # smoothed s from a request to its link (0: none arrived yet)
         self.ahead_per_second = ahead_per_second
         self.ahead_burst = ahead_burst
@@ -75,22 +80,26 @@ class LinkDemand:
 
     def user(self, now: float) -> None:
         """A user arrived: it takes a link, now or when one comes."""
-        self.rise.add(now)
-        self.hold.add(now)
+        self.recent.add(now, self.wait)
+        recent = self.recent.get(now, self.wait)
+        if recent >= self.on_the_way(now):
+            self.peak, self.peak_at = recent, now
 
     def arrived(self, waited: float) -> None:
         """A link arrived ``waited`` seconds after it was asked for."""
         waited = max(0.0, waited)
         self.wait = waited if not self.wait else self.wait + WAIT_WEIGHT * (waited - self.wait)
 
-    def rate(self, now: float) -> float:
-        """Users a second: the faster of the two rates, so the pool grows as fast as the load does
-        and shrinks only as fast as the slow one forgets it."""
-        return max(self.rise.get(now), self.hold.get(now))
+    def on_the_way(self, now: float) -> float:
+        """Users to expect while a link is on its way: the most that came in one arrival time
+        lately, fading with ``HOLD``."""
+        if not self.peak:
+            return 0.0
+        return self.peak * math.exp(-max(0.0, now - self.peak_at) / self.hold)
 
-    def target(self, now: float) -> int:
+    def target(self, now: float, headroom: float = HEADROOM) -> int:
         """Links wanted idle or on their way."""
-        ahead = round(self.rate(now) * self.wait * HEADROOM)
+        ahead = round(self.on_the_way(now) * headroom)
         return min(self.capacity, self.base + ahead)
 
     def to_ask(self, now: float, stock: int, *, for_user: bool = False) -> int:
@@ -114,7 +123,7 @@ class LinkDemand:
         left behind goes gradually. The caller closes them."""
         # Asked-for links that never came are no longer in the stock: no more of it was ours.
         self.ahead = min(self.ahead, stock)
-        surplus = min(idle, stock - self.target(now), self.ahead)
+        surplus = min(idle, stock - self.target(now, SLACK), self.ahead)
         if surplus <= 0:
             return 0
         count = min(surplus, max(SHRINK_LEAST, idle // SHRINK_SHARE))
