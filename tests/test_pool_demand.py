@@ -10,12 +10,15 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 
+from backhaul.reactor import Timer
 from backhaul.tunnel import pool
 from backhaul.tunnel.demand import AHEAD_BURST, AHEAD_PER_SECOND, LinkDemand, RecentCount
+from backhaul.tunnel.pool import LinkPool
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -263,3 +266,87 @@ def test_the_timescale_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
         with caplog.at_level(logging.WARNING, logger="backhaul.server"):
             assert pool.timescale() == 1.0
         assert f"ignored {pool.TIMESCALE_ENV}={bad!r}" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# the pool that drives it (tunnel/pool.py), on a clock of the test's
+
+class Clock:
+    """The reactor's timers and the pool's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[Timer] = []
+
+    def call_later(self, delay: float, fn: Callable[..., None], *args: object) -> Timer:
+        timer = Timer(self.now + delay, fn, args)
+        self.timers.append(timer)
+        return timer
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def run_until(self, when: float) -> None:
+        while True:
+            due = [timer for timer in self.timers if timer.when <= when and not timer.cancelled]
+            if not due:
+                break
+            timer = min(due, key=lambda t: t.when)
+            self.timers.remove(timer)
+            self.now = timer.when
+            timer.fn(*timer.args)
+        self.now = when
+
+
+def test_the_pool_asks_ahead_in_a_burst_and_closes_the_oldest_links_it_asked_for_after(
+        monkeypatch: pytest.MonkeyPatch):
+    """The pool's glue: requests matched with arrivals, users' links replaced, the links asked
+    ahead closed through ``retire`` after the load, the oldest first, down to keep_ready."""
+    clock = Clock()
+    monkeypatch.setattr(pool.time, "monotonic", clock.monotonic)
+    monkeypatch.delenv(pool.TIMESCALE_ENV, raising=False)
+    asked: list[int] = []
+    closed: list[str] = []
+    serial = iter(range(10_000))
+    links: LinkPool[str] = LinkPool(clock, capacity=500, keep_ready=2,  # type: ignore[arg-type]
+                                    ask=lambda count: ask(count), retire=closed.append)
+
+    def arrive(count: int) -> None:
+        for _ in range(count):
+            assert links.add(f"link{next(serial)}")
+
+    def ask(count: int) -> None:               # the client: every link asked for comes 0.2 s later
+        asked.append(count)
+        clock.call_later(0.2, arrive, count)
+
+    links.start()
+    try:
+        for _ in range(2):                      # the client's own, right after the handshake
+            assert links.add(f"own{next(serial)}")
+        # a first user: its link replaced, nothing more (no arrival time known yet)
+        links.user_arrived()
+        assert links.take() == "own0"
+        assert asked == [1]
+        clock.run_until(0.5)
+        # 40 users within 10 ms: each link replaced, and the pool asks ahead
+        asked.clear()
+        waiting = 0
+        for index in range(40):
+            clock.now = 0.5 + index * 0.00025
+            links.user_arrived()
+            waiting += links.take() is None
+        assert sum(asked) > 40 + 20, asked
+        clock.run_until(0.8)
+        for _ in range(waiting):                # the users that waited take theirs
+            assert links.take() is not None
+        clock.run_until(2.0)
+        assert len(links.idle) > 40 and not closed
+        grown = list(links.idle)
+
+        # no users any more: back to keep_ready, oldest first, a bounded share a tick
+        clock.run_until(60.0)
+        assert len(links.idle) == 2
+        assert closed == grown[:len(closed)], "the oldest idle links go first"
+        assert not links.requested
+    finally:
+        links.stop()
