@@ -81,11 +81,11 @@ def test_the_pool_grows_under_a_burst_and_shrinks_back_after_it(launcher: Launch
 
         # the burst, watched from the server's status page
         peak = 0
-        stop = threading.Event()
+        burst_over = threading.Event()
 
         def watch() -> None:
             nonlocal peak
-            while not stop.wait(0.1):
+            while not burst_over.wait(0.1):
                 peak = max(peak, idle_links(server_web, "server"))
 
         watcher = threading.Thread(target=watch, name="pool-watch")
@@ -96,7 +96,7 @@ def test_the_pool_grows_under_a_burst_and_shrinks_back_after_it(launcher: Launch
                 futures = [users.submit(user_loop, tunnel.public[0], seed, until) for seed in range(USERS)]
                 served = sum(future.result(timeout=60) for future in futures)
         finally:
-            stop.set()
+            burst_over.set()
             watcher.join(10)
         assert served >= USERS
         # One link asked for per user (Go's policy) keeps at most connection_pool idle; asking
