@@ -108,7 +108,7 @@ class ServerConfig:
     nodelay: bool = setting(False, "TCP_NODELAY on tunnel and user connections")
     keepalive_period: int = setting(75, "seconds between TCP keepalive probes on tunnel connections")
     channel_size: int = setting(2048, "bound of the queues of waiting user connections and of idle data connections")
-    connection_pool: int = setting(8, "idle data connections kept ready for the next users")
+    connection_pool: int = setting(8, "idle data connections kept ready at least (tcp, ws, wss: more under load)")
     mux_session: int = setting(1, "accepted for compatibility; the client decides how many sessions it opens")
     log_level: str = setting("info", _LOG_LEVEL_DOC)
     ports: tuple[PortMapping, ...] = setting((), "public listeners and the target each sends to the client (see PORTS)")

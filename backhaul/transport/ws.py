@@ -135,7 +135,7 @@ class WebSocketLinks:
         self.core = core
         self.reactor = core.reactor
         self.pool: LinkPool[WebSocketLink] = LinkPool(self.reactor, core.config.channel_size,
-                                                      core.config.connection_pool, ask)
+                                                      core.config.connection_pool, ask, retire=WebSocketLink.close)
         self._timer: Timer | None = None
         self._warn = Throttles(log)
 
@@ -183,7 +183,7 @@ class WebSocketLinks:
         return max(1, self.pool.keep_ready)
 
     def user_arrived(self) -> None:
-        self.pool.request(1)
+        self.pool.user_arrived()
 
     def take(self) -> WebSocketLink | None:
         while True:
