@@ -457,7 +457,7 @@ class MuxStream:
     def read(self, limit: int) -> bytes | None:
         if self._failed:
             raise ConnectionResetError(self._failed)
-        data = self.conn.session.read(self.sid, limit)
+        data = self.conn.session.read(self.sid, limit, time.monotonic())
         if data:
             self.conn.consumed()
         elif data == b"":

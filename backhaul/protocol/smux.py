@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 from backhaul.errors import ProtocolError
 from backhaul.protocol.chunks import ChunkQueue
+from backhaul.protocol.window import StreamWindow, WindowTuner
 
 SYN = 0  # open a stream
 FIN = 1  # the sender writes no more on the stream
@@ -182,7 +183,7 @@ class _Stream:
 
     __slots__ = (
         "inbox", "fin_received", "fin_sent",
-        "num_read", "since_update", "num_written", "peer_consumed", "peer_window", "blocked",
+        "num_read", "since_update", "num_written", "peer_consumed", "peer_window", "blocked", "window",
     )
 
     def __init__(self) -> None:
@@ -195,6 +196,7 @@ class _Stream:
         self.peer_consumed = 0
         self.peer_window = INITIAL_PEER_WINDOW
         self.blocked = False  # a write was cut short by the peer's window
+        self.window: StreamWindow | None = None  # v2: our grant, made on the first bytes received
 
 
 Event = StreamOpened | StreamData | StreamEnded | StreamWritable
@@ -248,8 +250,9 @@ class Session:
         self._streams: dict[int, _Stream] = {}
         self._last_opened = 1  # opener: the smux Client role starts at 1 and adds 2 before each open
         self._highest_syn = -1  # acceptor: ids at or below it were opened (and may be forgotten)
-        # v2: a peer that keeps to the windows never has more unread on a stream than this.
-        self._unread_limit = max(INITIAL_PEER_WINDOW, stream_buffer)
+        # v2: the windows we grant follow each stream's path and reader (protocol/window.py).
+        self._windows = WindowTuner(stream_buffer, receive_buffer, INITIAL_PEER_WINDOW) if version == 2 else None
+        self._now = now  # the latest time given to us: the clock of a read that brings none
         self.buffered = 0  # received and not yet read, all streams
         # smux sends control frames ahead of queued data; we do so for NOP and UPD only, and keep
         # SYN and FIN in order with the data so a FIN can never overtake its stream's last PSH.
@@ -307,6 +310,7 @@ class Session:
         At most one StreamData and one StreamWritable per stream and call: one look at the stream
         serves all the frames that arrived together.
         """
+        self._now = now
         if data:
             # Bytes arriving prove the peer alive, even a large frame still incomplete.
             self._received_since_check = True
@@ -337,11 +341,14 @@ class Session:
             return
         stream.inbox.append(payload)
         self.buffered += len(payload)
-        if self.version == 2 and stream.inbox.size > self._unread_limit:
-            raise ProtocolError(
-                f"smux peer ignored the window: {stream.inbox.size} unread bytes on stream {sid}, "
-                f"more than {self._unread_limit}"
-            )
+        tuner = self._windows
+        if tuner is not None:
+            window = stream.window or self._open_window(tuner, stream)
+            if not tuner.received(window, len(payload), self._now):
+                raise ProtocolError(
+                    f"smux peer ignored the window: {stream.inbox.size} unread bytes on stream {sid}, "
+                    f"more than the {window.edge - window.read} granted"
+                )
         if sid not in readable:
             readable.add(sid)
             events.append(StreamData(sid))
@@ -472,8 +479,9 @@ class Session:
         stream = self._streams.get(sid)
         return stream is not None and stream.blocked
 
-    def read(self, sid: int, limit: int) -> bytes | None:
-        """Up to ``limit`` received bytes; b"" when none are buffered yet, None at end of stream."""
+    def read(self, sid: int, limit: int, now: float | None = None) -> bytes | None:
+        """Up to ``limit`` received bytes; b"" when none are buffered yet, None at end of stream.
+        ``now`` times the read for the v2 window (default: the time of the latest receive)."""
         stream = self._streams.get(sid)
         if stream is None:
             self._check_local(sid)
@@ -484,22 +492,34 @@ class Session:
             return b""
         data = stream.inbox.take(limit)
         self.buffered -= len(data)
-        if self.version == 2:
-            self._count_read(sid, stream, len(data))
+        if self._windows is not None:
+            self._count_read(self._windows, sid, stream, len(data), self._now if now is None else now)
         self._forget_if_done(sid, stream)
         return data
 
-    def _count_read(self, sid: int, stream: _Stream, n: int) -> None:
+    def _count_read(self, tuner: WindowTuner, sid: int, stream: _Stream, n: int, now: float) -> None:
         # smux stream.go tryReadv2: tell the peer after the first read that returned data
-        # (numRead == n) and whenever half the stream buffer was read since the last UPD.
+        # (numRead == n) and whenever half the stream buffer was read since the last UPD; also
+        # at once when the tuner grew the window, and less often once it is large.
         stream.num_read = (stream.num_read + n) & _U32
         stream.since_update += n
-        if stream.since_update >= self.stream_buffer // 2 or stream.num_read == n:
+        window = stream.window or self._open_window(tuner, stream)
+        grew = tuner.read(window, n, now, self._granted_total)
+        if grew or tuner.update_due(window, stream.since_update) or stream.num_read == n:
             stream.since_update = 0
             if stream.num_read:  # smux skips a zero "consumed" (wrapped to exactly 0)
                 self._control.append(
-                    _HEADER.pack(self.version, UPD, UPD_SIZE, sid) + _UPD.pack(stream.num_read, self.stream_buffer)
+                    _HEADER.pack(self.version, UPD, UPD_SIZE, sid) + _UPD.pack(stream.num_read, window.size)
                 )
+                tuner.granted(window, now)
+
+    def _open_window(self, tuner: WindowTuner, stream: _Stream) -> StreamWindow:
+        stream.window = tuner.open(self._now)
+        return stream.window
+
+    def _granted_total(self) -> int:
+        """What the session's live streams are granted now (their windows' sizes)."""
+        return sum(s.window.size for s in self._streams.values() if s.window is not None)
 
     def shutdown_stream(self, sid: int) -> None:
         """Queue FIN: our side writes no more; reading goes on until the peer's FIN."""
