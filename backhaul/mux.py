@@ -45,6 +45,10 @@ IN_FLIGHT = 1024 * 1024   # bytes read that the reactor has not taken yet
 POLL_MS = 1000            # how often an idle demux thread looks whether its session closed
 IOV_MAX = 1024            # buffers one sendmsg may take (Linux)
 TLS_WRITE = 256 * 1024    # bytes joined into one TLS write
+# What the kernel may hold of a session's frames not sent yet: a frame queued behind more than
+# this waits for the path to carry it, whatever stream it is for. Below, the session's own rounds
+# decide the order (every stream in turn), so a request does not wait behind a download.
+UNSENT_LOWAT = 64 * 1024
 
 # Every open session of the process, for the metrics (side: the server opens the streams).
 _OPEN: set[MuxConnection] = set()
@@ -119,6 +123,7 @@ class MuxConnection:
     def start(self, first: bytes = b"") -> None:
         """Begin; ``first`` holds session bytes read before (behind an HTTP 101 on wsmux)."""
         self.sock.setblocking(False)
+        _keep_unsent_small(self.sock)
         _OPEN.add(self)
         if first:
             self.reactor.call_soon(self._take_chunk, first)
@@ -427,6 +432,15 @@ class MuxConnection:
         self.reactor.close_socket(self.sock)
         self._pending = []
         self._blocked.clear()
+
+
+def _keep_unsent_small(sock: socket.socket) -> None:
+    """TCP_NOTSENT_LOWAT on this socket (never the host's sysctl): the socket is writable, and
+    takes more, only while less than UNSENT_LOWAT of it waits unsent."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LOWAT)
+    except (OSError, AttributeError) as exc:  # not a TCP socket, or a kernel without it
+        log.debug("smux session socket keeps the host's unsent queue: %s", exc)
 
 
 class MuxStream:

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 from backhaul.errors import ProtocolError
 from backhaul.protocol.chunks import ChunkQueue
+from backhaul.protocol.outbox import ROUND_BYTES, Outbox
 from backhaul.protocol.window import StreamWindow, WindowTuner
 
 SYN = 0  # open a stream
@@ -256,9 +257,9 @@ class Session:
         self.buffered = 0  # received and not yet read, all streams
         # smux sends control frames ahead of queued data; we do so for NOP and UPD only, and keep
         # SYN and FIN in order with the data so a FIN can never overtake its stream's last PSH.
-        self._control: list[bytes | memoryview] = []
-        self._data: list[bytes | memoryview] = []
-        self._data_bytes = 0
+        # Streams take turns (protocol/outbox.py): none waits behind another's backlog.
+        self._outbox = Outbox()
+        self._control = self._outbox.control
         self.last_received = now
         self._received_since_check = False
         self._next_ping = now + keepalive_interval
@@ -283,20 +284,18 @@ class Session:
 
     @property
     def has_outgoing(self) -> bool:
-        return bool(self._control or self._data)
+        return bool(self._outbox)
 
     def outgoing(self) -> bytes:
         """Every queued frame as one bytes object; the outbox is empty afterwards."""
-        return b"".join(self.outgoing_buffers())
+        return b"".join(self._outbox.take(self._outbox.bytes))
 
-    def outgoing_buffers(self) -> list[bytes | memoryview]:
-        """Every queued frame as a list of buffers for one gathered write (``sendmsg``), so
-        payloads are not copied again to join them; the outbox is empty afterwards."""
-        out = self._control + self._data if self._control else self._data
-        self._control = []
-        self._data = []
-        self._data_bytes = 0
-        return out
+    def outgoing_buffers(self, budget: int = ROUND_BYTES) -> list[bytes | memoryview]:
+        """The next round of frames (control frames, then the streams' data in turn, ``budget``
+        bytes or more) as a list of buffers for one gathered write (``sendmsg``), so payloads are
+        not copied again to join them. Take the next round once this one is sent: a frame queued
+        meanwhile waits for one round, not for everything queued before it."""
+        return self._outbox.take(budget)
 
     def next_deadline(self) -> float:
         """When ``tick`` must next be called (same clock as ``now``)."""
@@ -444,7 +443,7 @@ class Session:
             raise ProtocolError(f"write on smux stream {sid} after it was shut down or closed", remote=False)
         if not data:
             return 0
-        n = len(data) if whole else min(len(data), self.outbox_cap - self._data_bytes)
+        n = len(data) if whole else min(len(data), self._outbox_room(sid))
         if self.version == 2:
             room = stream.peer_window - ((stream.num_written - stream.peer_consumed) & _U32)
             if room < n:
@@ -458,7 +457,7 @@ class Session:
         header = _HEADER.pack
         version = self.version
         size = self.frame_size
-        queue = self._data
+        push = self._outbox.push
         # Frames are slices of what was accepted: bytes are immutable and kept as they are, any
         # other buffer is copied once (its owner may reuse it).
         if isinstance(data, bytes):
@@ -468,9 +467,7 @@ class Session:
                 payload = memoryview(view[:n].tobytes())
         for start in range(0, n, size):
             stop = min(start + size, n)
-            queue.append(header(version, PSH, stop - start, sid))
-            queue.append(payload[start:stop])
-        self._data_bytes += n + HEADER_SIZE * -(-n // size)
+            push(sid, header(version, PSH, stop - start, sid), payload[start:stop])
         stream.num_written = (stream.num_written + n) & _U32
         return n
 
@@ -544,8 +541,16 @@ class Session:
         self.buffered -= stream.inbox.size
 
     def _queue_data(self, frame: bytes) -> None:
-        self._data.append(frame)
-        self._data_bytes += len(frame)
+        self._outbox.push(_HEADER.unpack_from(frame)[3], frame)
+
+    def _outbox_room(self, sid: int) -> int:
+        """What a write on ``sid`` may queue. A stream with nothing queued gets a frame in past
+        the cap (up to twice the cap): a backlog of other streams must not keep its frame out of
+        the next round."""
+        room = self.outbox_cap - self._outbox.bytes
+        if room < self.frame_size and not self._outbox.holds(sid):
+            room = min(self.frame_size, 2 * self.outbox_cap - self._outbox.bytes)
+        return room
 
     # ------------------------------------------------------------------ time
 
