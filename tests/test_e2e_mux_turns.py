@@ -29,10 +29,13 @@ FLOWING = 4 * MiB  # each bulk stream moved this much before the round trips sta
 
 
 def prefix_digest(seed: int, size: int) -> bytes:
-    """sha256 of the first ``size`` bytes of the seeded stream."""
+    """sha256 of the first ``size`` bytes of the seeded stream (whole chunks, the last one cut: a
+    shorter chunk drawn from the seed is not a prefix of the longer one)."""
     digest = hashlib.sha256()
-    for chunk in download_chunks(seed, size):
-        digest.update(chunk)
+    left = size
+    for chunk in download_chunks(seed, -(-size // MiB) * MiB):
+        digest.update(chunk[:left])
+        left -= min(left, len(chunk))
     return digest.digest()
 
 
