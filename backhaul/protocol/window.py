@@ -30,11 +30,12 @@ class StreamWindow:
     """The grant of one stream and what is measured to tune it. Byte counts are totals since
     the stream opened (Python integers, never wrapped; the wire's u32 counters wrap)."""
 
-    __slots__ = ("size", "edge", "received", "read", "rtt", "probe_at", "probe_edge", "mark_at",
+    __slots__ = ("size", "advertised", "edge", "received", "read", "rtt", "probe_at", "probe_edge", "mark_at",
                  "mark_read", "backlog_since", "lagged")
 
     def __init__(self, size: int, edge: int, now: float) -> None:
         self.size = size        # the window our next UPD grants
+        self.advertised = edge  # the window our last UPD granted (before any: the initial one, from 0)
         self.edge = edge        # the furthest byte any grant of ours let the sender send
         self.received = 0
         self.read = 0
@@ -119,11 +120,16 @@ class WindowTuner:
 
     def granted(self, w: StreamWindow, now: float) -> None:
         """A UPD granting ``w.size`` beyond what was read leaves now: move the edge, and time the
-        first byte beyond the old edge when it moved and no sample is running."""
-        edge = w.read + w.size
-        if edge <= w.edge:
-            return
-        if w.probe_at is None:
+        first byte beyond the old edge when it moved and no sample is running.
+
+        A Go sender stores a UPD's consumed and window one after the other, and its writer may
+        load them in between: the new consumed with the previous window. After a shrink that
+        lets it send up to consumed + the previous window, so that is what we accept."""
+        edge = w.read + max(w.size, w.advertised)
+        w.advertised = w.size
+        # Timed only when this grant itself goes beyond the old edge: the bytes the sender then
+        # has queued ahead of the timed one (which make the sample longer) are fewer.
+        if w.probe_at is None and w.read + w.size > w.edge:
             w.probe_at = now
             w.probe_edge = w.edge
-        w.edge = edge
+        w.edge = max(w.edge, edge)
