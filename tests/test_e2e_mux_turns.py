@@ -9,6 +9,7 @@ import hashlib
 import random
 import socket
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -72,7 +73,7 @@ class Bulk:
             thread.start()
             self._threads.append(thread)
 
-    def _guard(self, target, port: int) -> None:
+    def _guard(self, target: Callable[[int], None], port: int) -> None:
         try:
             target(port)
         except BaseException as exc:

@@ -109,10 +109,11 @@ class WindowTuner:
             # (the edge never moves back).
             w.size = max(self.base, min(w.size, target))
             return False
-        if target <= w.size:
+        wanted = min(target, self.cap)
+        if wanted <= w.size:
             return False
-        room = self.limit - granted_total()
-        grown = min(target, self.cap, w.size + max(0, room))
+        room = self.limit - granted_total()  # a look at every stream, once per round trip at most
+        grown = min(wanted, w.size + max(0, room))
         if grown <= w.size:
             return False
         w.size = grown
