@@ -52,7 +52,7 @@ def test_streams_take_turns_and_keep_their_own_order():
 
 
 def test_control_frames_go_first():
-    client = Session(2, False, 32 * KiB, 4 << 20, 64 * KiB)
+    client = Session(2, False, 32 * KiB, 4 << 20, 64 * KiB, hello=False)
     client.receive(encode_frame(2, SYN, 3) + encode_frame(2, PSH, 3, b"x" * 100), 0.0)
     client.write(3, b"y" * (200 * KiB))
     client.read(3, 100)  # the first read: a UPD

@@ -173,7 +173,7 @@ def test_shrink_never_refuses_what_was_sent_under_the_larger_grant():
 
 
 def test_receiver_refuses_a_sender_beyond_the_grown_grant():
-    client = Session(2, False, 32 * KiB, 4 * MiB, 64 * KiB)
+    client = Session(2, False, 32 * KiB, 4 * MiB, 64 * KiB, hello=False)
     client.receive(encode_frame(2, SYN, 3), 0.0)
     client.receive(encode_frame(2, PSH, 3, b"x" * 32 * KiB), 0.0)
     window = client._streams[3].window
