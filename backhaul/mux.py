@@ -6,8 +6,9 @@ rounds: a hand-off between threads costs more than such a read (and under the GI
 threads take turns at every system call). When an inline read fills its buffer the session is
 moving bulk data: the demux thread takes the socket over, reads it in parallel with the reactor's
 work and gives it back once it has been quiet for QUIET_MS. Either way the reactor feeds the state
-machine, dispatches what happened to the streams and writes the frames, whole, in order, once per
-turn of its loop: what every stream queued in that turn leaves in one gathered write. The thread's
+machine, dispatches what happened to the streams and writes the frames, whole, once per turn of
+its loop, in the session's rounds (the streams in turn, each stream's frames in order): a round
+leaves in one gathered write, and the next is taken once it is sent. The thread's
 reads wait in an inbox until the reactor takes them all at once; it reads no more while the inbox
 holds IN_FLIGHT bytes or the session's receive buffer is full (TCP backpressure, as smux does). Nothing here knows how
 the socket was made (tcpmux dials it; wsmux upgrades it from HTTP first).
