@@ -22,7 +22,8 @@ name sets one) answered with `SET {json}`, and `stats` answered with `STATS {jso
 direction the packets in, lost (the configured loss), queue drops (the configured queue), and
 the forwarder's own drops: the kernel's drops at the TUN devices (packets the forwarder did not
 read in time, or that the namespace's stack did not take), write errors, the delay line's
-overflow, and how late packets left. It exits when stdin closes.
+overflow; and how late packets left (counts since the start; the latest since the last
+`stats`). It exits when stdin closes.
 
 Root only (TUN devices, namespaces); `unavailable()` says why not.
 """
@@ -76,11 +77,6 @@ def ip(*args: str, netns: str = "") -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     if done.returncode:
         raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
-
-
-def in_netns(netns: str, argv: list[str]) -> list[str]:
-    """``argv`` run inside namespace ``netns`` (ip netns exec execs it: the pid stays the same)."""
-    return ["ip", "netns", "exec", netns, *argv]
 
 
 @contextmanager
@@ -316,6 +312,8 @@ def command(line: str, directions: dict[str, Direction], names: tuple[str, str],
         kernel = {"ab": kernel_drops(names[0], args.a), "ba": kernel_drops(names[1], args.b)}
         announce("STATS", {name: {**d.counts, "kernel_dropped": kernel[name], "latest_ms": d.latest * 1e3,
                                   "queued": len(d.line), **d.settings()} for name, d in directions.items()})
+        for d in directions.values():
+            d.latest = 0.0   # the latest since the last question: the driver asks before and after each run
     elif word == "set":
         try:
             for item in rest.split():

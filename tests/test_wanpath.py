@@ -18,7 +18,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import wanpath  # noqa: E402  (a bench module: the bench directory is its package root)
-from common import stop_all  # noqa: E402
+from common import in_netns, stop_all  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(90),
               pytest.mark.skipif(bool(wanpath.unavailable()), reason=f"emulated path: {wanpath.unavailable()}")]
@@ -100,7 +100,7 @@ def path() -> Iterator[wanpath.WanPath]:
 
 def peer(path: wanpath.WanPath, side: str, script: str, *args: object) -> subprocess.Popen[str]:
     netns = path.ns_a if side == "a" else path.ns_b
-    argv = wanpath.in_netns(netns, [sys.executable, "-c", script, *map(str, args)])
+    argv = in_netns(netns, [sys.executable, "-c", script, *map(str, args)])
     PEERS.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True))
     return PEERS[-1]
 
