@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from clients import fresh_connections, ping_pong
-from common import Helper, in_netns, raise_nofile_limit, stop_all, tls_settings
+from common import Helper, in_netns, is_listening, raise_nofile_limit, stop_all, tls_settings
 from measure import Endpoint, IperfSink, Settings, each_path, log, measure_ab, percentile
 from nginx_ab import Nginx, find_tools, run_ab
 from report import Cell, Row, render_markdown, render_text
@@ -42,6 +42,7 @@ GO_ENV = "BACKHAUL_GO"
 ANY = "0.0.0.0"            # the targets listen on every address of their namespace: direct reaches them
 FRESH_COUNT = 100
 LINKS_CONCURRENCY = 200
+IPERF_TRIES = 5
 A_HEX_REMOTE = "".join(f"{int(part):02X}" for part in reversed(ADDRESS_B.split(".")))  # /proc/net/tcp form
 
 
@@ -262,6 +263,29 @@ def capacity(wan: Wan, s: Settings) -> str:
 # ----------------------------------------------------------------------------------- rows
 
 
+def iperf(sink: IperfSink, ep: Endpoint, streams: int, seconds: float, reverse: bool) -> float:
+    """Mbit/s of one iperf3 run. The iperf3 server is still closing the previous test across the
+    long path for a moment after it ended ("busy"), and after a test that failed it listens anew
+    (a connection meanwhile is refused): a run that fails so is run again, a few times, each a
+    whole new test."""
+    attempt = 1
+    while True:
+        deadline = time.monotonic() + 10
+        while not is_listening(sink.port, sink.proc.pid):
+            if time.monotonic() > deadline or sink.proc.poll() is not None:
+                raise RuntimeError("the iperf3 server no longer listens")
+            time.sleep(0.1)
+        try:
+            moved, secs = sink.run(ep.port, streams, seconds, reverse, host=ep.host)
+            return moved * 8 / secs / 1e6
+        except RuntimeError as exc:
+            if attempt == IPERF_TRIES:
+                raise
+            log(f"    iperf3 ({ep.path}, {streams} streams{' down' if reverse else ''}): {exc}; again")
+        attempt += 1
+        time.sleep(1.0)
+
+
 def _named(wan: Wan, rows: list[Row], kind: str, fmt: str, unit: str) -> list[Row]:
     for row in rows:
         row.name = f"{wan.label} {row.name}"
@@ -281,8 +305,7 @@ def measure_bulk(s: Settings, wan: Wan) -> list[Row]:
         try:
             for run in runs:
                 wan.path.set(loss=run[0])
-                moved, secs = sink.run(ep.port, run[1], s.seconds, run[2], host=ep.host)
-                cells[names[run]] = Cell(moved * 8 / secs / 1e6)
+                cells[names[run]] = Cell(iperf(sink, ep, run[1], s.seconds, run[2]))
         finally:
             wan.path.set(loss=0)
         return cells
@@ -320,10 +343,13 @@ def measure_interactive(s: Settings, wan: Wan) -> list[Row]:
 
     def one(ep: Endpoint) -> dict[str, Cell]:
         download: dict[str, float] = {}
+        failed: list[Exception] = []
 
         def pull() -> None:
-            moved, secs = sink.run(ep.port, 1, s.seconds + 2, True, host=ep.host)
-            download["mbit"] = moved * 8 / secs / 1e6
+            try:
+                download["mbit"] = iperf(sink, ep, 1, s.seconds + 2, True)
+            except RuntimeError as exc:
+                failed.append(exc)
 
         puller = threading.Thread(target=pull, name="download")
         puller.start()
@@ -333,6 +359,8 @@ def measure_interactive(s: Settings, wan: Wan) -> list[Row]:
                                                          max_seconds=s.seconds - 1, host=ep.host))
         finally:
             puller.join(s.seconds + 70)
+        if failed:
+            raise failed[0]
         extra = f"download {download.get('mbit', 0):,.0f} Mbit/s"
         return {names[0]: Cell(percentile(samples, 0.5), extra=extra),
                 names[1]: Cell(percentile(samples, 0.99), extra=f"{len(samples)} samples")}
