@@ -154,6 +154,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         f"path: two network namespaces, {ADDRESS_A} (users, tunnel server) and {ADDRESS_B} (targets, tunnel "
         f"client); {args.rate_mbit:g} Mbit/s each way, drop-tail queue {args.queue_ms:g} ms, round trip "
         f"{', '.join(f'{r:g}' for r in rtts)} ms",
+        f"forwarder: {path.ready['priority']} (bench/wanpath.py)",
         f"congestion control: {cc} in both namespaces" + (f"; ours: congestion = {ours}" if ours else ""),
         f"tunnel: {version if available else 'UNAVAILABLE - ' + version}",
         f"go: {go_text}",
