@@ -60,24 +60,26 @@ sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
 sock.bind(("198.18.0.2", int(sys.argv[1])))
 print("READY", flush=True)
 sock.settimeout(30)          # for the first datagram; then a second of silence ends the count
-seen = set()
+order = []
 try:
     while True:
-        seen.add(int(sock.recv(64)))
+        order.append(int(sock.recv(2048).split(b" ")[0]))
         sock.settimeout(1.0)
 except TimeoutError:
     pass
-print(json.dumps({"received": len(seen)}), flush=True)
+print(json.dumps({"received": len(set(order)), "in_order": order == sorted(set(order))}), flush=True)
 """
 
 UDP_SENDER = """
 import socket, sys, time
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 addr = ("198.18.0.2", int(sys.argv[1]))
+pad = b" " * int(sys.argv[3])
+pause = float(sys.argv[4])
 for n in range(int(sys.argv[2])):
-    sock.sendto(str(n).encode(), addr)
+    sock.sendto(str(n).encode() + pad, addr)
     if n % 20 == 19:
-        time.sleep(0.002)   # well under the path's rate: only the configured loss drops
+        time.sleep(pause)
 """
 
 
@@ -138,12 +140,31 @@ def test_a_configured_loss_drops_about_that_share(path: wanpath.WanPath) -> None
     count, share = 3000, 0.2
     path.set(ab_loss=share)
     counter = started(peer(path, "b", UDP_COUNTER, PORT))
-    sender = peer(path, "a", UDP_SENDER, PORT, count)
+    sender = peer(path, "a", UDP_SENDER, PORT, count, 0, 0.002)   # well under the rate: only the loss drops
     assert sender.wait(PEER_TIMEOUT) == 0
-    received = int(result(counter)["received"])
+    got = result(counter)
+    received = int(got["received"])
     stats = path.stats()
+    assert got["in_order"], got
     # 3000 draws at p = 0.2: the standard deviation is about 22, so 0.15-0.25 is over 6 of them.
     assert 0.15 < 1 - received / count < 0.25, (received, stats)
     assert stats["ab"]["lost"] >= count - received - stats["ab"]["queue_drops"], stats
     assert stats["ba"]["lost"] == 0 and stats["ab"]["loss"] == share and stats["ba"]["loss"] == 0, stats
     assert wanpath.own_drops(stats) == 0, wanpath.describe(stats)
+
+
+def test_past_its_rate_the_path_drops_at_the_tail_and_never_reorders(path: wanpath.WanPath) -> None:
+    """Catches: a rate limit that queues without bound (no drops: the delay would grow with the
+    offered load), one that lets a packet pass another that came before it, or a packet left
+    waiting in the delay line."""
+    count, size = 2000, 1000
+    path.set(rate_mbit=2, queue_ms=20)    # 2 Mbit/s: 250 datagrams of 1 kB a second; 20 ms: 5 of them queued
+    counter = started(peer(path, "b", UDP_COUNTER, PORT))
+    sender = peer(path, "a", UDP_SENDER, PORT, count, size, 0.0)    # as fast as the sender goes
+    assert sender.wait(PEER_TIMEOUT) == 0
+    got = result(counter)
+    stats = path.stats()
+    assert got["in_order"], got
+    assert stats["ab"]["queue_drops"] > 0 and stats["ab"]["lost"] == 0, wanpath.describe(stats)
+    assert int(got["received"]) + stats["ab"]["queue_drops"] <= count, (got, wanpath.describe(stats))
+    assert stats["ab"]["queued"] == 0, stats   # everything taken was delivered: nothing stuck in the line
