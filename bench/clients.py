@@ -33,10 +33,10 @@ HOLD_STALL = 30.0  # give up opening if no connection pairs for this long
 # ---------------------------------------------------------------- bulk sender
 
 
-def run_send(port: int, streams: int, seconds: float, host: str = HOST) -> dict[str, object]:
+def run_send(port: int, streams: int, seconds: float) -> dict[str, object]:
     """Send for `seconds` on `streams` connections; return bytes sent and errors."""
     payload = memoryview(bytearray(SEND_CHUNK))
-    socks = [socket.create_connection((host, port), timeout=10) for _ in range(streams)]
+    socks = [socket.create_connection((HOST, port), timeout=10) for _ in range(streams)]
     sent = [0] * streams
     errors: list[str] = []
     deadline = time.monotonic() + seconds
@@ -348,7 +348,6 @@ def main() -> None:
     send.add_argument("port", type=int)
     send.add_argument("--streams", type=int, default=1)
     send.add_argument("--seconds", type=float, default=5)
-    send.add_argument("--host", default=HOST, help="address to connect to")
     rate = sub.add_parser("rate")
     rate.add_argument("port", type=int)
     rate.add_argument("--concurrency", type=int, default=25)
@@ -365,7 +364,7 @@ def main() -> None:
     args = parser.parse_args()
     raise_nofile_limit()
     if args.mode == "send":
-        announce("RESULT", run_send(args.port, args.streams, args.seconds, args.host))
+        announce("RESULT", run_send(args.port, args.streams, args.seconds))
     elif args.mode == "rate":
         announce("RESULT", RateGenerator(args.port, args.concurrency, args.host).run(args.seconds, args.start_at))
     else:
