@@ -222,10 +222,18 @@ def difference(after: dict, before: dict) -> dict:
 
 
 def set_congestion(name: str, targets: str) -> None:
-    """The default congestion control of both namespaces (never the host's: ours are fresh)."""
+    """The default congestion control of both namespaces (never the host's: ours are fresh). The
+    kernel lets a namespace other than the host's default only to an algorithm of the host's
+    net.ipv4.tcp_allowed_congestion_control: SystemExit names the list when it refuses."""
     for netns in ("", targets):
-        subprocess.run(in_netns(netns, ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={name}"]),
-                       check=True, timeout=10)
+        done = subprocess.run(in_netns(netns, ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={name}"]),
+                              capture_output=True, text=True, timeout=10)
+        if done.returncode:
+            with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
+                allowed = f.read().strip()
+            raise SystemExit(f"wan: --cc {name}: the kernel refused it as the namespaces' default "
+                             f"({done.stderr.strip()}); a namespace may default only to the host's "
+                             f"net.ipv4.tcp_allowed_congestion_control: {allowed}")
 
 
 def congestion_of(targets: str) -> str:
