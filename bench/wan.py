@@ -2,7 +2,7 @@
 network namespaces joined by the forwarder of wanpath.py.
 
     python bench/wan.py                                    # tcp, 100 ms, 100 Mbit/s, every row
-    python bench/wan.py --transport tcpmux --transport ws --rtt-ms 20 --rtt-ms 100
+    python bench/wan.py --transport tcpmux --transport tcpmux/v2 --transport ws --rtt-ms 20 --rtt-ms 100
     python bench/wan.py --only fresh --only ab --quick
     python bench/wan.py --cc cubic --server-set 'congestion="bbr"' --client-set 'congestion="bbr"'
     BACKHAUL_GO=/path/to/backhaul python bench/wan.py      # the Go program as a fourth path
@@ -50,7 +50,8 @@ A_HEX_REMOTE = "".join(f"{int(part):02X}" for part in reversed(ADDRESS_B.split("
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark across an emulated long path (root only).")
     parser.add_argument("--transport", action="append", metavar="NAME",
-                        help="tcp, tcpmux, ws, wss, wsmux, wssmux; repeatable (default tcp)")
+                        help="tcp, tcpmux, ws, wss, wsmux, wssmux; a mux one with /v2 (tcpmux/v2): mux_version = 2 "
+                             "on both sides; repeatable (default tcp)")
     parser.add_argument("--rtt-ms", dest="rtt_ms", action="append", type=float, metavar="MS",
                         help="round trip of the path (half each way); repeatable (default 100)")
     parser.add_argument("--rate-mbit", dest="rate_mbit", type=float, default=100.0, help="each way (default 100)")
@@ -174,10 +175,11 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             print(header[-1], flush=True)
         for rtt in rtts:
             path.set(delay_ms=rtt / 2, loss=0)
-            for transport in transports:
-                wan.label = f"[{rtt:g} ms, {transport}, {cc}{', ours ' + ours if ours else ''}]"
-                ts = dataclasses.replace(s, transport=transport,
-                                         server_extra=tls_settings(transport, tuple(args.server_set), workdir))
+            for spec in transports:
+                transport, mux = transport_spec(spec)
+                wan.label = f"[{rtt:g} ms, {spec}, {cc}{', ours ' + ours if ours else ''}]"
+                ts = dataclasses.replace(s, transport=transport, client_extra=s.client_extra + mux,
+                                         server_extra=tls_settings(transport, tuple(args.server_set), workdir) + mux)
                 for name in args.only or ROWS:
                     t0 = time.monotonic()
                     log(f"{wan.label} {name} ...")
@@ -198,6 +200,16 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         print(f"\nMarkdown table written to {args.out}")
     failed = any(c.text == "error" for r in rows for c in r.cells.values())
     return 1 if failed or unavailable_paths else 0
+
+
+def transport_spec(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``tcpmux/v2`` as the transport and the lines that ask both sides for smux version 2."""
+    transport, _, version = spec.partition("/")
+    if not version:
+        return transport, ()
+    if version not in ("v1", "v2") or not transport.endswith("mux"):
+        raise SystemExit(f"wan: --transport {spec}: /v1 or /v2 goes after a mux transport (tcpmux, wsmux, wssmux)")
+    return transport, (f"mux_version={version[1]}",)
 
 
 @contextmanager
