@@ -218,9 +218,7 @@ class IperfSink:
             time.sleep(0.05)
 
     def run(self, port: int, streams: int, seconds: float, reverse: bool = False,
-            host: str = HOST, omit: float = 0.0) -> tuple[float, float]:
-        """Bytes received and the seconds they took; ``omit``: seconds at the start left out
-        (a long path's slow start), on top of ``seconds``."""
+            host: str = HOST) -> tuple[float, float]:
         argv = [
             shutil.which("iperf3") or "iperf3",
             "-c",
@@ -233,9 +231,8 @@ class IperfSink:
             str(streams),
             "-J",
             *(["-R"] if reverse else []),
-            *(["-O", f"{omit:g}"] if omit else []),
         ]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + omit + 60)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
         report = json.loads(done.stdout or "{}")
         if "error" in report or done.returncode != 0:
             raise RuntimeError(f"iperf3: {report.get('error', done.stderr.strip())}")
