@@ -43,6 +43,7 @@ ANY = "0.0.0.0"            # the targets listen on every address of their namesp
 FRESH_COUNT = 100
 LINKS_CONCURRENCY = 200
 IPERF_TRIES = 5
+NEEDS_IPERF3 = ("bulk", "interactive")
 A_HEX_REMOTE = "".join(f"{int(part):02X}" for part in reversed(ADDRESS_B.split(".")))  # /proc/net/tcp form
 
 
@@ -169,7 +170,11 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                      ab_requests=args.ab_requests or (2_000 if quick else 5_000), ab_timeout=600.0,
                      client_extra=tuple(args.client_set))
         s.around_run = lambda label, name: _checked(wan, s, label, name)
-        if available:
+        iperf3 = shutil.which("iperf3")
+        if not iperf3:
+            s.notes.append("bulk, interactive and the forwarder's capacity: not measured (needs iperf3: "
+                           "apt-get install iperf3)")
+        elif available:
             header.append(capacity(wan, s))
             print(header[-1], flush=True)
         for rtt in rtts:
@@ -180,6 +185,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                 ts = dataclasses.replace(s, transport=transport, client_extra=s.client_extra + mux,
                                          server_extra=tls_settings(transport, tuple(args.server_set), workdir) + mux)
                 for name in args.only or ROWS:
+                    if name in NEEDS_IPERF3 and not iperf3:
+                        continue
                     t0 = time.monotonic()
                     log(f"{wan.label} {name} ...")
                     rows += ROW_MEASURES[name](ts, wan)

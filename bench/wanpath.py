@@ -3,7 +3,8 @@
     python wanpath.py forward --a NS_A --b NS_B [--delay-ms 50] [--rate-mbit 100] [--loss 0]
                               [--queue-ms 25] [--seed 1]
 
-The kernel here has no netem qdisc, so the path is emulated in user space: two TUN devices, one
+Without the kernel's netem qdisc (not every kernel has it) tc cannot delay or drop packets, so
+the path is emulated in user space: two TUN devices, one
 in each namespace (198.18.0.1/24 in A, 198.18.0.2/24 in B, nothing else routed), and this
 forwarder between them. Each direction on its own applies, in this order: loss (each packet
 dropped with the given probability), a rate limit (the packet waits until the link has sent
