@@ -222,6 +222,7 @@ def transport_spec(spec: str) -> tuple[str, tuple[str, ...]]:
 def _checked(wan: Wan, s: Settings, label: str, name: str) -> Iterator[None]:
     """Around one run of one path: the forwarder's counts for it, and its own drops checked."""
     before = wan.path.stats()
+    memory = tcp_memory()
     yield
     delta = difference(wan.path.stats(), before)
     drops = own_drops(delta)
@@ -230,6 +231,22 @@ def _checked(wan: Wan, s: Settings, label: str, name: str) -> Iterator[None]:
     if drops:
         s.notes.append(f"{wan.label} {label} via {name}: the forwarder dropped {drops} packet(s) of its own: "
                        f"{describe(delta)}")
+    used, pressure = max(memory, tcp_memory())
+    if used > pressure:
+        s.notes.append(f"{wan.label} {label} via {name}: the host's TCP buffers were past the kernel's pressure "
+                       f"mark ({used:,} pages, tcp_mem {pressure:,}): every connection's window was clamped, the "
+                       f"figures measured that, not the path")
+
+
+def tcp_memory() -> tuple[int, int]:
+    """Pages of TCP buffers in use on the whole host (every namespace, every process) and the
+    mark past which the kernel clamps every connection's window (tcp_mem's middle value). Other
+    work on the machine can push it there; a figure taken then measured that."""
+    with open("/proc/net/sockstat") as f:
+        used = next(int(line.split()[line.split().index("mem") + 1]) for line in f if line.startswith("TCP:"))
+    with open("/proc/sys/net/ipv4/tcp_mem") as f:
+        pressure = int(f.read().split()[1])
+    return used, pressure
 
 
 def difference(after: dict, before: dict) -> dict:

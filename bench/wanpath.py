@@ -5,10 +5,11 @@
 
 Without the kernel's netem qdisc (not every kernel has it) tc cannot delay or drop packets, so
 the path is emulated in user space: two TUN devices, one in each namespace (198.18.0.1/24 in A,
-198.18.0.2/24 in B, nothing else routed), and this forwarder between them. Each direction on its own applies, in this order: loss (each packet
-dropped with the given probability), a rate limit (the packet waits until the link has sent
-the ones before it, serialisation at the rate) with a bounded drop-tail queue (a packet that
-would wait longer than --queue-ms is dropped), then a one-way delay. The delay is the same for
+198.18.0.2/24 in B, nothing else routed), and this forwarder between them. Each direction on
+its own applies, in this order: loss (each packet dropped with the given probability), a rate
+limit (the packet waits until the link has sent the ones before it, serialisation at the rate)
+with a bounded drop-tail queue (a packet that would wait longer than --queue-ms is dropped),
+then a one-way delay. The delay is the same for
 every packet of a direction, so the packets leave in the order they came: no reordering, and a
 plain FIFO per direction is the timer queue (its head is always the next due).
 
