@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="one more line for the [client] table; repeatable")
     parser.add_argument("--out", type=Path, help="also write the table as Markdown to this file")
     parser.add_argument("--inside", default="", help=argparse.SUPPRESS)   # the targets' namespace
+    # The host's tcp_mem: a namespace of its own does not show it (the run inside is given it).
+    parser.add_argument("--tcp-mem", dest="tcp_mem", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -90,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     # The driver itself runs in the users' namespace: its loopback is the server host's, so the
     # tunnel pairs, probes and load generators of measure.py work there unchanged.
     with namespaces() as (users, targets):
+        with open("/proc/sys/net/ipv4/tcp_mem") as f:
+            pressure = f.read().split()[1]
         argv_inside = in_netns(users, [sys.executable, str(Path(__file__).resolve()), "--inside", targets,
-                                       *(sys.argv[1:] if argv is None else argv)])
+                                       "--tcp-mem", pressure, *(sys.argv[1:] if argv is None else argv)])
         child = subprocess.Popen(argv_inside)
         try:
             return child.wait()
@@ -124,6 +128,7 @@ class Wan:
 
     path: WanPath
     targets: str                  # the targets' namespace
+    tcp_pressure: int             # pages of TCP buffers, host-wide, past which the kernel clamps windows
     seconds: float
     settle: float
     rate_mbit: float
@@ -149,7 +154,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         unavailable_paths["go"] = go_text
     seconds = args.seconds or (5.0 if quick else 10.0)
     path = WanPath("", targets, delay_ms=rtts[0] / 2, rate_mbit=args.rate_mbit, queue_ms=args.queue_ms)
-    wan = Wan(path, targets, seconds, args.settle or (10.0 if quick else 60.0), args.rate_mbit)
+    wan = Wan(path, targets, args.tcp_mem, seconds, args.settle or (10.0 if quick else 60.0), args.rate_mbit)
     header = [
         f"machine: {os.cpu_count()} cores, kernel {platform.release()}, Python {platform.python_version()}; "
         f"load average at start {_loadavg()}",
@@ -231,22 +236,19 @@ def _checked(wan: Wan, s: Settings, label: str, name: str) -> Iterator[None]:
     if drops:
         s.notes.append(f"{wan.label} {label} via {name}: the forwarder dropped {drops} packet(s) of its own: "
                        f"{describe(delta)}")
-    used, pressure = max(memory, tcp_memory())
-    if used > pressure:
+    used = max(memory, tcp_memory())
+    if wan.tcp_pressure and used > wan.tcp_pressure:
         s.notes.append(f"{wan.label} {label} via {name}: the host's TCP buffers were past the kernel's pressure "
-                       f"mark ({used:,} pages, tcp_mem {pressure:,}): every connection's window was clamped, the "
-                       f"figures measured that, not the path")
+                       f"mark ({used:,} pages, tcp_mem {wan.tcp_pressure:,}): every connection's window was "
+                       f"clamped, the figures measured that, not the path")
 
 
-def tcp_memory() -> tuple[int, int]:
-    """Pages of TCP buffers in use on the whole host (every namespace, every process) and the
-    mark past which the kernel clamps every connection's window (tcp_mem's middle value). Other
-    work on the machine can push it there; a figure taken then measured that."""
+def tcp_memory() -> int:
+    """Pages of TCP buffers in use on the whole host (every namespace, every process): past the
+    middle value of tcp_mem the kernel clamps every connection's window. Other work on the
+    machine can push it there; a figure taken then measured that."""
     with open("/proc/net/sockstat") as f:
-        used = next(int(line.split()[line.split().index("mem") + 1]) for line in f if line.startswith("TCP:"))
-    with open("/proc/sys/net/ipv4/tcp_mem") as f:
-        pressure = int(f.read().split()[1])
-    return used, pressure
+        return next(int(line.split()[line.split().index("mem") + 1]) for line in f if line.startswith("TCP:"))
 
 
 def difference(after: dict, before: dict) -> dict:
