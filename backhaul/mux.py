@@ -443,10 +443,14 @@ class MuxConnection:
 
     def _finish_expired(self) -> None:
         self._finish_timer = None
-        if not self.closed:
+        if self.closed:
+            return
+        if self.streams:
             log.info("smux session with %s closed with %d stream(s) still open after the wait for them",
                      self.peer, len(self.streams))
-            self.close()
+        else:
+            log.debug("smux session with %s closed: the peer did not end it after ours", self.peer)
+        self.close()
 
     def fail(self, why: str) -> None:
         """End the session: every stream fails with ``why``; the owner hears it once (not when
