@@ -77,7 +77,19 @@ def _below_ephemeral() -> range:
     return range(10_000, low) if low > 11_000 else range(0)
 
 
-_PORTS = _below_ephemeral()
+def _this_worker(ports: range) -> range:
+    """This process's share of ``ports`` when pytest-xdist runs the tests in several: a slice of
+    its own, so two workers never hand out the same number (each remembers only its own)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")   # "gw0", "gw1", ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count <= 1:
+        return ports
+    share = len(ports) // count
+    start = ports.start + int(worker[2:]) * share
+    return range(start, start + share)
+
+
+_PORTS = _this_worker(_below_ephemeral())
 _handed: set[int] = set()          # never the same number twice in one test run
 _pick = random.Random()
 
