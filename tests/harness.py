@@ -255,6 +255,7 @@ class Launcher:
         self.directory = directory
         self.relay_mode = relay_mode
         self.procs: list[Backhaul] = []
+        self.env: dict[str, str] = {}   # added to the environment of every process it starts
         self._serial = 0
 
     def write_config(self, name: str, text: str) -> Path:
@@ -274,10 +275,12 @@ class Launcher:
         log_path = self.directory / f"{name}.{self._serial}.stderr"
         out_path = self.directory / f"{name}.{self._serial}.stdout"
         environ = dict(os.environ)
-        for name_ in ("JOURNAL_STREAM", "BACKHAUL_RELAY", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        for name_ in ("JOURNAL_STREAM", "BACKHAUL_RELAY", "BACKHAUL_UDP_IDLE", "NOTIFY_SOCKET", "WATCHDOG_USEC",
+                      "WATCHDOG_PID"):
             environ.pop(name_, None)
         if self.relay_mode == "copy":
             environ["BACKHAUL_RELAY"] = "copy"
+        environ.update(self.env)
         environ.update(env or {})
         with open(log_path, "wb") as err, open(out_path, "wb") as out:
             if "JOURNAL_STREAM" in environ and environ["JOURNAL_STREAM"] == "":  # stderr is "the journal"

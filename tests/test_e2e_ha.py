@@ -543,10 +543,10 @@ def udp_echoes(user: socket.socket, word: bytes) -> bool:
 def test_failover_with_the_udp_transport_and_back_once_its_flows_ended(launcher: Launcher) -> None:
     """The udp transport: the client goes to the second server within retry_interval + 1 s of
     losing the first, and fails back only when no UDP flow has run for failback_idle seconds (a
-    flow ends 60 s after its last datagram), never while a user's flow is carried. Catches: a
-    failover client that works only with TCP links, or that counts no flow as a user."""
-    from backhaul.relay.datagram import IDLE
-
+    flow ends 60 s after its last datagram, 8 s here), never while a user's flow is carried.
+    Catches: a failover client that works only with TCP links, or that counts no flow as a user."""
+    flow_idle = 8
+    launcher.env["BACKHAUL_UDP_IDLE"] = str(flow_idle)
     echo = harness.UdpEcho()
     try:
         ha = Servers(launcher, "udp", echo)
@@ -572,9 +572,9 @@ def test_failover_with_the_udp_transport_and_back_once_its_flows_ended(launcher:
             assert not ha.switches(1, 0), "failed back while a flow was carried"
             quiet_at = time.monotonic()
             line = ha.client.wait_for_log(f"switched from server {ha.addrs[1]} to server {ha.addrs[0]}: ",
-                                          timeout=IDLE + 15)
+                                          timeout=flow_idle + 15)
             assert "failback_idle" in line
-            assert time.monotonic() - quiet_at >= IDLE + 3 - 1, "failed back before the flow ended"
+            assert time.monotonic() - quiet_at >= flow_idle + 3 - 1, "failed back before the flow ended"
         ha.client.wait_for_log(f"connected to server {ha.addrs[0]}: control channel up", count=2)
         with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as back:
             back.connect((HOST, ha.public[0]))
