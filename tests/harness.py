@@ -212,10 +212,12 @@ class Backhaul:
             self.proc.kill()
         self.proc.wait(10)
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it is still there after a few seconds."""
+    def stop(self, signalled: bool = False) -> None:
+        """SIGTERM (unless ``signalled``: sent already), then SIGKILL if it is still there after a
+        few seconds."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            if not signalled:
+                self.proc.terminate()
             try:
                 self.proc.wait(4)
             except subprocess.TimeoutExpired:
@@ -305,9 +307,12 @@ class Launcher:
         """Stop every process, even when stopping one of them fails; then check that none wrote
         its token anywhere (every test that runs a process checks this)."""
         failures = []
+        for bh in self.procs:   # all signalled first: they drain and exit side by side, not in turn
+            if bh.alive():
+                bh.proc.terminate()
         for bh in self.procs:
             try:
-                bh.stop()
+                bh.stop(signalled=True)
             except Exception as exc:
                 failures.append(f"{bh.name}: {exc!r}")
         assert not failures, f"could not stop: {failures}"
