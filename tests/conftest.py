@@ -8,6 +8,9 @@ import time
 
 import pytest
 
+# The fixtures every end-to-end module uses, defined with the harness they belong to.
+from tests.harness import echo_service, launcher, listener, relay_launcher, udp_echo  # noqa: F401
+
 
 def _open_fds() -> dict[str, str]:
     fds = {}

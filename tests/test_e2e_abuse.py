@@ -43,10 +43,6 @@ from tests.test_e2e_ws import raw_connection, read_response, upgrade_head
 
 pytestmark = pytest.mark.timeout(60)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
-listener = harness.listener
-udp_echo = harness.udp_echo
 
 SG_HB, SG_CHAN, SG_CLOSED, SG_TCP, SG_RTT = 0x00, 0x01, 0x03, 0x04, 0x06
 

@@ -37,10 +37,6 @@ from tests import harness
 from tests.faultproxy import FaultProxy
 from tests.harness import HOST, TRANSPORTS, Launcher, Service, Tunnel, UdpEcho, client_toml, echo_works
 
-launcher = harness.launcher
-echo_service = harness.echo_service
-udp_echo = harness.udp_echo
-
 pytestmark = pytest.mark.timeout(150)
 
 RETRY = 1                    # the client's retry_interval (seconds)

@@ -48,8 +48,6 @@ from tests.test_e2e_ops import http_get, parse_exposition, sample
 
 pytestmark = pytest.mark.timeout(150)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
 
 SOURCES = {"a": "127.0.0.2", "b": "127.0.0.3"}   # each client's address (local_addr)
 TARGET = "7"            # what the server sends; each client forwards it to its own service

@@ -35,9 +35,6 @@ from tests.harness import (
 
 pytestmark = pytest.mark.timeout(90)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
-udp_echo = harness.udp_echo
 
 RST = struct.pack("ii", 1, 0)
 

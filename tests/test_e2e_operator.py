@@ -52,9 +52,6 @@ from tests.harness import (
 
 pytestmark = pytest.mark.timeout(60)
 
-launcher = harness.launcher
-relay_launcher = harness.relay_launcher
-echo_service = harness.echo_service
 
 MiB = 1024 * 1024
 SG_HB, SG_CHAN, SG_CLOSED, SG_TCP, SG_RTT = 0x00, 0x01, 0x03, 0x04, 0x06

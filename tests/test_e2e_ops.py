@@ -49,8 +49,6 @@ from tests.test_systemd import REQUIRED, NotifySocket
 
 pytestmark = pytest.mark.timeout(90)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
 
 MiB = 1024 * 1024
 

@@ -42,10 +42,6 @@ from tests.harness import (
 
 pytestmark = pytest.mark.timeout(60)
 
-launcher = harness.launcher
-relay_launcher = harness.relay_launcher
-echo_service = harness.echo_service
-listener = harness.listener
 
 MiB = 1024 * 1024
 SG_CHAN, SG_CLOSED, SG_RTT = 0x01, 0x03, 0x06
@@ -635,7 +631,6 @@ def test_server_sends_closed_signal_on_sigterm(launcher: Launcher, echo_service:
         assert code == 0 and took < SHUTDOWN_LIMIT, (code, took)
         control.settimeout(5)
         assert recv_all(control) == bytes((SG_CLOSED,))
-
 
 
 # ------------------------------------------------------------------------------------------------

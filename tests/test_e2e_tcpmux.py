@@ -44,9 +44,6 @@ from tests.harness import (
 
 pytestmark = pytest.mark.timeout(120)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
-listener = harness.listener
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import harness
 from tests.harness import (
     HOST,
     IO_TIMEOUT,
@@ -33,8 +32,6 @@ from tests.harness import (
 
 pytestmark = pytest.mark.timeout(120)
 
-launcher = harness.launcher
-udp_echo = harness.udp_echo
 
 MODES = ["tcp", "udp"]           # accept_udp on the tcp transport; the udp transport
 MAX_DATAGRAM = 16384

@@ -40,8 +40,6 @@ from tests.test_e2e_tcp import run_64_streams
 
 pytestmark = pytest.mark.timeout(120)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
 
 WS_TRANSPORTS = ["ws", "wss", "wsmux", "wssmux"]
 TLS = ("wss", "wssmux")

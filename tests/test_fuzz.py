@@ -64,10 +64,6 @@ from tests.test_e2e_ws import tls_context
 
 pytestmark = pytest.mark.timeout(120)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
-listener = harness.listener
-udp_echo = harness.udp_echo
 
 CODEC_INPUTS = 2000       # per codec, in this process
 SERVER_INPUTS = 150       # per server target, through real sockets
