@@ -23,12 +23,15 @@ import tempfile
 import threading
 import time
 import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from backhaul.config import toml_value
+from backhaul.protocol.framing import SG_CHAN, SG_RTT
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -36,6 +39,7 @@ IO_TIMEOUT = 30.0        # no socket operation of a test blocks longer than this
 RELAY_MODES = ["splice", "copy"] if hasattr(os, "splice") else ["copy"]
 TRANSPORTS = ["tcp", "tcpmux", "ws", "wss", "wsmux", "wssmux"]  # a later transport is one more entry here
 TLS_TRANSPORTS = ("wss", "wssmux")  # the Tunnel gives their server the session's certificate
+REQUIRED = os.environ.get("BACKHAUL_REQUIRE_TOOLS") == "1"   # CI installs the tools: never skip there
 
 
 # ------------------------------------------------------------------------------------------------
@@ -738,3 +742,60 @@ class Tunnel:
         assert self.server is not None and self.client is not None
         self.client.wait_for_log(f"connected to server {self.remote_addr}: control channel up", timeout)
         self.server.wait_for_log("connected: control channel up", timeout, count=server_count)
+
+
+# ------------------------------------------------------------------------------------------------
+# users and peers that several modules play
+
+def user_socket(source: str = HOST) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+    sock.bind((source, 0))
+    sock.settimeout(IO_TIMEOUT)
+    return sock
+
+
+def exchange(sock: socket.socket, port: int, payload: bytes, timeout: float = 5.0, tries: int = 1) -> bytes | None:
+    """Send ``payload`` to the public port and return the echo (None when none came)."""
+    sock.settimeout(timeout)
+    for _ in range(tries):
+        sock.sendto(payload, (HOST, port))
+        try:
+            while True:
+                data = sock.recv(65536)
+                if data == payload:
+                    return data
+        except TimeoutError:
+            continue
+    return None
+
+
+def http_get(port: int, path: str, method: str = "GET") -> tuple[int, str, str]:
+    """(status, content type, body) of one request to the status page."""
+    request = urllib.request.Request(f"http://{HOST}:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.headers["Content-Type"], answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def handshake(port: int, token: str, source: str = "", timeout: float = 5.0) -> socket.socket:
+    """Play a client's side of the token handshake against our server: the control channel."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        if source:
+            sock.bind((source, 0))
+        sock.connect((HOST, port))
+        sock.sendall(ltv(SG_CHAN, token.encode()))
+        reply = ltv(SG_CHAN, token.encode()) + bytes((SG_RTT,))
+        assert recv_exact(sock, len(reply)) == reply
+        sock.sendall(bytes((SG_RTT,)))
+        sock.settimeout(IO_TIMEOUT)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -28,17 +28,18 @@ from tests.harness import (
     closed_by_peer,
     connect,
     echo_works,
+    exchange,
     free_port,
+    http_get,
     ltv,
     recv_all,
     recv_exact,
     server_toml,
     toml_section,
+    user_socket,
     wait_until,
 )
-from tests.test_e2e_ops import http_get
 from tests.test_e2e_tcpmux import nofile_at_least
-from tests.test_e2e_udp import exchange, user_socket
 from tests.test_e2e_ws import raw_connection, read_response, upgrade_head
 
 pytestmark = pytest.mark.timeout(60)

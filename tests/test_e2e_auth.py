@@ -33,11 +33,12 @@ from tests.harness import (
     closed_by_peer,
     connect,
     echo_works,
+    exchange,
     recv_all,
     recv_exact,
+    user_socket,
     wait_until,
 )
-from tests.test_e2e_udp import exchange, user_socket
 from tests.test_e2e_ws import KEY, raw_connection, read_response, refused
 
 pytestmark = pytest.mark.timeout(60)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests import harness
+from tests.exposition import parse_exposition, sample
 from tests.harness import (
     CERTS,
     HOST,
@@ -38,13 +39,13 @@ from tests.harness import (
     echo_handler,
     echo_works,
     free_port,
+    http_get,
     ltv,
     recv_all,
     recv_exact,
     server_toml,
     wait_until,
 )
-from tests.test_e2e_ops import http_get, parse_exposition, sample
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -653,7 +654,7 @@ def test_balance_keeps_a_bounded_number_of_control_channels_per_address(launcher
     """33 clients from one address: the 33rd makes the oldest go (the others stay up). Catches:
     control channels from one address piling up without bound in balance mode."""
     from backhaul.tunnel.port import MAX_CHANNELS_PER_ADDRESS
-    from tests.test_e2e_operator import handshake
+    from tests.harness import handshake
 
     bind_port, public = free_port(), free_port()
     server = launcher.start("server", server_toml(bind_port, [f"{HOST}:{public}={TARGET}"], TOKEN,

@@ -23,10 +23,12 @@ from tests.harness import (
     Tunnel,
     UdpEcho,
     client_toml,
+    exchange,
     free_port,
     ltv,
     recv_exact,
     server_toml,
+    user_socket,
     wait_until,
 )
 
@@ -45,30 +47,6 @@ def udp_tunnel(launcher: Launcher, mode: str, targets: list[str], label: str = "
     extra.update(server_extra or {})
     return Tunnel(launcher, targets, transport=mode, server_extra=extra, label=label,
                   client_extra={"connection_pool": 4, **(client_extra or {})}).up()
-
-
-def user_socket(source: str = HOST) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
-    sock.bind((source, 0))
-    sock.settimeout(IO_TIMEOUT)
-    return sock
-
-
-def exchange(sock: socket.socket, port: int, payload: bytes, timeout: float = 5.0, tries: int = 1) -> bytes | None:
-    """Send ``payload`` to the public port and return the echo (None when none came)."""
-    sock.settimeout(timeout)
-    for _ in range(tries):
-        sock.sendto(payload, (HOST, port))
-        try:
-            while True:
-                data = sock.recv(65536)
-                if data == payload:
-                    return data
-        except TimeoutError:
-            continue
-    return None
 
 
 # ------------------------------------------------------------------------------------------------

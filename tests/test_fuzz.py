@@ -53,13 +53,14 @@ from tests.harness import (
     client_toml,
     closed_by_peer,
     echo_works,
+    exchange,
     free_port,
     ltv,
     recv_exact,
     server_toml,
+    user_socket,
 )
 from tests.test_e2e_tcpmux import FAKE_TARGET, Frames, lv
-from tests.test_e2e_udp import exchange, user_socket
 from tests.test_e2e_ws import tls_context
 
 pytestmark = pytest.mark.timeout(120)
