@@ -36,7 +36,7 @@ from tests.harness import (
     echo_works,
     free_port,
 )
-from tests.test_e2e_tcp import run_64_streams
+from tests.streams import run_64_streams
 
 pytestmark = pytest.mark.timeout(120)
 
