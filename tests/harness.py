@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -799,3 +800,19 @@ def handshake(port: int, token: str, source: str = "", timeout: float = 5.0) -> 
         sock.close()
         raise
     return sock
+
+
+@contextlib.contextmanager
+def nofile_at_least(wanted: int) -> Iterator[None]:
+    """Raise this process's RLIMIT_NOFILE soft limit (up to the hard one) for the block."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        yield
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"needs {wanted} file descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -32,6 +32,7 @@ from tests.harness import (
     free_port,
     http_get,
     ltv,
+    nofile_at_least,
     recv_all,
     recv_exact,
     server_toml,
@@ -39,8 +40,7 @@ from tests.harness import (
     user_socket,
     wait_until,
 )
-from tests.test_e2e_tcpmux import nofile_at_least
-from tests.test_e2e_ws import raw_connection, read_response, upgrade_head
+from tests.ws_peer import raw_connection, read_response, upgrade_head
 
 pytestmark = pytest.mark.timeout(60)
 

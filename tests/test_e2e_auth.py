@@ -39,7 +39,7 @@ from tests.harness import (
     user_socket,
     wait_until,
 )
-from tests.test_e2e_ws import KEY, raw_connection, read_response, refused
+from tests.ws_peer import KEY, raw_connection, read_response, refused
 
 pytestmark = pytest.mark.timeout(60)
 

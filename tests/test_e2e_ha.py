@@ -633,7 +633,7 @@ def test_balance_ws_link_from_an_address_without_a_control_channel_is_refused(la
     address with no control channel gets 404 and a line, and the client's own links still work.
     Catches: such a link pooled (a user would be sent to a client that never dialed it)."""
     pytest.importorskip("wsproto")
-    from tests.test_e2e_ws import refused, upgrade_head
+    from tests.ws_peer import refused, upgrade_head
 
     tunnel = Balanced(launcher, "ws", tagged)
     tunnel.start_client("a")

@@ -10,7 +10,6 @@ import errno
 import hashlib
 import os
 import random
-import resource
 import selectors
 import socket
 import struct
@@ -37,10 +36,12 @@ from tests.harness import (
     echo_works,
     free_port,
     ltv,
+    nofile_at_least,
     recv_exact,
     server_toml,
     wait_until,
 )
+from tests.smux_peer import FRAME, Frames, lv
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,7 +50,6 @@ KiB = 1024
 MiB = 1024 * KiB
 SG_CHAN = 0x01
 SYN, FIN, PSH, NOP, UPD = range(5)
-FRAME = struct.Struct("<BBHI")  # ver, cmd, length, sid: smux's little-endian header
 TOKEN = "e2e-token"
 
 
@@ -146,22 +146,6 @@ class RssPeaks(threading.Thread):
 
         before = ", ".join(f"{name} {kib / KiB:.1f} MiB" for name, kib in self.before.items())
         return f"RSS before: {before}; peak growth (MiB): " + "; ".join(f"{p}: {one(p)}" for p in self.peaks)
-
-
-@contextlib.contextmanager
-def nofile_at_least(wanted: int) -> Iterator[None]:
-    """Raise this process's RLIMIT_NOFILE soft limit (up to the hard one) for the block."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= wanted:
-        yield
-        return
-    if hard != resource.RLIM_INFINITY and hard < wanted:
-        pytest.skip(f"needs {wanted} file descriptors, the hard limit is {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -639,45 +623,6 @@ def test_cut_session_ends_its_users_and_a_new_session_carries_on(launcher: Launc
 
 # ------------------------------------------------------------------------------------------------
 # fake peers: raw smux frames on plain sockets
-
-class Frames:
-    """Blocking smux frame I/O on a raw socket, for a test that plays one side by hand."""
-
-    def __init__(self, sock: socket.socket, version: int) -> None:
-        self.sock = sock
-        self.version = version
-
-    def send(self, cmd: int, sid: int, payload: bytes = b"") -> None:
-        self.sock.sendall(encode_frame(self.version, cmd, sid, payload))
-
-    def next(self) -> tuple[int, int, bytes]:
-        """(cmd, sid, payload) of the next frame other than NOP and UPD."""
-        while True:
-            ver, cmd, length, sid = FRAME.unpack(recv_exact(self.sock, FRAME.size))
-            assert ver == self.version, f"a version {ver} frame on a version {self.version} session"
-            payload = recv_exact(self.sock, length) if length else b""
-            if cmd not in (NOP, UPD):
-                return cmd, sid, payload
-
-    def expect(self, cmd: int, sid: int) -> bytes:
-        got = self.next()
-        assert got[:2] == (cmd, sid), f"expected cmd {cmd} on stream {sid}, got {got[:2]} ({got[2][:32]!r})"
-        return got[2]
-
-    def read(self, sid: int, size: int) -> list[bytes]:
-        """The PSH payloads of stream ``sid`` that make ``size`` bytes."""
-        pieces: list[bytes] = []
-        total = 0
-        while total < size:
-            payload = self.expect(PSH, sid)
-            pieces.append(payload)
-            total += len(payload)
-        assert total == size, f"{total} bytes on stream {sid}, expected {size}"
-        return pieces
-
-
-def lv(payload: bytes) -> bytes:
-    return struct.pack(">H", len(payload)) + payload
 
 
 # ------------------------------------------------------------------------------------------------
