@@ -267,10 +267,13 @@ class Client:
         return f"{cfg.transport} to server {addr} (failover: {', '.join(r.addr for r in cfg.servers)})"
 
     def peers(self) -> list[dict[str, object]]:
-        """Each server of remote_addr in order, and whether the session is with it."""
+        """Each server of remote_addr in order, whether the session is with it, and the
+        connections and bytes it carried."""
         current = self.tunnel_peer()
-        return [{"server": remote.addr, "state": "in use" if remote.addr == current else "standby"}
-                for remote in self.config.servers]
+        counted = self.usage.client_snapshot()
+        none = {"active": 0, "total": 0, "bytes_to_target": 0, "bytes_to_user": 0}
+        return [{"server": remote.addr, "state": "in use" if remote.addr == current else "standby",
+                 **counted.get(remote.addr, none)} for remote in self.config.servers]
 
     def reload(self, new: ClientConfig) -> None:
         """Apply a new config: live keys at once; any other change ends the session (0x03 to the
@@ -309,6 +312,7 @@ class Client:
             self._user_went()
             if sock is None:
                 self._target_failed(f"target {wanted} unreachable: {error}")
+                self.usage.target_failed(str(port), error)
                 self.usage.refused("target_unreachable")
                 link.close()
                 return
@@ -318,7 +322,7 @@ class Client:
             relay = link.attach(sock, self._relay_closed)
             if not relay.closed:
                 self.relays.add(relay)
-            self.usage.opened(str(port), relay)
+            self.usage.opened(str(port), relay, self.server)
 
         dial(self.reactor, self.resolver, host, port, cfg.dial_timeout, dialed)
 
@@ -358,6 +362,7 @@ class Client:
             self._user_went()
             if sock is None:
                 self._target_failed(f"UDP target {wanted} unusable: {error}")
+                self.usage.target_failed(str(port), error)
                 self.usage.refused("target_unreachable")
                 link.close()
                 return
@@ -367,7 +372,7 @@ class Client:
             relay = link.attach_flow(peer, self._flow_closed)
             if not relay.closed:
                 self.flows.add(relay)
-            self.usage.opened(str(port), relay)
+            self.usage.opened(str(port), relay, self.server)
 
         open_udp(self.reactor, self.resolver, host, port, cfg.dial_timeout, opened)
 

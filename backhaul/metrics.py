@@ -60,7 +60,11 @@ class Counter:
             return self._values.get(values, 0)
 
     def samples(self) -> list[tuple[LabelValues, float]]:
+        """Every label combination counted so far; an unlabelled counter shows 0 from the start
+        (a series that appears only at its first event hides that event from rate())."""
         with self._lock:
+            if not self.labels and not self._values:
+                return [((), 0)]
             return sorted(self._values.items())
 
 

@@ -29,7 +29,7 @@ from backhaul.errors import ProtocolError
 from backhaul.metrics import METRICS
 from backhaul.net import reason
 from backhaul.protocol.chunks import advance
-from backhaul.protocol.smux import Session, StreamData, StreamEnded, StreamOpened, StreamWritable
+from backhaul.protocol.smux import Session, StreamData, StreamEnded, StreamOpened, StreamReset, StreamWritable
 from backhaul.reactor import READ, WRITE, Reactor, Timer
 from backhaul.relay.stream import StreamListener
 
@@ -115,6 +115,8 @@ class MuxConnection:
         self._timer: Timer | None = None
         self._tls_lock = threading.Lock() if isinstance(sock, ssl.SSLSocket) else None
         self._thread = threading.Thread(target=self._demux, name="backhaul-demux", daemon=True)
+        self._finish_timer: Timer | None = None  # set once the session is ending on purpose
+        self._fin_sent = False                   # our TCP FIN went: nothing more is written
 
     def start(self, first: bytes = b"") -> None:
         """Begin; ``first`` holds session bytes read before (behind an HTTP 101 on wsmux)."""
@@ -125,6 +127,7 @@ class MuxConnection:
         self._thread.start()
         self._update()
         self._schedule()
+        self.flush()  # our hello (protocol/smux.py) leaves first
 
     # --- the demux thread ----------------------------------------------------------------------
     def _demux(self) -> None:
@@ -269,6 +272,8 @@ class MuxConnection:
                 stream.readable()
             elif isinstance(event, StreamWritable):
                 stream.writable()
+            elif isinstance(event, StreamReset):
+                stream.failed("reset by the peer")
             if self.closed:
                 return
         self.flush()
@@ -311,6 +316,8 @@ class MuxConnection:
     def stream_closed(self, stream: MuxStream) -> None:
         if self.on_stream_closed is not None:
             self.on_stream_closed(self)
+        if self._finish_timer is not None:
+            self._finish_if_done()
 
     # --- output --------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -324,6 +331,9 @@ class MuxConnection:
         """Write what the session has queued; what the socket does not take waits for room."""
         self._flush_posted = False
         if self.closed:
+            return
+        if self._fin_sent:
+            self.session.outgoing_buffers()  # keepalives after our FIN: the peer is going
             return
         pending = self._pending
         try:
@@ -352,6 +362,8 @@ class MuxConnection:
             blocked, self._blocked = self._blocked, set()
             for stream in blocked:
                 self.reactor.call_soon(stream.writable)
+        if self._finish_timer is not None:
+            self._finish_if_done()
 
     def _send_tls(self, pending: list[bytes | memoryview]) -> int:
         """TLS has no gathered write: send the first frames joined (a blocked write is retried
@@ -371,6 +383,11 @@ class MuxConnection:
         sid = self.session.open_stream()
         stream = self.streams[sid] = MuxStream(self, sid)
         return stream
+
+    @property
+    def finishing(self) -> bool:
+        """The session ends on purpose (``finish``): no new stream belongs here."""
+        return self._finish_timer is not None or self._fin_sent
 
     @property
     def congested(self) -> bool:
@@ -396,24 +413,66 @@ class MuxConnection:
             self._schedule()
 
     # --- the end -------------------------------------------------------------------------------
+    def finish(self, timeout: float) -> None:
+        """End the session on purpose, losing nothing: the streams that run go on to their end
+        (the owner opens none here any more); then, once every queued frame is written, our FIN
+        goes (TCP) and the session closes at the peer's EOF. What still runs after ``timeout``
+        seconds is reset. The owner hears nothing more of this session."""
+        if self.closed or self._finish_timer is not None:
+            return
+        self._finish_timer = self.reactor.call_later(timeout, self._finish_expired)
+        self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        if self.closed or self._fin_sent or self.streams or self._pending or self.session.has_outgoing:
+            return
+        self._fin_sent = True
+        try:
+            # The TCP socket's own shutdown, also under TLS: the peer's session reads it as the
+            # end whichever way, and its streams that ended cleanly keep their bytes.
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
+        except OSError:
+            self.close()
+
+    def _finish_expired(self) -> None:
+        self._finish_timer = None
+        if not self.closed:
+            log.info("smux session with %s closed with %d stream(s) still open after the wait for them",
+                     self.peer, len(self.streams))
+            self.close()
+
     def fail(self, why: str) -> None:
-        """End the session: every stream fails with ``why``; the owner hears it once."""
+        """End the session: every stream fails with ``why``; the owner hears it once (not when
+        it let go of the session already: ``finish``)."""
         if self.closed:
             return
+        finishing = self._finish_timer is not None
         self.close()
-        self.on_lost(self, why)
+        if finishing:
+            log.debug("smux session with %s ended: %s", self.peer, why)
+        else:
+            self.on_lost(self, why)
 
     def close(self) -> None:
-        """Close the socket and fail every stream; no callback to the owner."""
+        """Close the socket now; no callback to the owner. A stream whose both directions ended
+        with a FIN keeps what it has not read yet and ends cleanly after it (every byte of it
+        arrived); every other stream fails (its relay resets its socket)."""
         if self.closed:
             return
         self.closed = True
         _OPEN.discard(self)
         if self._timer is not None:
             self._timer.cancel()
+        if self._finish_timer is not None:
+            self._finish_timer.cancel()
+            self._finish_timer = None
         streams, self.streams = self.streams, {}
+        session = self.session
         for stream in streams.values():
-            stream.failed("the smux session ended")
+            # Not in the session any more: it ended cleanly and was read to its end (a reset
+            # failed it already).
+            if stream.sid in session and not session.ended_cleanly(stream.sid):
+                stream.failed("the smux session ended")
         try:
             # The TCP socket's own shutdown (an SSLSocket's would drop its SSL object under the
             # demux thread): wakes that thread at once.
@@ -464,6 +523,9 @@ class MuxStream:
             self._want_read = True
         return data
 
+    def eof_is_final(self) -> bool:
+        return not self.conn.session.peer_half_closes
+
     def write(self, data: bytes | memoryview) -> int:
         if self._failed:
             raise ConnectionResetError(self._failed)
@@ -508,8 +570,7 @@ class MuxStream:
         self.listener = None
         conn = self.conn
         if conn.streams.pop(self.sid, None) is not None and not conn.closed:
-            if self.sid in conn.session:
-                conn.session.close_stream(self.sid)
+            conn.session.close_stream(self.sid)
             # What it had not read is dropped: the session reads on if that filled its buffer.
             conn.consumed()
             conn.stream_closed(self)

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable
 
 from backhaul.errors import TransportError
@@ -66,6 +67,18 @@ def _system_keepalive() -> tuple[int, int]:
             return int(intvl.read()), int(probes.read())
     except (OSError, ValueError):
         return 0, 0
+
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make the coming close of ``sock`` a reset (SO_LINGER 0): what is queued is dropped and the
+    peer reads an error, never a clean end of what may be only part of the data."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    except OSError:
+        pass  # closed or broken already: its close cannot look clean either
 
 
 @functools.lru_cache(maxsize=256)

@@ -67,13 +67,12 @@ import errno
 import logging
 import socket
 import ssl
-import struct
 from collections.abc import Callable
 
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from backhaul.buffers import scratch
-from backhaul.net import reason
+from backhaul.net import reason, reset_on_close
 from backhaul.protocol.chunks import ChunkQueue, advance
 from backhaul.protocol.ws_frame import frame_head
 from backhaul.reactor import READ, WRITE, Reactor, Timer
@@ -97,7 +96,6 @@ IOV_MAX = 1024                  # buffers one sendmsg may take (Linux)
 LINGER = 30.0                   # seconds a clean close waits for the socket to take more of the rest
 PONG_SLACK = 64 * 1024          # pongs may queue this far past out_limit (a full stream's)
 TLS_READ = 64 * 1024            # one TLS recv (it returns at most one 16 KiB record anyway)
-_RESET = struct.pack("ii", 1, 0)
 CACHED_FRAME = 125              # messages up to this size (a control frame's limit) ...
 CACHED_FRAMES = 256             # ... and this many of them are framed once (see _message_frame)
 _SERVER_FRAMES: dict[bytes | str, bytes] = {}
@@ -119,7 +117,7 @@ class WebSocket:
 
     __slots__ = ("reactor", "sock", "client", "peer", "max_message", "read_size", "out_limit", "in_limit",
                  "_tls", "_proto", "_mode", "_mask", "_unparsed", "_out", "_out_size", "_parts", "_part_size", "_inbox",
-                 "_eof", "_paused", "_closed", "_failure", "_ended_why",
+                 "_eof", "_eof_final", "_paused", "_closed", "_failure", "_ended_why",
                  "_on_message", "_on_lost", "_stream", "_read_wants_write", "_write_wants_read",
                  "_resume_posted", "_lingering", "_linger_timer", "_linger_left", "_goodbye_waits",
                  "_dispatching", "_due")
@@ -154,6 +152,7 @@ class WebSocket:
         self._part_size = 0
         self._inbox = ChunkQueue()            # stream bytes received, not read yet
         self._eof = False                     # the peer sends no more data (stream mode)
+        self._eof_final = False               # ... and reads none either (TCP EOF, Close frame)
         self._paused = False                  # not reading the socket: the inbox is full
         self._closed = False                  # the socket is closed
         self._failure = ""                    # why the link broke; set: every call raises
@@ -453,7 +452,7 @@ class WebSocket:
                     self._data(frame.payload, frame.message_finished)  # type: ignore[arg-type]
                 elif opcode is _PING:
                     if frame.payload == FIN_PING and self._mode == _STREAM:
-                        self._peer_eof()
+                        self._peer_eof(final=False)
                     else:
                         self._queue(proto.pong(frame.payload))  # type: ignore[arg-type]
                 elif opcode is _CLOSE:
@@ -503,19 +502,21 @@ class WebSocket:
         why = f"{self.peer} closed the websocket (code {int(code)}{': ' + why if why else ''})"
         if self._mode == _STREAM:
             self._ended_why = why
-            self._eof = True
+            self._eof = self._eof_final = True
             self._close_socket()
             if self._stream is not None:
                 self._stream._notify_readable()  # what is buffered is read, then EOF
         else:
             self._fail(why)
 
-    def _peer_eof(self) -> None:
-        """The peer ends its data: TCP EOF, or FIN_PING on a stream."""
+    def _peer_eof(self, *, final: bool = True) -> None:
+        """The peer ends its data: TCP EOF (``final``: it reads nothing more either), or FIN_PING
+        on a stream (a half-close)."""
         if self._mode != _STREAM:
             self._fail(f"{self.peer} closed the websocket connection")
             return
         self._eof = True
+        self._eof_final = final
         if self._stream is not None:
             self._stream._notify_readable()
 
@@ -568,10 +569,7 @@ class WebSocket:
             on_lost(self._failure)
 
     def _set_reset(self) -> None:
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-        except OSError:
-            pass
+        reset_on_close(self.sock)
 
     def _close_after_flush(self) -> None:
         """The clean end of a stream: what is queued goes first, while the peer keeps taking it.
@@ -722,6 +720,9 @@ class WebSocketStream:
             return None
         self._want_read = True
         return b""
+
+    def eof_is_final(self) -> bool:
+        return self.ws._eof_final
 
     def write(self, data: bytes | memoryview) -> int:
         ws = self.ws

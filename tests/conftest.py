@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from tests import contention
+
 # The fixtures every end-to-end module uses, defined with the harness they belong to.
 from tests.harness import echo_service, launcher, listener, relay_launcher, udp_echo  # noqa: F401
 
@@ -48,3 +50,13 @@ def no_leaks():
     leaked_fds = {fd: t for fd, t in fds_after.items() if fds_before.get(fd) != t}
     assert not leaked_threads, f"threads left running: {leaked_threads}"
     assert not leaked_fds, f"sockets or pipes left open: {leaked_fds}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def contention_mode():
+    """BACKHAUL_CONTENTION=1: a busy loop on each core for the whole run (tests/contention.py)."""
+    if not contention.ENABLED:
+        yield
+        return
+    with contention.BusyLoops():
+        yield

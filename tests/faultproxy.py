@@ -41,6 +41,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from tests import contention
+
 HOST = "127.0.0.1"
 CHUNK = 64 * 1024
 HISTORY = 10_000             # closed connections remembered in ``pairs`` (for tests that look back)
@@ -471,7 +473,7 @@ class FaultProxy:
         if len(direction.seen) < self.record:
             direction.seen += data[:self.record - len(direction.seen)]
         now = time.monotonic()
-        due = now + self._delay + (self.rng.uniform(0, self._jitter) if self._jitter else 0.0)
+        due = now + self._delay + (self.rng.uniform(0, self._jitter) if self._jitter else 0.0) + contention.stall(self.rng)
         if self._rate:
             due = max(due, direction.free_at)
             direction.free_at = due + len(data) / self._rate

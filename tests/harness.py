@@ -33,6 +33,7 @@ import pytest
 
 from backhaul.config import toml_value
 from backhaul.protocol.framing import SG_CHAN, SG_RTT
+from tests import contention
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -140,6 +141,7 @@ def server_toml(bind_port: int, ports: list[str], token: str = "e2e-token", **ex
         "token": token,
         "log_level": "info",
         "ports": ports,
+        **contention.tunnel_options(),
     }
     values.update(extra)
     return toml_section("server", values)
@@ -152,6 +154,7 @@ def client_toml(remote_port: int, token: str = "e2e-token", **extra: object) -> 
         "token": token,
         "retry_interval": 1,
         "log_level": "info",
+        **contention.tunnel_options(),
     }
     values.update(extra)
     return toml_section("client", values)
@@ -528,6 +531,7 @@ def connect(port: int, timeout: float = IO_TIMEOUT, source: str = "") -> Iterato
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
+        contention.small_buffers(sock)
         if source:
             sock.bind((source, 0))
         sock.connect((HOST, port))

@@ -10,6 +10,7 @@ Semantics (those of ``backhaul.relay.stream.Stream``):
   dropped and its listener gets ``stream_failed("peer closed")``; its calls then raise
   ``ConnectionResetError``.
 - ``fail(reason)`` makes this end fail as a lost session would (``stream_failed(reason)``).
+- ``eof_is_final()`` is ``final_eof``, False unless a test sets it (a Go-like peer).
 
 Every listener call goes through ``reactor.call_soon``, and every method checks that it runs on
 the reactor thread (once that thread is running), so a relay breaking the thread rule fails loudly.
@@ -58,6 +59,7 @@ class MemoryStream:
         self.told_failure = False
         self.shut = False       # our FIN is sent
         self.saw_eof = False    # read returned None
+        self.final_eof = False  # the peer's EOF ends both ways (as a Go peer's does): set by tests
 
     def __repr__(self) -> str:
         return f"<MemoryStream {self.name} in={self.inbound.buffered} out={self.outbound.buffered}>"
@@ -90,6 +92,9 @@ class MemoryStream:
             return None
         channel.reader_waiting = True
         return b""
+
+    def eof_is_final(self) -> bool:
+        return self.final_eof
 
     def write(self, data: bytes | memoryview) -> int:
         self._check()

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import harness
+from backhaul import __version__
+from tests import harness, png
 from tests.exposition import parse_exposition, sample
 from tests.harness import (
     HOST,
@@ -398,6 +399,20 @@ def test_metrics_follow_the_exposition_format_and_count_the_traffic(served: tupl
     assert sample(samples, "backhaul_handshake_failures_total", reason="token") == 1
     assert sample(samples, "backhaul_pool_idle_links", side="server") >= 1
     assert sample(samples, "backhaul_start_time_seconds") > 1e9
+    # the build and the process, in the names every Prometheus client library uses
+    build = [labels for name, labels in samples if name == "backhaul_build_info"]
+    assert len(build) == 1 and dict(build[0])["version"] == __version__ and dict(build[0])["wire"] == "v0.7.2"
+    assert time.time() - 120 < sample(samples, "process_start_time_seconds") <= time.time()
+    assert sample(samples, "process_resident_memory_bytes") > 4 * MiB
+    assert sample(samples, "process_cpu_seconds_total") > 0 and sample(samples, "process_open_fds") > 3
+    assert sample(samples, "process_threads") >= 2
+    # every counter from the start: the unlabelled ones, and the refusals by the reasons a server has
+    for name in ("backhaul_pool_waits_total", "backhaul_udp_frames_malformed_total",
+                 "backhaul_udp_flows_congested_total"):
+        assert (name, ()) in samples, f"{name} has no sample before its first event"
+    assert (("backhaul_connections_refused_total", (("side", "server"), ("reason", "channel_size")))
+            in samples)
+    assert ("backhaul_reconnects_total", (("side", "server"),)) in samples
 
     target = str(service.port)
     client = parse_exposition(http_get(client_web, "/metrics")[2])
@@ -554,3 +569,82 @@ def test_status_page_renders_the_traffic_in_headless_chromium(served: tuple) -> 
     shown = page.text[f"{public}/bytes_to_user"]
     assert shown.startswith(f"{2 * sum(SIZES):,}") and "MiB" in shown, shown
     assert int(page.ids["uptime"]) >= 0 and page.ids["active"] == "0"
+
+
+def screenshot(browser: str, url: str, path: Path) -> png.Image:
+    """The page at ``url`` as headless Chromium draws it, 1280 x 900."""
+    profile = tempfile.mkdtemp(prefix="backhaul-chromium-")
+    try:
+        done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                               "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                               "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
+                               "--window-size=1280,900", f"--user-data-dir={profile}", f"--screenshot={path}", url],
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    assert done.returncode == 0 and path.exists(), done.stderr[-2000:]
+    return png.read(path)
+
+
+def row_of(page: str, port: int | str) -> str:
+    match = re.search(rf'<tr data-port="{port}">(.*?)</tr>', page, re.S)
+    assert match, f"no row for port {port}"
+    return match.group(1)
+
+
+# the colours of the page (backhaul/status.py, backhaul/graph.py)
+RED, AMBER, TO_TARGET, TO_USER = "#b03030", "#b86e00", "#2463b0", "#d9731a"
+LEGEND_PIXELS = 200   # the legend's two keys take fewer of each graph colour than this
+
+
+def test_status_pages_show_traffic_graphs_and_target_health_in_headless_chromium(
+        launcher: Launcher, echo_service: Service, tmp_path: Path) -> None:
+    """Catches: no traffic graph (or one that stays flat under traffic), a port whose target
+    refuses shown as healthy on the client (no error, no counts) or as fine on the server, the
+    version or the process's numbers missing, the client's server "state" an empty pill."""
+    browser = chromium()
+    dead = free_port()    # nothing listens: the client's dial is refused
+    server_web, client_web = free_port(), free_port()
+    tunnel = Tunnel(launcher, [str(echo_service.port), str(dead)], server_extra={"web_port": server_web},
+                    client_extra={"web_port": client_web}).up()
+    live, refusing = tunnel.public
+    for _ in range(3):
+        with connect(refusing, timeout=10) as user:
+            user.sendall(b"hello?")
+            assert closed_by_peer(user, timeout=8)
+    with transfer(live, size=16 * MiB, seconds=16.0, seed=5) as running:
+        # a step of the history (10 s) completed with traffic, and the transfer still running
+        wait_until(lambda: len(running.received) > 12 * MiB, 30, "12 MiB of the transfer")
+        shots = {side: screenshot(browser, f"http://{HOST}:{port}/", tmp_path / f"{side}.png")
+                 for side, port in (("server", server_web), ("client", client_web))}
+        pages = {side: http_get(port, "/")[2] for side, port in (("server", server_web), ("client", client_web))}
+        running.check()
+
+    client, server = pages["client"], pages["server"]
+    refused_row = row_of(client, dead)
+    assert 'class="health" data-value="down"' in refused_row and ">refused</span>" in refused_row
+    assert '<span class="refused" data-value="3">3</span>' in refused_row
+    assert f"cannot connect to 127.0.0.1:{dead}: connection refused" in refused_row
+    assert 'class="health" data-value="up"' in row_of(client, echo_service.port)
+    assert 'class="health" data-value="warn"' in row_of(server, refusing)
+    assert '<span class="no_reply" data-value="3">' in row_of(server, refusing)
+    assert 'class="health" data-value="up"' in row_of(server, live)
+    for side, page in pages.items():
+        graphs = re.findall(r'<svg class="graph"[^>]* data-peak="(\d+)" data-points="(\d+)"', page)
+        assert len(graphs) >= 3, f"{side}: the side's, each port's and the peer's graph"
+        assert int(graphs[0][0]) > 100_000, f"{side}: the side's graph is flat under traffic"
+        live_row = row_of(page, live if side == "server" else echo_service.port)
+        assert int(re.search(r'data-peak="(\d+)"', live_row).group(1)) > 100_000   # type: ignore[union-attr]
+        assert re.search(rf'id="version" data-value="{re.escape(__version__)}"', page)
+        assert int(re.search(r'id="threads" data-value="(\d+)"', page).group(1)) >= 2  # type: ignore[union-attr]
+        assert int(re.search(r'id="rss" data-value="(\d+)"', page).group(1)) > 4 * MiB  # type: ignore[union-attr]
+        assert int(re.search(r'id="fds" data-value="(\d+)"', page).group(1)) > 3  # type: ignore[union-attr]
+    assert '<td class="state"><span class="pill up">in use</span></td>' in client
+
+    # what a browser drew: the graphs' blocks both ways, and the health pills in their colours
+    for side, image in shots.items():
+        assert image.count_near(TO_TARGET) > LEGEND_PIXELS, f"{side}: no traffic to the target drawn"
+        assert image.count_near(TO_USER) > LEGEND_PIXELS, f"{side}: no traffic to the user drawn"
+    assert shots["client"].count_near(RED, tolerance=8) > 150, "the client's refused pill is not drawn"
+    assert shots["server"].count_near(AMBER, tolerance=8) > 150, "the server's no-reply pill is not drawn"
+    assert shots["server"].count_near(RED, tolerance=8) == 0, "the server shows a port as down"

@@ -37,7 +37,9 @@ BACKHAUL = {"frame_size": 32768, "receive_buffer": 4194304, "stream_buffer": 655
 
 
 def session(version: int, opener: bool, **kwargs) -> Session:
-    return Session(version, opener, **{**BACKHAUL, **kwargs})
+    """A session that speaks as the Go program does (no hello) unless ``hello=True``: the
+    captured conversations are Go's bytes."""
+    return Session(version, opener, **{**BACKHAUL, "hello": False, **kwargs})
 
 
 def upd(version: int, sid: int, consumed: int, window: int) -> bytes:

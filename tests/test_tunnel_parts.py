@@ -263,6 +263,7 @@ class _Counted:
     """A stand-in for an smux session: only its streams are counted."""
 
     closed = False
+    finishing = False
 
     def __init__(self, streams: int) -> None:
         self.streams = dict.fromkeys(range(streams))

@@ -4,6 +4,18 @@ Bytes from the peer go into ``Session.receive`` and come out as events; frames t
 an outbox that ``Session.outgoing`` empties; time enters only as ``now``. PROTOCOL.md 2.3 has the
 wire format. Roles as Backhaul uses them: the Backhaul server is the *opener* (smux Client role,
 stream ids 3, 5, 7, ...), the Backhaul client the *acceptor* (smux Server role, never opens).
+
+How a stream ends (docs/stream-ends.md has the whole picture). smux has FIN and nothing else, and the
+Go program sends FIN only once it has closed the stream for good: it reads nothing after it. So by
+default a peer's FIN ends the stream both ways: we deliver what came before it, discard what we
+would still send, and the application closes its socket. Two Python peers can do better, and say so
+to each other: each side's first frame is a NOP whose stream id is ``HELLO_SID`` (smux's receivers,
+Go's included, ignore a NOP's stream id, so a Go peer is not disturbed). Once the peer said hello:
+
+* its FIN is a half-close: no more data from it, while it still reads what we send;
+* a NOP carrying a stream's id is a *reset* of that stream: the peer dropped it before both
+  directions had ended cleanly (an error, an abort, a side that stopped reading), so we drop it
+  too and the application resets its socket instead of reporting a clean end.
 """
 
 from __future__ import annotations
@@ -26,7 +38,8 @@ COMMAND_NAMES = ("SYN", "FIN", "PSH", "NOP", "UPD")
 HEADER_SIZE = 8  # u8 ver, u8 cmd, u16 length, u32 sid, all little-endian
 UPD_SIZE = 8
 MAX_PAYLOAD = 0xFFFF
-MAX_STREAM_ID = 0xFFFFFFFF
+HELLO_SID = 0xFFFFFFFF   # NOP with this stream id: "half-close and reset spoken here" (see above)
+MAX_STREAM_ID = HELLO_SID - 1  # our opener never uses HELLO_SID as a stream id
 INITIAL_PEER_WINDOW = 262144  # what a v2 sender may have in flight before the first UPD
 ACCEPT_BACKLOG = 1024  # smux's accept backlog; our default bound on live streams per session
 
@@ -176,6 +189,11 @@ class StreamWritable(StreamEvent):
     """v2: a UPD opened the peer's window after a write was cut short by it: write again."""
 
 
+@dataclass(frozen=True, slots=True)
+class StreamReset(StreamEvent):
+    """The peer reset the stream (a peer that said hello only): it is gone, unread bytes too."""
+
+
 class _Stream:
     """Receive buffer (received payloads as they came, see ChunkQueue) and the counters of one
     live stream."""
@@ -197,7 +215,7 @@ class _Stream:
         self.blocked = False  # a write was cut short by the peer's window
 
 
-Event = StreamOpened | StreamData | StreamEnded | StreamWritable
+Event = StreamOpened | StreamData | StreamEnded | StreamWritable | StreamReset
 
 
 class Session:
@@ -220,6 +238,7 @@ class Session:
         keepalive_timeout: float = 40.0,
         outbox_cap: int = 1 << 20,
         max_receive_frame: int = MAX_PAYLOAD,
+        hello: bool = True,
         now: float = 0.0,
     ) -> None:
         # The same limits smux's VerifyConfig enforces; the config layer reports them to the user.
@@ -260,6 +279,14 @@ class Session:
         self._received_since_check = False
         self._next_ping = now + keepalive_interval
         self._next_check = now + keepalive_timeout
+        # The peer said hello: its FIN is a half-close and it understands resets (module text).
+        self.peer_half_closes = False
+        self._reset: set[int] = set()  # streams the peer reset that the application still holds
+        # The opener says hello at once; the acceptor once the peer spoke (a Backhaul client
+        # sends nothing on a new session before the server does: PROTOCOL.md 2.1).
+        self._hello_due = hello and not opener
+        if hello and opener:
+            self._control.append(_HEADER.pack(version, NOP, 0, HELLO_SID))
 
     # ------------------------------------------------------------------ state
 
@@ -311,6 +338,9 @@ class Session:
             # Bytes arriving prove the peer alive, even a large frame still incomplete.
             self._received_since_check = True
             self.last_received = now
+            if self._hello_due:
+                self._hello_due = False
+                self._control.insert(0, _HEADER.pack(self.version, NOP, 0, HELLO_SID))
         events: list[Event] = []
         readable: set[int] = set()
         writable: set[int] = set()
@@ -323,7 +353,9 @@ class Session:
                 self._on_syn(sid, events)
             elif cmd == FIN:
                 self._on_fin(sid, events)
-            # NOP: liveness only, noted above
+            elif sid:
+                self._on_signal(sid, events)
+            # NOP on stream 0: liveness only, noted above
         return events
 
     def _on_push(self, sid: int, payload: bytes, events: list[Event], readable: set[int]) -> None:
@@ -393,6 +425,21 @@ class Session:
         events.append(StreamEnded(sid))
         self._forget_if_done(sid, stream)
 
+    def _on_signal(self, sid: int, events: list[Event]) -> None:
+        """A NOP with a stream id: the peer's hello, or (after its hello) the reset of ``sid``."""
+        if sid == HELLO_SID:
+            self.peer_half_closes = True
+            return
+        if not self.peer_half_closes:
+            return  # smux ignores a NOP's stream id; so do we, from a peer that never said hello
+        stream = self._streams.pop(sid, None)
+        if stream is None:
+            self._check_opened(NOP, sid)  # closed here already: both sides dropped it at once
+            return
+        self.buffered -= stream.inbox.size
+        self._reset.add(sid)  # reads and writes fail from now on, not end: until close_stream
+        events.append(StreamReset(sid))
+
     def _was_opened(self, sid: int) -> bool:
         if self.opener:
             return sid & 1 == 1 and 3 <= sid <= self._last_opened
@@ -404,6 +451,8 @@ class Session:
             raise ProtocolError(f"smux {COMMAND_NAMES[cmd]} for stream {sid}, which was never opened")
 
     def _check_local(self, sid: int) -> None:
+        if sid in self._reset:
+            raise ConnectionResetError(f"smux stream {sid} was reset by the peer")
         if not self._was_opened(sid):
             raise ProtocolError(f"smux stream {sid} was never opened", remote=False)
 
@@ -437,6 +486,10 @@ class Session:
             raise ProtocolError(f"write on smux stream {sid} after it was shut down or closed", remote=False)
         if not data:
             return 0
+        if stream.fin_received and not self.peer_half_closes:
+            # Its FIN closed the stream for good at the peer, which discards what still comes:
+            # so do we, before it costs the link anything (and a v2 window that never opens).
+            return len(data)
         n = len(data) if whole else min(len(data), self.outbox_cap - self._data_bytes)
         if self.version == 2:
             room = stream.peer_window - ((stream.num_written - stream.peer_consumed) & _U32)
@@ -513,13 +566,32 @@ class Session:
         self._queue_data(_HEADER.pack(self.version, FIN, 0, sid))
         self._forget_if_done(sid, stream)
 
+    def ended_cleanly(self, sid: int) -> bool:
+        """Both directions of ``sid`` ended with a FIN (what is unread is all there is): the
+        stream can be read to its end even if the session goes now."""
+        stream = self._streams.get(sid)
+        return stream is not None and stream.fin_sent and stream.fin_received
+
+    def final_fin(self, sid: int) -> bool:
+        """The peer's FIN on ``sid`` closed the stream both ways (a peer that never said hello)."""
+        stream = self._streams.get(sid)
+        return stream is not None and stream.fin_received and not self.peer_half_closes
+
     def close_stream(self, sid: int) -> None:
-        """Queue FIN unless sent already, drop what was not read and forget the stream."""
+        """Forget the stream, dropping what was not read. If both directions had ended with a
+        FIN, that was its clean end. Otherwise a peer that said hello gets a reset (a FIN would
+        read as a clean end of data that did not all arrive, or as a half-close while we no
+        longer read); any other peer a FIN, unless sent already: its FIN closes both ways."""
         stream = self._streams.pop(sid, None)
         if stream is None:
+            if sid in self._reset:
+                self._reset.discard(sid)  # the peer dropped it first: nothing to tell
+                return
             self._check_local(sid)
             return
-        if not stream.fin_sent:
+        if not (stream.fin_sent and stream.fin_received) and self.peer_half_closes:
+            self._queue_data(_HEADER.pack(self.version, NOP, 0, sid))
+        elif not stream.fin_sent:
             self._queue_data(_HEADER.pack(self.version, FIN, 0, sid))
         self.buffered -= stream.inbox.size
 

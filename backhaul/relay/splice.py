@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from backhaul.buffers import scratch
+from backhaul.net import reset_on_close
 from backhaul.pipes import SMALL, Pipe, PipePool
 from backhaul.reactor import READ, WRITE, Reactor
 
@@ -194,8 +195,9 @@ class Relay:
     """Both directions between two sockets, driven by the reactor and the worker pool.
 
     A peer's FIN becomes ``shutdown(SHUT_WR)`` on the other socket, so half-close crosses the
-    tunnel; an error in either direction closes both sockets. ``on_close`` runs once, on the
-    reactor thread, after both sockets are closed.
+    tunnel; an error in either direction (or an abort) resets both sockets: a side cut short
+    reads a reset, never a clean end. ``on_close`` runs once, on the reactor thread, after both
+    sockets are closed.
     """
 
     __slots__ = ("reactor", "a", "b", "ab", "ba", "_masks", "_closed", "_failed", "on_close")
@@ -305,11 +307,14 @@ class Relay:
         self._maybe_close()
 
     def _fail(self) -> None:
-        """Make a worker busy on this relay stop soon, then close once it is back."""
+        """Make a worker busy on this relay stop soon, then close once it is back; the close
+        resets both sockets. Only the read side is shut now (a worker's reads end at once): a
+        FIN sent here would reach the peer as a clean end ahead of the reset."""
         self._failed = True
         for sock in (self.a, self.b):
+            reset_on_close(sock)
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
         for direction in (self.ab, self.ba):

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from backhaul.buffers import scratch
+from backhaul.net import reset_on_close
 from backhaul.reactor import READ, WRITE, Reactor
 
 log = logging.getLogger("backhaul.relay")
@@ -64,6 +65,11 @@ class Stream(Protocol):
     def read(self, limit: int) -> bytes | None:
         """Up to ``limit`` bytes; ``b""``: nothing now; ``None``: EOF (the peer's FIN, all read)."""
 
+    def eof_is_final(self) -> bool:
+        """After EOF: True when the peer ended both directions (it reads nothing more: a Go
+        peer closes a link at its first EOF), False when it only ended its data (a half-close,
+        which only our own peers send, each link kind saying so its own way)."""
+
     def write(self, data: bytes | memoryview) -> int:
         """Bytes accepted now, copied (``data`` is only borrowed for the call). Fewer than
         ``len(data)``, maybe 0: full, ``stream_writable`` follows when there is room."""
@@ -84,8 +90,10 @@ class StreamRelay:
     accept is kept (at most one read) and the socket is not read until ``stream_writable``.
     stream -> socket ("down"): what the socket does not take is kept (at most one read) and the
     stream is not read until it is sent, so the stream's own buffer or window fills and its sender
-    stops. A FIN either way becomes a FIN the other way once the bytes before it are delivered;
-    an error on either side closes both. ``on_close`` runs once, after both are closed.
+    stops. A FIN either way becomes a FIN the other way once the bytes before it are delivered
+    (a final EOF of the stream closes the socket once they are). An error of the socket resets
+    the stream; a failed stream resets the socket: an end that lost bytes never looks clean.
+    ``on_close`` runs once, after both are closed.
     """
 
     __slots__ = ("reactor", "sock", "stream", "on_close", "up_bytes", "down_bytes", "up_ended",
@@ -138,14 +146,18 @@ class StreamRelay:
         self._update()
 
     def abort(self) -> None:
-        """Tear the relay down from outside (shutdown of the program); reactor thread only."""
-        self.close()
+        """Tear the relay down from outside (shutdown of the program); reactor thread only. Both
+        ends are reset unless both directions had ended."""
+        self.close(reset=not (self.up_ended and self.down_ended))
 
-    def close(self) -> None:
-        """Close the socket and the stream now, then ``on_close``; idempotent."""
+    def close(self, *, reset: bool = False) -> None:
+        """Close the socket (with a reset when ``reset``) and the stream now, then ``on_close``;
+        idempotent. The stream resets its peer unless both directions had ended."""
         if self._closed:
             return
         self._closed = True
+        if reset:
+            reset_on_close(self.sock)
         self._mask = 0
         self.reactor.close_socket(self.sock)
         self._up = self._down = _EMPTY
@@ -172,7 +184,7 @@ class StreamRelay:
     def stream_failed(self, reason: str) -> None:
         if not self._closed:
             log.debug("stream failed: %s", reason)
-            self.close()
+            self.close(reset=True)
 
     # --- socket events ------------------------------------------------------------------------
     def _on_socket(self, mask: int) -> None:
@@ -263,8 +275,10 @@ class StreamRelay:
 
     def _end_down(self) -> None:
         self.down_ended = True
-        if self.up_ended:
-            self.close()  # both ways done: the close sends the FIN, no shutdown call needed
+        if self.up_ended or self.stream.eof_is_final():
+            # Both ways done, or the peer reads nothing more: what came before its EOF is
+            # delivered, and the close sends our FIN (no shutdown call needed).
+            self.close()
             return
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -276,9 +290,10 @@ class StreamRelay:
             self.close()
 
     def _error(self, exc: OSError) -> None:
+        """The socket broke, or the stream failed under a read or write: both ends are reset."""
         if exc.errno not in _GONE:
             log.debug("stream relay error: %s", exc)
-        self.close()
+        self.close(reset=True)
 
     def _update(self) -> None:
         if self._closed:

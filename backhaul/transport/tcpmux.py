@@ -107,9 +107,12 @@ class SessionLinks:
         """The client dials its own sessions right after the handshake."""
 
     def stop(self) -> None:
+        """The client went (or told us it goes): its sessions take no new stream, and each one
+        ends once the streams it carries have ended (within drain_timeout), so that a user whose
+        last bytes are still on their way gets them all."""
         sessions, self.sessions = self.sessions, []
         for conn in sessions:
-            conn.close()
+            conn.finish(self.config.drain_timeout)
         self.requested.clear()
         self.demand = 0
         self._empty.clear()
@@ -150,7 +153,7 @@ class SessionLinks:
 
     def _note_room(self, conn: MuxConnection) -> None:
         """One of ``conn``'s streams ended."""
-        if not conn.closed:
+        if not conn.closed and not conn.finishing:
             count = len(conn.streams)
             if count < self.config.mux_con:
                 self._with_room[conn] = None
@@ -164,14 +167,14 @@ class SessionLinks:
         empty = self._empty
         while empty:
             conn = next(iter(empty))
-            if not conn.streams and not conn.closed:
+            if not conn.streams and not conn.closed and not conn.finishing:
                 return conn
             del empty[conn]
         mux_con = self.config.mux_con
         best, fewest, full = None, mux_con, []
         for conn in self._with_room:
             count = len(conn.streams)
-            if count >= mux_con or conn.closed:
+            if count >= mux_con or conn.closed or conn.finishing:
                 full.append(conn)
             elif count < fewest:
                 best, fewest = conn, count
@@ -368,6 +371,8 @@ class MuxClientSession:
             self.pool.open()  # keep mux_session sessions open
 
     def close(self, reason: str, *, notify: bool) -> None:
+        """End the control channel. The smux sessions go once the streams they carry have ended
+        (within drain_timeout): a reload or a fail-back must not cut a user's last bytes."""
         if self.closed:
             return
         self.closed = True
@@ -375,7 +380,7 @@ class MuxClientSession:
         self.pool.stop()
         sessions, self.sessions = self.sessions, []
         for conn in sessions:
-            conn.close()
+            conn.finish(self.config.drain_timeout)
         self.core.session_ended(self, reason)
 
 

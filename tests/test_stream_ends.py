@@ -1,0 +1,329 @@
+"""How a stream ends (docs/stream-ends.md), driven by hand: the smux session without sockets, then
+one smux session on a socket pair and the relays on real sockets. Each case fixes one interleaving
+that lost bytes or left a target open before."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from backhaul.mux import MuxConnection, MuxSettings, MuxStream
+from backhaul.protocol.smux import (
+    FIN,
+    HELLO_SID,
+    NOP,
+    PSH,
+    SYN,
+    Session,
+    StreamEnded,
+    StreamReset,
+    encode_frame,
+)
+from backhaul.reactor import Reactor
+
+pytestmark = pytest.mark.timeout(30)
+
+SETTINGS = {"frame_size": 32768, "receive_buffer": 4194304, "stream_buffer": 65536}
+
+
+def ours(version: int, opener: bool) -> Session:
+    return Session(version, opener, **SETTINGS)
+
+
+def go(version: int, opener: bool) -> Session:
+    """A session that speaks as the Go program's smux does: no hello, FIN closes for good."""
+    return Session(version, opener, **SETTINGS, hello=False)
+
+
+def exchange(a: Session, b: Session) -> tuple[list, list]:
+    """Deliver what each side queued to the other until both are quiet: (a's events, b's events)."""
+    got_a: list = []
+    got_b: list = []
+    while a.has_outgoing or b.has_outgoing:
+        if a.has_outgoing:
+            got_b += b.receive(a.outgoing(), 0.0)
+        if b.has_outgoing:
+            got_a += a.receive(b.outgoing(), 0.0)
+    return got_a, got_b
+
+
+def frames(wire: bytes) -> list[tuple[int, int, bytes]]:
+    out = []
+    while wire:
+        _ver, cmd, length, sid = struct.unpack_from("<BBHI", wire)
+        out.append((cmd, sid, wire[8:8 + length]))
+        wire = wire[8 + length:]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the session, sans-IO
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_hello_is_the_openers_first_frame_and_the_acceptors_first_answer(version):
+    server, client = ours(version, True), ours(version, False)
+    assert server.outgoing() == encode_frame(version, NOP, HELLO_SID)
+    assert not client.has_outgoing, "a client speaks first on a new session: read as a handshake"
+    sid = server.open_stream()
+    client.receive(encode_frame(version, NOP, HELLO_SID) + server.outgoing(), 0.0)
+    assert frames(client.outgoing())[0] == (NOP, HELLO_SID, b"")
+    assert server.peer_half_closes is False and client.peer_half_closes is True
+    server.receive(encode_frame(version, NOP, HELLO_SID), 0.0)
+    assert server.peer_half_closes is True
+    assert sid in server
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_peer_without_hello_closes_both_ways_with_its_fin(version):
+    """Item 2 at its root: a Go server sends FIN only once the stream is closed for good and
+    discards what comes after. Before, our client took that FIN as a half-close and went on
+    sending its target's bytes into the dead stream (GB/s, for as long as the target sent)."""
+    server, client = go(version, True), ours(version, False)
+    sid = server.open_stream()
+    server.write(sid, b"\x00\x0412345")
+    server.close_stream(sid)                      # the user went: Go closes the stream
+    _, events = exchange(server, client)
+    assert StreamEnded(sid) in events
+    assert client.final_fin(sid)
+    assert client.read(sid, 100) == b"\x00\x0412345"
+    assert client.read(sid, 100) is None
+    assert client.write(sid, b"x" * 100_000) == 100_000   # taken and dropped: the peer would drop it
+    assert not [f for f in frames(client.outgoing()) if f[0] == PSH], "bytes sent into a closed stream"
+    client.close_stream(sid)
+    assert frames(client.outgoing()) == [(FIN, sid, b"")]  # what a Go peer expects, and ignores
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_between_our_peers_fin_is_a_half_close(version):
+    server, client = ours(version, True), ours(version, False)
+    sid = server.open_stream()
+    server.write(sid, b"request")
+    server.shutdown_stream(sid)
+    _, events = exchange(server, client)
+    assert StreamEnded(sid) in events and not client.final_fin(sid)
+    assert client.read(sid, 100) == b"request" and client.read(sid, 100) is None
+    assert client.write(sid, b"answer") == 6
+    client.shutdown_stream(sid)
+    events, _ = exchange(server, client)
+    assert server.read(sid, 100) == b"answer" and server.read(sid, 100) is None
+    assert sid not in server and sid not in client  # both ends forgot it: a clean end, no reset
+    assert not [e for e in events if isinstance(e, StreamReset)]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_stream_left_before_the_peer_ended_is_reset_between_our_peers(version):
+    """Item 2 with our server: the user read part of an endless download and closed. The server
+    had sent its FIN (the user's half-close) and then dropped the stream; the client only ever
+    saw that FIN, so its target stayed open and kept sending. Now the drop is a reset."""
+    server, client = ours(version, True), ours(version, False)
+    sid = server.open_stream()
+    server.shutdown_stream(sid)                   # the user half-closed
+    exchange(server, client)
+    assert client.write(sid, b"download" * 1000) == 8000
+    server.receive(client.outgoing(), 0.0)
+    server.close_stream(sid)                      # the user is gone for good
+    wire = server.outgoing()
+    assert frames(wire) == [(NOP, sid, b"")]
+    assert client.receive(wire, 0.0) == [StreamReset(sid)]
+    assert sid not in client and client.buffered == 0
+    # frames the peer had in flight for it are read and dropped, not an error
+    assert client.receive(encode_frame(version, PSH, sid, b"late"), 0.0) == []
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_error_before_our_fin_is_a_reset_not_a_clean_end(version):
+    """A side that fails mid-transfer (its socket reset) must not send FIN: the peer would read a
+    clean end of data that did not all arrive."""
+    server, client = ours(version, True), ours(version, False)
+    sid = server.open_stream()
+    server.write(sid, b"part of it")
+    exchange(server, client)
+    client.close_stream(sid)                      # the target broke before the client's FIN
+    wire = client.outgoing()
+    assert frames(wire) == [(NOP, sid, b"")]
+    assert server.receive(wire, 0.0) == [StreamReset(sid)]
+
+
+def test_a_reset_from_a_peer_without_hello_is_ignored():
+    """smux ignores a NOP's stream id: from a peer that never said hello it means nothing."""
+    client = ours(1, False)
+    client.receive(encode_frame(1, SYN, 3), 0.0)
+    assert client.receive(encode_frame(1, NOP, 3), 0.0) == []
+    assert 3 in client
+
+
+def test_a_reset_of_a_stream_never_opened_is_a_protocol_error():
+    from backhaul.errors import ProtocolError
+
+    client = ours(1, False)
+    client.receive(encode_frame(1, NOP, HELLO_SID) + encode_frame(1, SYN, 3), 0.0)
+    with pytest.raises(ProtocolError, match="stream 9, which was never opened"):
+        client.receive(encode_frame(1, NOP, 9), 0.0)
+
+
+def test_our_opener_never_uses_the_hello_id():
+    server = ours(1, True)
+    server._last_opened = HELLO_SID - 2
+    from backhaul.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match="used up"):
+        server.open_stream()
+
+
+# ------------------------------------------------------------------------------------------------
+# one smux session on a socket pair
+
+class Pair:
+    """An opener (server role) and an acceptor (client role) session on a socket pair, on one
+    reactor; the acceptor's streams are collected as they open."""
+
+    def __init__(self, version: int = 1, receive_buffer: int = 4194304) -> None:
+        self.reactor = Reactor(2)
+        self.reactor.start()
+        a, b = socket.socketpair()
+        settings = MuxSettings(version, 32768, receive_buffer, 65536)
+        self.lost: list[str] = []
+        self.accepted: list[MuxStream] = []
+        self.opener = MuxConnection(self.reactor, a, "client", settings, opener=True, on_stream=None,
+                                    on_lost=lambda _c, why: self.lost.append(f"opener: {why}"))
+        self.acceptor = MuxConnection(self.reactor, b, "server", settings, opener=False,
+                                      on_stream=self.accepted.append,
+                                      on_lost=lambda _c, why: self.lost.append(f"acceptor: {why}"))
+        self.on_reactor(self.opener.start)
+        self.on_reactor(self.acceptor.start)
+
+    def on_reactor(self, fn, *args):
+        done = threading.Event()
+        box: list = []
+
+        def run() -> None:
+            try:
+                box.append(fn(*args))
+            except BaseException as exc:
+                box.append(exc)
+            finally:
+                done.set()
+
+        self.reactor.call_soon(run)
+        assert done.wait(10), "the reactor did not run a call"
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def until(self, predicate, what: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.on_reactor(predicate):
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}")
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        self.on_reactor(self.opener.close)
+        self.on_reactor(self.acceptor.close)
+        self.reactor.stop()
+        self.reactor.close()
+
+
+@pytest.fixture
+def pair(request):
+    p = Pair(getattr(request, "param", 1))
+    yield p
+    p.close()
+
+
+def read_all_now(stream: MuxStream) -> tuple[bytes, bool]:
+    """What the stream has buffered, and whether EOF follows it."""
+    chunks = []
+    while True:
+        data = stream.read(1 << 20)
+        if data is None:
+            return b"".join(chunks), True
+        if not data:
+            return b"".join(chunks), False
+        chunks.append(data)
+
+
+@pytest.mark.parametrize("pair", [1, 2], indirect=True)
+def test_a_session_that_ends_keeps_the_bytes_of_streams_that_ended_cleanly(pair):
+    """Item 1: the server's stream had both FINs and the client's last bytes unread (its user
+    reads slowly) when the client closed the session. Before, the session's end failed every
+    stream, so those bytes were dropped and the user read a short clean EOF."""
+    stream = pair.on_reactor(pair.opener.open_stream)
+    pair.on_reactor(stream.write_whole, b"\x00\x04tail")
+    pair.on_reactor(stream.shutdown_write)       # the user half-closed
+    pair.until(lambda: pair.accepted, "the stream to open")
+    far = pair.accepted[0]
+    pair.until(lambda: read_all_now(far) == (b"\x00\x04tail", True), "the request and its FIN")
+    tail = bytes(range(256)) * 800                # within a v2 window: one write, no reads needed
+    pair.on_reactor(lambda: far.write_whole(tail))
+    pair.on_reactor(far.shutdown_write)
+    pair.on_reactor(far.close)                    # the client's relay is done with it
+    pair.until(lambda: pair.opener.session.ended_cleanly(stream.sid), "the tail and its FIN")
+    pair.on_reactor(pair.acceptor.close)          # the client's session goes
+    pair.until(lambda: pair.opener.closed, "the session's end")
+    got, eof = pair.on_reactor(read_all_now, stream)
+    assert (len(got), eof) == (len(tail), True) and got == tail
+    pair.on_reactor(stream.close)
+
+
+@pytest.mark.parametrize("pair", [1, 2], indirect=True)
+def test_a_session_that_ends_resets_the_streams_still_running(pair):
+    stream = pair.on_reactor(pair.opener.open_stream)
+    pair.on_reactor(stream.write_whole, b"\x00\x01x")
+    pair.until(lambda: pair.accepted, "the stream to open")
+    pair.on_reactor(pair.acceptor.close)
+    pair.until(lambda: pair.opener.closed, "the session's end")
+    with pytest.raises(ConnectionResetError):
+        pair.on_reactor(stream.read, 100)
+    pair.on_reactor(stream.close)
+    assert pair.lost == ["opener: the peer closed the connection"]
+
+
+def test_finish_sends_every_queued_frame_before_the_session_ends():
+    """Item 1, the client's side: a fail-back or a reload closed the session while the tail of a
+    download still waited in its outbox (the server read slowly), and it was dropped."""
+    pair = Pair(1, receive_buffer=64 * 1024)   # the server stops reading at 64 KiB unread
+    try:
+        stream = pair.on_reactor(pair.opener.open_stream)
+        pair.on_reactor(stream.write_whole, b"\x00\x01x")
+        pair.on_reactor(stream.shutdown_write)
+        pair.until(lambda: pair.accepted, "the stream to open")
+        far = pair.accepted[0]
+        pair.until(lambda: read_all_now(far) == (b"\x00\x01x", True), "the header and the FIN")
+        tail = bytes(range(256)) * (16 * 1024)  # 4 MiB: far more than the socket pair holds
+        pair.on_reactor(far.write_whole, tail)
+        pair.on_reactor(far.shutdown_write)
+        pair.on_reactor(far.close)
+        pair.on_reactor(pair.acceptor.finish, 10.0)
+        assert pair.on_reactor(lambda: bool(pair.acceptor._pending or pair.acceptor.session.has_outgoing)), \
+            "frames must still wait when the session finishes, or this test shows nothing"
+        received = bytearray()
+        eof = False
+        deadline = time.monotonic() + 20
+        while not eof and time.monotonic() < deadline:
+            data, eof = pair.on_reactor(read_all_now, stream)
+            received += data
+            time.sleep(0.002)
+        assert eof and len(received) == len(tail) and bytes(received) == tail
+        pair.until(lambda: pair.acceptor.closed and pair.opener.closed, "both ends to close")
+        assert pair.lost == ["opener: the peer closed the connection"], "finish is no loss to its owner"
+        pair.on_reactor(stream.close)
+    finally:
+        pair.close()
+
+
+def test_finish_resets_what_still_runs_when_the_wait_is_over(pair):
+    stream = pair.on_reactor(pair.opener.open_stream)
+    pair.on_reactor(stream.write_whole, b"\x00\x01x")
+    pair.until(lambda: pair.accepted, "the stream to open")
+    pair.on_reactor(pair.acceptor.finish, 0.2)
+    pair.until(lambda: pair.acceptor.closed, "the wait to end")
+    with pytest.raises(ConnectionResetError):
+        pair.on_reactor(pair.accepted[0].read, 10)
+    pair.until(lambda: pair.opener.closed, "the server's end")
+    pair.on_reactor(pair.accepted[0].close)
+    pair.on_reactor(stream.close)
