@@ -24,7 +24,6 @@ of a cut upload), for UDP datagrams lost and corrupted. The process ends with 1 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import random
 import socket
@@ -38,8 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ["BACKHAUL_CONTENTION"] = "1"   # before tests.contention is imported
 
-from tests import contention  # noqa: E402
-from tests.harness import HOST, Launcher, Service, Tunnel, UdpEcho, echo_handler  # noqa: E402
+from tests import contention
+from tests.harness import HOST, Launcher, Service, Tunnel, UdpEcho, echo_handler
 
 HANG = 60.0       # seconds a user may take before it counts as hung
 LEFTOVER = 5.0    # seconds a target may stay open after its user left
