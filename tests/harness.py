@@ -1,8 +1,9 @@
 """End-to-end harness: real ``python -m backhaul`` processes, target services in this process,
 and small socket helpers. Everything here cleans up after itself, also when a test fails.
 
-Only loopback addresses and ephemeral ports are used. A tunnel config needs explicit ports, so
-``free_port`` binds port 0, reads the number and closes right before the config is written.
+Only loopback addresses are used. A tunnel config needs explicit ports, so ``free_port`` hands
+out one nothing listens on right before the config is written: below the kernel's range for
+outgoing connections, from a slice of its own for each pytest-xdist worker.
 """
 
 from __future__ import annotations
