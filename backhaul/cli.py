@@ -11,13 +11,12 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import threading
 
 from backhaul import __version__, summary
 from backhaul import log as logs
 from backhaul.app import App, raise_open_files_limit, refusals
-from backhaul.config import Config, load, python_log_level
+from backhaul.config import CREDENTIAL, Config, load, python_log_level
 from backhaul.errors import ConfigError, TransportError
 
 EXIT_OK = 0
@@ -47,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config)
     except ConfigError as exc:
-        print(f"backhaul: {exc}", file=sys.stderr)
+        logs.error_line(str(exc))
         return EXIT_CONFIG
     problems = refusals(config)
     if problems:
         for problem in problems:
-            print(f"backhaul: {problem}", file=sys.stderr)
+            logs.error_line(problem)
         return EXIT_CONFIG
     if args.command == "check":
         print(summary.describe(config), end="")
@@ -61,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backhaul: {args.config}: ok")
         return EXIT_OK
     logs.setup(_verbosest(config))
-    return run(config)
+    try:
+        return run(config)
+    except Exception:   # a bug: its traceback is why the service failed, so it goes out at err too
+        log.exception("stopped by an unexpected error")
+        return EXIT_RUNTIME
 
 
 def _verbosest(config: Config) -> str:
@@ -75,6 +78,10 @@ WATCH_EVERY = 2.0   # seconds between looks at the config file (as the Go progra
 def run(config: Config) -> int:
     soft, hard = raise_open_files_limit()
     log.info("backhaul %s starting; open files limit %d (hard %d)", __version__, soft, hard)
+    for name, side in (("server", config.server), ("client", config.client)):
+        if side is not None and side.token_is_default:
+            log.warning('[%s]: no token is set, so the default of v0.7.2, known to anyone, is in use: set token, '
+                        'token_file or the systemd credential "%s", the same on both sides', name, CREDENTIAL)
     wake = threading.Event()
     now = threading.Event()      # a second stop signal: no more waiting
     stops: list[str] = []

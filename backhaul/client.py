@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from backhaul.config import ClientConfig, changed_keys
 from backhaul.errors import BackhaulError, ProtocolError
-from backhaul.log import Throttle
+from backhaul.log import RetryLog, Throttle
 from backhaul.net import dial, tune
 from backhaul.protocol.target import resolve_target
 from backhaul.reactor import Reactor
@@ -87,6 +87,7 @@ class Client:
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self._target_errors = Throttle(log)
+        self._retries = RetryLog(log)   # "cannot connect to server": the first, the last, a few between
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._supervise, name="backhaul-client", daemon=True)
@@ -110,6 +111,7 @@ class Client:
                 continue
             index, session = found
             addr = cfg.servers[index].addr
+            self._retries.settle()
             if last and addr != last:
                 log.warning("switched from server %s to server %s: %s", last, addr, left)
             self._watch(session, generation, addr)
@@ -139,6 +141,7 @@ class Client:
             else:   # the next one at once; this one again only after retry_interval
                 first = (index + 1) % len(cfg.servers)
                 rested = (index, time.monotonic() + self.config.retry_interval)
+        self._retries.settle()
 
     def _round(self, cfg: ClientConfig, generation: int, first: int,
                rested: tuple[int, float] | None) -> tuple[int, ClientSession] | None:
@@ -158,7 +161,7 @@ class Client:
             try:
                 return index, self.connect(Attempt(self, cfg.for_server(index)))
             except BackhaulError as exc:
-                log.warning("cannot connect to server %s: %s; %s", addr, exc, then)
+                self._retries.warning(addr, "cannot connect to server %s: %s; %s", addr, exc, then)
             except Exception:  # a bug must not end the reconnect loop of a service
                 log.exception("unexpected error while connecting to %s; %s", addr, then)
         return None

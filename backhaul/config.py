@@ -9,6 +9,7 @@ import difflib
 import ipaddress
 import json
 import logging
+import os
 import re
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any
@@ -32,6 +33,7 @@ DEFAULT_DRAIN = 10               # ours: seconds open user connections get to fi
 DEFAULT_FAILBACK_IDLE = 60       # ours: seconds without users before the client returns to its first server
 MAX_SERVERS = 16                 # addresses in a client's remote_addr list
 MAX_TOKEN_BYTES = 0xFFFF  # the handshake's u16 length
+CREDENTIAL = "token"      # the systemd credential holding the token: LoadCredential=token:FILE in the unit
 MAX_RANGE_PORTS = 1000
 _INT_MAX = 2**31 - 1
 _SECTIONS = ("server", "client")
@@ -83,7 +85,8 @@ def setting(default: Any, doc: str, *, secret: bool = False) -> Any:
 
 REQUIRED: Any = MISSING
 _TRANSPORT_DOC = f"tunnel transport, the same on both sides: {', '.join(TRANSPORTS)}"
-_TOKEN_DOC = f'shared secret, the same on both sides; unset: "{DEFAULT_TOKEN}" (a warning is logged)'
+_TOKEN_DOC = f'shared secret, the same on both sides (see TOKEN); unset anywhere: "{DEFAULT_TOKEN}", with a warning'
+_TOKEN_FILE_DOC = "a file holding the token (one line), instead of token; relative to this file's directory (ours)"
 _LOG_LEVEL_DOC = f"least severe level logged: {', '.join(LOG_LEVELS)}"
 _AUTH_DOC = '"token" (v0.7.2) or "challenge": HMAC proofs, the token never sent; the same on both sides (ours)'
 
@@ -99,18 +102,20 @@ class ServerConfig:
     bind_port: int = 0
     transport: str = setting("tcp", _TRANSPORT_DOC)
     token: str = setting(DEFAULT_TOKEN, _TOKEN_DOC, secret=True)
+    token_file: str = setting("", _TOKEN_FILE_DOC)
     token_is_default: bool = True
+    token_source: str = ""   # where the token came from, said by check: never the token itself
     nodelay: bool = setting(False, "TCP_NODELAY on tunnel and user connections")
     keepalive_period: int = setting(75, "seconds between TCP keepalive probes on tunnel connections")
     channel_size: int = setting(2048, "bound of the queues of waiting user connections and of idle data connections")
-    connection_pool: int = setting(8, "idle data connections kept ready for the next users")
+    connection_pool: int = setting(8, "idle data connections kept ready at least (tcp, ws, wss: more under load)")
     mux_session: int = setting(1, "accepted for compatibility; the client decides how many sessions it opens")
     log_level: str = setting("info", _LOG_LEVEL_DOC)
     ports: tuple[PortMapping, ...] = setting((), "public listeners and the target each sends to the client (see PORTS)")
     heartbeat: int = setting(DEFAULT_HEARTBEAT, "seconds between heartbeats on the control channel (0: the default)")
     mux_con: int = setting(8, "tcpmux, wsmux: streams per smux session before the client is asked for another")
     mux_version: int = setting(1, "smux protocol version, 1 or 2, the same on both sides (2: per-stream windows)")
-    mux_framesize: int = setting(32768, "largest smux frame sent and accepted, in bytes")
+    mux_framesize: int = setting(32768, "largest smux frame sent, in bytes (any up to 65535 is accepted, as Go does)")
     mux_recievebuffer: int = setting(4194304, "unread bytes per smux session before its socket is no longer read")
     mux_streambuffer: int = setting(65536, "smux version 2: the window granted to each stream, in bytes")
     accept_udp: bool = setting(False, "tcp transport: the public ports also carry UDP, one flow per user address")
@@ -145,7 +150,9 @@ class ClientConfig:
     local_addr: str = setting("", "local IP address the connections to the server leave from (empty: any) (ours)")
     transport: str = setting("tcp", _TRANSPORT_DOC)
     token: str = setting(DEFAULT_TOKEN, _TOKEN_DOC, secret=True)
+    token_file: str = setting("", _TOKEN_FILE_DOC)
     token_is_default: bool = True
+    token_source: str = ""   # where the token came from, said by check: never the token itself
     connection_pool: int = setting(8, "data connections (mux: sessions) opened right after the handshake")
     aggressive_pool: bool = setting(False, "grow the pool of data connections faster under load")
     retry_interval: int = setting(1, "seconds between attempts to reach the server, forever")
@@ -155,7 +162,7 @@ class ClientConfig:
     log_level: str = setting("info", _LOG_LEVEL_DOC)
     pprof: bool = setting(False, "accepted for compatibility; logs that it has no effect")
     mux_version: int = setting(1, "smux protocol version, 1 or 2, the same on both sides (2: per-stream windows)")
-    mux_framesize: int = setting(32768, "largest smux frame sent and accepted, in bytes")
+    mux_framesize: int = setting(32768, "largest smux frame sent, in bytes (any up to 65535 is accepted, as Go does)")
     mux_recievebuffer: int = setting(4194304, "unread bytes per smux session before its socket is no longer read")
     mux_streambuffer: int = setting(65536, "smux version 2: the window granted to each stream, in bytes")
     mux_session: int = setting(1, "tcpmux, wsmux: smux sessions kept open at least")
@@ -206,7 +213,7 @@ class Config:
 
 
 # Fields computed from others, never read from the file.
-_DERIVED = {"bind_host", "bind_port", "remote_host", "remote_port", "servers", "token_is_default"}
+_DERIVED = {"bind_host", "bind_port", "remote_host", "remote_port", "servers", "token_is_default", "token_source"}
 
 
 def file_keys(side: type[ServerConfig] | type[ClientConfig]) -> tuple[Field[Any], ...]:
@@ -244,7 +251,8 @@ _CLIENT_KEYS = tuple(f.name for f in file_keys(ClientConfig))
 def changed_keys(old: ServerConfig | ClientConfig, new: ServerConfig | ClientConfig) -> list[str]:
     """The keys of the file whose values differ between two configs of one side (a reload)."""
     keys = _SERVER_KEYS if isinstance(old, ServerConfig) else _CLIENT_KEYS
-    changed = [name for name in keys if file_value(old, name) != file_value(new, name)]
+    # token_file matters only through the token it holds: a moved file with the same token changes nothing
+    changed = [name for name in keys if name != "token_file" and file_value(old, name) != file_value(new, name)]
     if "token" not in changed and old.token_is_default != new.token_is_default:
         changed.append("token")
     return changed
@@ -265,6 +273,11 @@ def load(path: str) -> Config:
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
+    except PermissionError as exc:
+        # The units run as a user of their own (DynamicUser=): a file of mode 0600 is root's alone.
+        raise ConfigError(path, "", f"cannot read the file: {exc.strerror or exc} (this process runs as uid "
+                          f"{os.geteuid()}); keep the token out of it (token_file, or the systemd credential "
+                          f"{CREDENTIAL!r}) and make it readable, e.g. mode 0644") from None
     except OSError as exc:
         raise ConfigError(
             path, "", f"cannot read the file: {exc.strerror or exc}"
@@ -387,14 +400,41 @@ class _Reader:
             )
         return folded
 
-    def token(self) -> tuple[str, bool]:
+    def token(self) -> tuple[str, bool, str, str]:
+        """The token, whether it is the default, token_file as written and where the token came
+        from: the key token, token_file, or the systemd credential "token". Two of them is an
+        error (which one would win is a guess an operator should not have to make)."""
         value = self.table.get("token", "")
         if not isinstance(value, str):
             raise self.error("token", "expected a string")  # never show the value
         size = len(value.encode())
         if size > MAX_TOKEN_BYTES:
             raise self.error("token", f"is {size} bytes long; the handshake carries at most {MAX_TOKEN_BYTES}")
-        return (value, False) if value else (DEFAULT_TOKEN, True)
+        path = self.string("token_file")
+        found = [(value, "token", "set in the file")] if value else []
+        if path:
+            if value:
+                raise self.error("token_file", "token is set as well; keep one")
+            where = os.path.join(os.path.dirname(self.source), path)
+            try:
+                found.append((read_secret(where), "token_file", f"from token_file {where}"))
+            except ValueError as exc:
+                raise self.error("token_file", str(exc), path) from None
+        credential = _credential_path()
+        if credential:
+            try:
+                secret = read_secret(credential, empty_ok=True)
+            except ValueError as exc:
+                raise ConfigError(credential, "", f"the systemd credential {CREDENTIAL!r}: {exc}") from None
+            if secret and found:
+                raise self.error(found[0][1], f"the systemd credential {CREDENTIAL!r} ({credential}) holds a "
+                                 "token as well; keep one")
+            if secret:
+                found.append((secret, "", f"from the systemd credential {CREDENTIAL!r} ({credential})"))
+        if not found:
+            return DEFAULT_TOKEN, True, path, ""
+        token, _key, source = found[0]
+        return token, False, path, source
 
     def address(self, name: str, *, listen: bool) -> tuple[str, str, int]:
         if name not in self.table:
@@ -415,9 +455,40 @@ class _Reader:
         return text, host or "0.0.0.0", number
 
 
+def _credential_path() -> str:
+    """The file of the systemd credential "token" when systemd gave this process credentials."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY", "")
+    return os.path.join(directory, CREDENTIAL) if directory else ""
+
+
+def read_secret(path: str, *, empty_ok: bool = False) -> str:
+    """The one line of a secret file, its line ending dropped. ValueError says what is wrong
+    with the file and never shows what it holds. A missing file is "" when ``empty_ok``."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_TOKEN_BYTES + 3)  # the longest token and a line ending, and one byte to tell
+    except FileNotFoundError:
+        if empty_ok:
+            return ""
+        raise ValueError("cannot read the file: no such file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise ValueError(f"cannot read the file: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        text = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError("the file is not valid UTF-8") from None
+    if "\n" in text or "\r" in text:
+        raise ValueError("the file holds more than one line; it must hold the token alone")
+    if not text and not empty_ok:
+        raise ValueError("the file is empty")
+    if len(text.encode()) > MAX_TOKEN_BYTES:   # only so much was read: its true length is not known
+        raise ValueError(f"the token in the file is longer than the handshake carries ({MAX_TOKEN_BYTES} bytes)")
+    return text
+
+
 def _common(reader: _Reader) -> dict[str, object]:
     """Keys both sides share."""
-    token, token_is_default = reader.token()
+    token, token_is_default, token_file, token_source = reader.token()
     heartbeat = (
         reader.integer("heartbeat", DEFAULT_HEARTBEAT, 0, 86400) or DEFAULT_HEARTBEAT
     )
@@ -425,6 +496,8 @@ def _common(reader: _Reader) -> dict[str, object]:
         "transport": reader.choice("transport", "tcp", TRANSPORTS, "transport"),
         "token": token,
         "token_is_default": token_is_default,
+        "token_file": token_file,
+        "token_source": token_source,
         "nodelay": reader.boolean("nodelay"),
         "keepalive_period": reader.integer("keepalive_period", 75, 1, 86400),
         "connection_pool": reader.integer("connection_pool", 8, 0, 65535),

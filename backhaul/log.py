@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from typing import TextIO
 
 from backhaul.config import python_log_level
 
@@ -41,6 +42,14 @@ def to_journal(environ: dict[str, str] | None = None, stream: object = None) -> 
         return (st.st_dev, st.st_ino) == (int(device), int(inode))
     except (ValueError, OSError, AttributeError):
         return False
+
+
+def error_line(text: str, stream: TextIO | None = None) -> None:
+    """One line on stderr before logging is set up (a config refused at start or by a check):
+    at priority err in the journal, where a line without a prefix would be filed as info."""
+    out = sys.stderr if stream is None else stream
+    prefix = "<3>" if to_journal(stream=out) else ""
+    print(f"{prefix}backhaul: {text}", file=out, flush=True)
 
 
 def setup(level: str = "info") -> None:
@@ -104,3 +113,57 @@ class Throttles:
         if throttle is None:
             throttle = self._by_kind[kind] = Throttle(self._logger)
         throttle.warning(fmt, *args)
+
+
+class _Run:
+    """One run of failed attempts: when the next line may go out, the gap after it, how many
+    lines were held back since the last one and the last of them."""
+
+    __slots__ = ("due", "gap", "held", "last")
+
+    def __init__(self, due: float, gap: float) -> None:
+        self.due = due
+        self.gap = gap
+        self.held = 0
+        self.last: tuple[str, tuple[object, ...]] | None = None
+
+
+class RetryLog:
+    """Failed attempts to reach a server, one run of them per key (the server's address): the
+    first attempt is logged, then one line after a gap that doubles up to ``longest`` seconds
+    (a server down for an hour costs a line a minute, not one per retry_interval), each with
+    the count it held back. ``settle`` ends the runs (connected, or stopping) and logs the
+    last attempt of each run when it was held back, so the first and the last always show."""
+
+    __slots__ = ("_logger", "_runs", "first_gap", "longest")
+
+    def __init__(self, logger: logging.Logger, first_gap: float = 1.0, longest: float = 60.0) -> None:
+        self._logger = logger
+        self.first_gap = first_gap
+        self.longest = longest
+        self._runs: dict[str, _Run] = {}   # bounded: one per server of remote_addr
+
+    def warning(self, key: str, fmt: str, *args: object) -> None:
+        now = time.monotonic()
+        run = self._runs.get(key)
+        if run is None:
+            self._runs[key] = _Run(now + self.first_gap, self.first_gap)
+            self._logger.warning(fmt, *args)
+            return
+        if now < run.due:
+            run.held += 1
+            run.last = (fmt, args)
+            return
+        held = run.held
+        run.gap = min(run.gap * 2, self.longest)
+        run.due, run.held, run.last = now + run.gap, 0, None
+        suffix = f" ({held} more like it; the next line in {run.gap:g} s at most)" if held else ""
+        self._logger.warning(fmt + suffix, *args)
+
+    def settle(self) -> None:
+        """The attempts are over: each run's last attempt, if it was held back, is logged now."""
+        runs, self._runs = self._runs, {}
+        for run in runs.values():
+            if run.last is not None:
+                fmt, args = run.last
+                self._logger.warning(fmt + f" (the last of {run.held} since the line before)", *args)

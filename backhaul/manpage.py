@@ -14,7 +14,16 @@ from dataclasses import MISSING, Field
 from typing import Any
 
 from backhaul import __version__, cli
-from backhaul.config import ClientConfig, ServerConfig, address_text, file_keys, parse_ports, toml_value
+from backhaul.config import (
+    CREDENTIAL,
+    DEFAULT_DRAIN,
+    ClientConfig,
+    ServerConfig,
+    address_text,
+    file_keys,
+    parse_ports,
+    toml_value,
+)
 from backhaul.summary import dial_text
 
 # Entries of the ports list shown in PORTS, each explained by what the parser makes of it.
@@ -42,14 +51,54 @@ idle links. With a list in remote_addr the client uses the first server that ans
 with the next when its session ends, and returns to an earlier one after failback_idle seconds
 without users.
 .PP
-On SIGTERM or SIGINT the process stops accepting, tells the peer, closes everything and exits.
-.PP
 The token is compared in constant time and never appears in a log line, an error or the output
 of \\fBcheck\\fR. Without the Python package wsproto the WebSocket transports (ws, wss, wsmux,
 wssmux) are refused at start with a line saying what to install; the others work without it.
 .PP
 The soft limit of open files is raised to the hard limit at start: the server needs two
 descriptors for each connection it carries."""
+
+SIGNALS = (
+    ("SIGHUP", "reload: read the configuration file again and apply it (so does a change of the file, looked "
+               f"at every {cli.WATCH_EVERY:g} s). A user connection the change does not touch goes on; a key "
+               "of the tunnel itself (transport, token, addresses, pool, mux) restarts the tunnel, whose "
+               "peer reconnects. A file that does not load, or a port that cannot be bound, changes nothing: "
+               "one line at priority err says why (reload refused: ...) and the running configuration stays."),
+    ("SIGTERM, SIGINT", "drain, then stop: the public ports close and the client takes no new links, the open "
+                        f"connections get drain_timeout seconds (default {DEFAULT_DRAIN}) to finish, then the "
+                        "peer is told, everything is closed and the process exits 0. With no open connection it "
+                        "stops at once; a second signal during the drain stops at once."),
+)
+
+TOKEN = f"""\
+The token is read from one place: the key \\fBtoken\\fR, the file named by \\fBtoken_file\\fR (one line,
+its line ending dropped), or the systemd credential \\fB{CREDENTIAL}\\fR, the file
+\\fI$CREDENTIALS_DIRECTORY\\fR/{CREDENTIAL}. Two of them is a bad configuration, naming both; an empty
+credential counts as none. The units load the credential from /etc/backhaul/\\fINAME\\fR.token
+(LoadCredential=), a file of mode 0600 that systemd reads as root, so the configuration can be
+world\\-readable with no secret in it. \\fBcheck\\fR says where the token came from, never what it is.
+Unset everywhere, the default of Backhaul v0.7.2 is used and a warning says so at start."""
+
+ENDPOINTS = (
+    ("/", "the status page (HTML, no script from outside): the tunnel, its peers and every port"),
+    ("/status.json", "the numbers of the status page as JSON (the sniffer_log file holds the same)"),
+    ("/metrics", "counters and gauges in the Prometheus text format"),
+    ("/healthz", "200 ok while the tunnel is up, 503 while it is down"),
+)
+
+SYSTEMD = """\
+backhaul.service runs /etc/backhaul/backhaul.toml; backhaul@\\fINAME\\fR.service runs
+/etc/backhaul/\\fINAME\\fR.toml. Both may run side by side, each under a user of its own
+(DynamicUser=). They are Type=notify (started once every port listens and, on a client, the
+control channel is up), watched (WatchdogSec=), and restarted on failure but not on a bad
+configuration (exit 78), which fails the start once with its reason at priority err.
+\\fBsystemctl reload\\fR runs \\fBbackhaul \\-c\\fR \\fIFILE\\fR \\fB\\-\\-check\\fR, then sends SIGHUP: a file that
+does not load makes the reload fail. \\fBsystemctl stop\\fR drains (SIGTERM; TimeoutStopSec=20).
+Under systemd each line carries its syslog priority; every line that explains a failed start or a
+refused reload is at err (\\fBjournalctl \\-p err \\-u\\fR \\fIUNIT\\fR).
+.PP
+An upgrade of the Debian package restarts the running units into the new version; its removal
+stops them; its purge removes /var/lib/backhaul."""
 
 EXIT_STATUS = (
     (cli.EXIT_OK, "after a clean stop, or a configuration that passed \\fBcheck\\fR or \\fB\\-\\-check\\fR"),
@@ -60,12 +109,20 @@ EXIT_STATUS = (
 
 ENVIRONMENT = (
     ("BACKHAUL_RELAY=copy", "copy bytes through a buffer instead of splice(2), for diagnosis"),
+    ("CREDENTIALS_DIRECTORY", f"set by systemd: the file {CREDENTIAL} in it holds the token (see TOKEN)"),
+    ("JOURNAL_STREAM", "set by systemd: when it names stderr, lines carry their syslog priority and no time"),
+    ("NOTIFY_SOCKET, WATCHDOG_USEC", "set by systemd: readiness, status, reload and stop notices, watchdog pings"),
 )
 
 FILES = (
     ("/etc/backhaul/\\fINAME\\fR.toml", "the configuration run by the systemd unit backhaul@\\fINAME\\fR.service"),
+    ("/etc/backhaul/\\fINAME\\fR.token", "its token (mode 0600), passed as the credential token; optional"),
+    ("/var/lib/backhaul/\\fINAME\\fR", "its state directory and working directory: a relative sniffer_log lands here"),
+    ("/etc/backhaul/backhaul.toml, /etc/backhaul/backhaul.token, /var/lib/backhaul/backhaul",
+     "the same for backhaul.service"),
     ("/etc/backhaul/example\\-server.toml, /etc/backhaul/example\\-client.toml",
      "commented examples of either side, to copy"),
+    ("/usr/share/doc/backhaul/", "README.md, and docs/ (auth.md: the handshake of auth = \\(dqchallenge\\(dq)"),
 )
 
 
@@ -100,6 +157,12 @@ def render(date: str = "") -> str:
         "resolved by the client). Without a target each port is its own target. For example:",
         *ports_examples(),
         ".SH BEHAVIOUR", BEHAVIOUR,
+        ".SH SIGNALS", *_tagged((f"\\fB{name}\\fR", escape(text)) for name, text in SIGNALS),
+        ".SH TOKEN", TOKEN,
+        ".SH STATUS PAGE",
+        "Each side with a web_port serves on web_addr:web_port (127.0.0.1 by default):",
+        *_tagged((f"\\fB{path}\\fR", escape(text)) for path, text in ENDPOINTS),
+        ".SH SYSTEMD", SYSTEMD,
         ".SH EXIT STATUS", *_tagged((f"\\fB{code}\\fR", text) for code, text in EXIT_STATUS),
         ".SH ENVIRONMENT", *_tagged((f"\\fB{escape(name)}\\fR", escape(text)) for name, text in ENVIRONMENT),
         ".SH FILES", *_tagged(FILES),
@@ -110,7 +173,9 @@ def render(date: str = "") -> str:
         "Run /etc/backhaul/server.toml as a service, now and at every boot:",
         ".PP", ".RS", ".B systemctl enable \\-\\-now backhaul@server", ".RE",
         ".SH SEE ALSO",
+        ".BR journalctl (1),",
         ".BR systemctl (1),",
+        ".BR systemd.exec (5),",
         ".BR systemd.service (5)",
     ]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ An operator sees what the process would do, defaults filled in and the token red
 from __future__ import annotations
 
 from backhaul.config import (
+    CREDENTIAL,
     TLS_TRANSPORTS,
     ClientConfig,
     Config,
@@ -39,7 +40,8 @@ def settings(side: ServerConfig | ClientConfig) -> list[str]:
         if key.repr:
             lines.append(f"{key.name} = {toml_value(file_value(side, key.name))}")
         else:
-            state = "not set: the default of v0.7.2" if side.token_is_default else "redacted"
+            state = f"redacted, {side.token_source}" if not side.token_is_default else \
+                f'not set: the default of v0.7.2, unless systemd passes the credential "{CREDENTIAL}"'
             lines.append(f"{key.name} = <{state}>")
     return lines
 

@@ -72,6 +72,7 @@ from collections.abc import Callable
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from backhaul.buffers import scratch
+from backhaul.log import Throttle
 from backhaul.net import reason, reset_on_close
 from backhaul.protocol.chunks import ChunkQueue, advance
 from backhaul.protocol.ws_frame import frame_head
@@ -80,6 +81,7 @@ from backhaul.relay.stream import StreamListener
 from backhaul.tunnel.carrier import CONTROL_BACKLOG, OnData, OnLost
 
 log = logging.getLogger("backhaul.ws")
+VIOLATIONS = Throttle(log)      # peers that break the protocol: a line a second however many do
 
 # A stream's binary messages are one frame each of FRAME_SIZE bytes, head included: three whole
 # 16 KiB TLS records, no extra one for the last few bytes. Below the loopback MSS (65483) on
@@ -244,6 +246,7 @@ class WebSocket:
         except OSError:
             pass
         self._close_socket()
+        self._inbox.clear()   # its user is done: nobody reads what the peer sent
 
     def abort(self) -> None:
         """Close with a reset (SO_LINGER 0): nothing queued is sent; idempotent, no callback."""
@@ -251,6 +254,7 @@ class WebSocket:
             return
         self._set_reset()
         self._close_socket()
+        self._inbox.clear()
 
     # --- sending --------------------------------------------------------------------------------
     def _message_frame(self, payload: bytes | bytearray | memoryview | str) -> bytes | bytearray:
@@ -461,7 +465,7 @@ class WebSocket:
                 if self._closed:
                     return
         except ParseFailed as exc:
-            self._fail(f"{self.peer} broke the websocket protocol: {exc}")
+            self._violated(f"broke the websocket protocol: {exc}")
             return
         if self._out:
             self._flush()  # pongs
@@ -481,8 +485,8 @@ class WebSocket:
             self._parts.append(data)
             self._part_size += len(data) if isinstance(data, bytes) else len(data.encode())
             if self._part_size > self.max_message:
-                self._fail(f"{self.peer} sent a websocket message of more than {self.max_message} bytes "
-                           f"({self._part_size} so far)")
+                self._violated(f"sent a websocket message of more than {self.max_message} bytes "
+                               f"({self._part_size} so far)")
                 return
         if finished:
             parts = self._parts
@@ -550,6 +554,12 @@ class WebSocket:
             self._deliver_due()
 
     # --- the end --------------------------------------------------------------------------------
+    def _violated(self, why: str) -> None:
+        """The peer sent what the protocol forbids: a line says so (its owner may tell nobody,
+        as a data link's relay does), then the websocket is lost."""
+        VIOLATIONS.warning("closed the websocket of %s: it %s", self.peer, why)
+        self._fail(f"{self.peer} {why}")
+
     def _fail(self, why: str) -> None:
         """The websocket is lost: close the socket, then tell the user (once)."""
         if self._closed:
@@ -763,6 +773,10 @@ class WebSocketStream:
             ws._close_after_flush()
         else:
             ws.abort()
+        # The websocket points back at its stream: a cycle, which only the garbage collector's
+        # full pass frees, and a quiet server may not run one for hours. Broken here, the two go
+        # with their last reference, and whatever a closed websocket still holds goes with them.
+        ws._stream = None
 
     # --- from the websocket -----------------------------------------------------------------------
     # Inside the websocket's own socket event (or resume) a notification is delivered when that

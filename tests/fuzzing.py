@@ -255,7 +255,7 @@ def feed_response(data: bytes, rng: random.Random) -> None:
             return
 
 
-_DERIVED = {"bind_host", "bind_port", "remote_host", "remote_port", "token_is_default"}
+_DERIVED = {"bind_host", "bind_port", "remote_host", "remote_port", "token_is_default", "token_source"}
 SECTION_KEYS = {"server": [f.name for f in fields(ServerConfig) if f.name not in _DERIVED],
                 "client": [f.name for f in fields(ClientConfig) if f.name not in _DERIVED]}
 KEYS = SECTION_KEYS["server"] + SECTION_KEYS["client"] + ["bind_adr", "x", ""]

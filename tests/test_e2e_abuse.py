@@ -173,6 +173,26 @@ def test_token_guessing_is_rate_limited_per_address_and_logged_once(launcher: La
     assert token not in server.log() and wrong not in server.log()
 
 
+def test_wrong_tokens_from_the_clients_own_address_are_judged_and_the_log_says_so(launcher: Launcher,
+                                                                                   echo_service: Service) -> None:
+    """40 wrong tokens from the address of the running client: that address is exempt from the
+    limit (its own links fail in numbers when a control channel drops), so every one is judged
+    and answered by a close, and the line at the limit says that it is not refused. Catches: a
+    line claiming `refusing connections from` the client's address while nothing is refused."""
+    token, wrong = "Own-Address-Right-2f61", "Own-Address-Wrong-8a3c"
+    tunnel = Tunnel(launcher, [str(echo_service.port)], token).up()
+    server = tunnel.server
+    assert server is not None
+    outcomes = [guess(tunnel.bind_port, wrong, source=HOST) for _ in range(40)]
+    assert outcomes == ["closed"] * 40, outcomes
+    line = server.wait_for_log("failed handshakes within 10 s from", timeout=5)
+    assert line.endswith(f"20 failed handshakes within 10 s from {HOST}, the address of a client of this tunnel: "
+                         "not refused, each is judged"), line
+    assert not server.lines("refusing connections"), server.lines("refusing connections")
+    echo_works(tunnel.public[0], size=100_000, seed=15)
+    assert token not in server.log() and wrong not in server.log()
+
+
 def datagram_from(source: str, port: int, data: bytes, listen: float = 0.0) -> list[bytes]:
     """Send ``data`` from a fresh UDP socket on ``source`` to the tunnel port; what came back to
     that socket within ``listen`` seconds (an accepted link is pinged every heartbeat)."""

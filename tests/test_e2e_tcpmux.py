@@ -702,6 +702,46 @@ def test_bad_frames_end_only_their_session(launcher: Launcher, version: int, bad
     assert "Traceback" not in server.log()
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_frame_longer_than_our_framesize_is_taken_as_a_go_receiver_takes_it(launcher: Launcher,
+                                                                              version: int) -> None:
+    """Our server with mux_framesize = 1024 gets a PSH of 65535 bytes: it takes any u16 length, as
+    a Go receiver does whatever its own MaxFrameSize (peers with different mux_framesize must
+    interoperate), and relays it whole; what it sends is cut at its own 1024 bytes; the session
+    stays up and nothing is logged as broken. Catches: an oversize frame ending the session, and
+    a frame size that limits what we send but is not kept."""
+    bind_port, public = free_port(), free_port()
+    server = launcher.start("server", server_toml(
+        bind_port, [f"{HOST}:{public}={FAKE_TARGET.decode()}"], TOKEN, transport="tcpmux",
+        mux_version=version, mux_framesize=SMALL_FRAME))
+    server.wait_for_log(f"tcpmux tunnel listening on {HOST}:{bind_port}")
+    with contextlib.ExitStack() as stack:
+        control = stack.enter_context(connect(bind_port))
+        control.sendall(ltv(SG_CHAN, TOKEN.encode()))
+        assert recv_exact(control, 3 + len(TOKEN)) == ltv(SG_CHAN, TOKEN.encode())
+        server.wait_for_log(f"client {HOST}:{control.getsockname()[1]} connected: control channel up")
+        frames = Frames(stack.enter_context(connect(bind_port)), version)
+        user = stack.enter_context(connect(public))
+        frames.expect(SYN, 3)
+        assert b"".join(frames.read(3, 2 + len(FAKE_TARGET))) == lv(FAKE_TARGET)
+        download = random.Random(21).randbytes(65535)
+        frames.send(PSH, 3, download)
+        got = recv_exact(user, len(download))
+        assert hashlib.sha256(got).digest() == hashlib.sha256(download).digest()
+        upload = random.Random(22).randbytes(20000)
+        user.sendall(upload)
+        pieces = frames.read(3, len(upload))
+        assert b"".join(pieces) == upload and max(map(len, pieces)) <= SMALL_FRAME
+        frames.send(PSH, 3, download)   # the session is still up, and still takes them
+        got = recv_exact(user, len(download))
+        assert hashlib.sha256(got).digest() == hashlib.sha256(download).digest()
+        assert not server.lines("ended:"), server.log()
+    assert "Traceback" not in server.log()
+    documented = next(line for line in (harness.REPO / "README.md").read_text().splitlines()
+                      if line.startswith("mux_framesize ="))
+    assert "65535" in documented and "ends the session" not in documented, documented
+
+
 # ------------------------------------------------------------------------------------------------
 # 6. bad frames against our client
 

@@ -320,6 +320,27 @@ def test_links_the_server_forgot_are_closed_by_the_client(launcher, udp_echo):
         assert exchange(user, tunnel.public[0], b"still works", tries=3) == b"still works"
 
 
+def test_a_restarted_client_carries_the_flow_of_a_user_who_keeps_its_port(launcher, udp_echo):
+    """The udp transport in replace mode: the client is killed and started again while a user
+    goes on sending from the same port; within seconds its datagrams are answered through the new
+    client, and the server says that it ended the flow of the client that left. Catches: the flow
+    kept on the dead client's link address, refreshed by the user's own datagrams, so the user
+    gets nothing back for good and nothing is logged."""
+    tunnel = udp_tunnel(launcher, "udp", [str(udp_echo.port)])
+    public = tunnel.public[0]
+    with contextlib.closing(user_socket()) as user:
+        assert exchange(user, public, b"before", tries=3) == b"before"
+        assert tunnel.client is not None and tunnel.server is not None
+        tunnel.client.kill()
+        tunnel.server.wait_for_log("waiting for the client to reconnect")
+        tunnel.start_client()
+        tunnel.wait_connected(server_count=2)
+        assert exchange(user, public, b"after", timeout=1.0, tries=10) == b"after", "the flow stayed dead"
+        line = tunnel.server.wait_for_log("UDP flows carried by the client that left")
+        assert "ended 1 UDP flows" in line, line
+        assert len(set(udp_echo.sources)) == 2, "the answer did not come through the new client"
+
+
 # ------------------------------------------------------------------------------------------------
 # malformed frames on the tcp carrier
 

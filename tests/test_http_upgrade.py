@@ -550,3 +550,25 @@ def test_garbage_raises_only_protocol_errors_and_stays_bounded(side):
         if result is not None and side == "request":
             assert result.route in ("control", "data", None)
             assert len(base64.b64decode(result.key)) == 16
+
+
+@pytest.mark.parametrize("reads", ["whole", "in pieces"])
+def test_a_line_too_long_is_named_for_what_it_is(reads):
+    """Catches: a header line past the limit blamed on the request line (a 100 MB head answered
+    431 with a line that sends the operator looking at the wrong part)."""
+    def verdict(head: bytes) -> str:
+        reader = RequestReader(max_head=1 << 20, max_line=1000)
+        with pytest.raises(HeadTooLarge) as info:
+            if reads == "whole":
+                reader.feed(head)
+            else:
+                feed_all(reader, [head[i : i + 700] for i in range(0, len(head), 700)])
+        return str(info.value)
+
+    long_field = upgrade_head().replace(b"\r\n\r\n", b"\r\nX-Long: " + b"a" * 5000 + b"\r\n\r\n")
+    fields = upgrade_head().count(b"\r\n") - 1
+    assert verdict(long_field) == (f"header line {fields} of the request, starting b'X-Long: aaaaaaaaaaaaaaaa', "
+                                   "is longer than 1000 bytes")
+    assert verdict(b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n") == "the request line is longer than 1000 bytes"
+    endless = b"GET /channel HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"b" * 5000
+    assert verdict(endless).startswith("header line 2 of the request, starting b'X-Endless: bbbbbbbbbbbbb',")

@@ -58,3 +58,20 @@ def test_many_addresses_crossing_at_once_cost_a_line_a_second(caplog: pytest.Log
         for i in range(50):
             limiter.failed(f"10.2.0.{i}")
     assert len(caplog.records) == 1
+
+
+def test_an_exempt_address_is_never_refused_and_the_line_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """The address of a client of the tunnel is exempt: 500 failures are all judged, and the one
+    line at the limit says that, instead of claiming a refusal that never happens."""
+    clock = Clock()
+    limiter = FailureLimiter(limit=20, window=10.0, clock=clock, exempt=lambda ip: ip == "192.0.2.7")
+    with caplog.at_level(logging.WARNING, logger="backhaul.acceptor"):
+        for _ in range(500):
+            assert not limiter.refuses("192.0.2.7")
+            limiter.failed("192.0.2.7")
+        for _ in range(20):
+            limiter.failed("192.0.2.8")   # its line falls in the same second: held by the throttle
+        assert limiter.refuses("192.0.2.8"), "an address that is not exempt is still held back"
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["20 failed handshakes within 10 s from 192.0.2.7, the address of a client of this tunnel: "
+                     "not refused, each is judged"], lines

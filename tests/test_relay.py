@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from backhaul.pipes import SMALL, Pipe, PipePool
 from backhaul.reactor import Timer
 from backhaul.relay import splice as relay_module
 from backhaul.relay.stream import READ_CHUNK, Stream, StreamListener, StreamRelay
@@ -55,6 +56,66 @@ def stream_bench(request) -> Iterator[Bench]:
 @pytest.mark.parametrize("case", [case for _, case in conformance.CASES], ids=[name for name, _ in conformance.CASES])
 def test_conformance(bench, case):
     case(bench)
+
+
+# ------------------------------------------------------------------------------------------------
+# the pinned budget: stalled directions pay for it, not the ones whose receiver reads
+
+class RecordingPipes(PipePool):
+    """The pipe pool, noting every bite it grants (from any thread)."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(budget=budget)
+        self.bites: list[int] = []
+
+    def bite(self, pipe: Pipe, *dst: socket.socket) -> int:
+        size = super().bite(pipe, *dst)
+        self.bites.append(size)
+        return size
+
+
+@pytest.mark.skipif(not relay_module.HAS_SPLICE, reason="the budget is of pipes")
+def test_stalled_readers_holding_the_budget_leave_full_bites_to_a_reader_that_reads():
+    """Twelve downloads whose users never read pin the pipe budget; a thirteenth, whose user
+    reads, still splices most of its bytes a pipe's worth at a time (and gets them all, intact).
+    Catches: a spent budget shrinking every direction to 64 KiB bites, stalled or not, so a crowd
+    of slow readers slows every healthy download down."""
+    bench = Bench("splice")
+    budget = 2 << 20
+    pipes = RecordingPipes(budget)
+    bench.reactor.pipes.close()
+    bench.reactor.pipes = pipes
+    senders = []
+    try:
+        probe = pipes.get()
+        full = probe.size
+        pipes.put(probe)
+        if full <= SMALL:
+            pytest.skip("the kernel gives no pipe larger than a small bite")
+        endless = bytes(24 << 20)
+        stalled = [bench.link() for _ in range(12)]
+        for link in stalled:   # downloads that nobody reads
+            senders.append(send_until_broken(link.target, endless))
+
+        def settled() -> bool:
+            return all(bench.on_reactor(lambda r=link.relays[0]: r.ba.state == relay_module.WANT_WRITE)
+                       for link in stalled)
+
+        wait_until(lambda: settled() and pipes.pinned >= budget, "the stalled downloads to pin the budget", 30)
+        pipes.bites.clear()
+        healthy = bench.link()
+        data = random.Random(5).randbytes(48 << 20)
+        senders.append(send_and_finish(healthy.target, data))
+        assert hashlib.sha256(read_all(healthy.user)).digest() == hashlib.sha256(data).digest()
+        assert pipes.pinned >= budget, "the stalled downloads no longer hold the budget"
+        spliced = sum(pipes.bites)
+        in_full_bites = sum(size for size in pipes.bites if size == full)
+        assert in_full_bites >= spliced / 2, (
+            f"{in_full_bites} of {spliced} bytes in {full}-byte bites; bites: {sorted(set(pipes.bites))}")
+    finally:
+        bench.close()
+        for sender in senders:
+            sender.join(10)
 
 
 # ------------------------------------------------------------------------------------------------

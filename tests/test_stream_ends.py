@@ -262,7 +262,7 @@ def test_a_session_that_ends_keeps_the_bytes_of_streams_that_ended_cleanly(pair)
     pair.on_reactor(lambda: far.write_whole(tail))
     pair.on_reactor(far.shutdown_write)
     pair.on_reactor(far.close)                    # the client's relay is done with it
-    pair.until(lambda: pair.opener.session.ended_cleanly(stream.sid), "the tail and its FIN")
+    pair.until(lambda: pair.opener.session._streams[stream.sid].fin_received, "the tail and its FIN")
     pair.on_reactor(pair.acceptor.close)          # the client's session goes
     pair.until(lambda: pair.opener.closed, "the session's end")
     got, eof = pair.on_reactor(read_all_now, stream)
@@ -327,3 +327,98 @@ def test_finish_resets_what_still_runs_when_the_wait_is_over(pair):
     pair.until(lambda: pair.opener.closed, "the server's end")
     pair.on_reactor(pair.accepted[0].close)
     pair.on_reactor(stream.close)
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        outer = socket.create_connection(listener.getsockname()[:2], timeout=10)
+        inner, _ = listener.accept()
+    inner.settimeout(10)
+    return outer, inner
+
+
+def reads_reset(sock: socket.socket) -> bool:
+    """Reads to the end: True for a reset, False for a clean EOF."""
+    try:
+        while sock.recv(1 << 20):
+            pass
+    except ConnectionResetError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("mode", ["splice", "copy", "stream"])
+def test_a_reset_on_one_side_reaches_the_other_side_as_a_reset(mode):
+    """user -> relay(s) -> target: the user's reset mid-upload must reach the target as a reset.
+    Before, both relays shut the other socket down (a FIN): the target read a clean end of an
+    upload that was cut."""
+    from backhaul.relay import splice
+    from backhaul.relay.stream import StreamRelay
+    from tests.memstream import memory_stream_pair
+
+    if mode == "splice" and not splice.HAS_SPLICE:
+        pytest.skip("no splice here")
+    reactor = Reactor(2)
+    reactor.start()
+    user, near = tcp_pair()
+    far, target = tcp_pair()
+    closed = threading.Semaphore(0)
+    try:
+        if mode == "stream":
+            a, b = memory_stream_pair(reactor)
+            relays = [StreamRelay(reactor, near, a, on_close=lambda _r: closed.release()),
+                      StreamRelay(reactor, far, b, on_close=lambda _r: closed.release())]
+        else:
+            relays = [splice.Relay(reactor, near, far, on_close=lambda _r: closed.release(), mode=mode)]
+        for relay in relays:
+            reactor.call_soon(relay.start)
+        user.sendall(b"x" * 100_000)
+        got = 0
+        while got < 100_000:
+            got += len(target.recv(1 << 20))
+        user.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        user.close()
+        assert reads_reset(target), "the target read a clean end of an upload that was cut"
+        for _ in relays:
+            assert closed.acquire(timeout=10)
+    finally:
+        target.close()
+        reactor.stop()
+        reactor.close()
+
+
+def test_a_final_eof_of_the_stream_closes_the_socket_once_its_bytes_are_delivered():
+    """A Go peer's FIN (or a WebSocket's TCP EOF) ends both ways: the relay delivers what came
+    before it, then closes the socket, instead of a half-close that leaves the target open and
+    sending into a link nobody reads."""
+    from backhaul.relay.stream import StreamRelay
+    from tests.memstream import memory_stream_pair
+
+    reactor = Reactor(2)
+    reactor.start()
+    far, target = tcp_pair()
+    a, b = memory_stream_pair(reactor)
+    b.final_eof = True
+    closed = threading.Event()
+    relay = StreamRelay(reactor, far, b, on_close=lambda _r: closed.set())
+    try:
+        reactor.call_soon(relay.start)
+        done = threading.Event()
+
+        def peer() -> None:   # the Go side: its last bytes, then FIN
+            a.write(b"last words")
+            a.shutdown_write()
+            done.set()
+
+        reactor.call_soon(peer)
+        assert done.wait(5)
+        got = b""
+        while chunk := target.recv(100):
+            got += chunk
+        assert got == b"last words"
+        assert closed.wait(5), "the relay kept the target's socket open after the peer's final EOF"
+    finally:
+        target.close()
+        reactor.call_soon(a.close)
+        reactor.stop()
+        reactor.close()

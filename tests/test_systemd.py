@@ -188,3 +188,21 @@ def test_units_have_the_service_contract() -> None:
             assert wanted in lines, f"{unit}: {wanted}"
         assert any(line.startswith("WatchdogSec=") for line in lines), unit
     assert "ExecStart=/usr/bin/backhaul -c /etc/backhaul/%i.toml" in (UNITS / "backhaul@.service").read_text()
+
+
+def test_units_fail_once_reload_visibly_share_a_host_and_get_the_token_as_a_credential() -> None:
+    """Catches: a check before the start (Restart= retries its failure, RestartPreventExitStatus does
+    not cover it, so a bad config restart-loops); a reload that signals without checking the file
+    first (a refused config, yet `systemctl reload` succeeds); state directories of the two units
+    that cannot coexist (/var/lib/backhaul a directory for one, a symlink for the other); a
+    token file that must exist or cannot be root's alone; the manual not named."""
+    for unit, name in (("backhaul.service", "backhaul"), ("backhaul@.service", "%i")):
+        lines = [line for line in (UNITS / unit).read_text().splitlines() if not line.startswith("#")]
+        assert not [line for line in lines if line.startswith("ExecStartPre")], unit
+        reloads = [line for line in lines if line.startswith("ExecReload=")]
+        assert reloads == [f"ExecReload=/usr/bin/env -u CREDENTIALS_DIRECTORY /usr/bin/backhaul -c "
+                           f"/etc/backhaul/{name}.toml --check",
+                           "ExecReload=/bin/kill -HUP $MAINPID"], unit
+        assert f"StateDirectory=backhaul/{name}" in lines and f"WorkingDirectory=%S/backhaul/{name}" in lines
+        assert f"LoadCredential=token:/etc/backhaul/{name}.token" in lines and "SetCredential=token:\\n" in lines
+        assert "Documentation=man:backhaul(1)" in lines

@@ -173,16 +173,31 @@ def test_pipes_report_the_size_the_kernel_gave_and_refusals_once(caplog: pytest.
         pool.close()
 
 
-def test_past_the_pinned_budget_directions_take_small_bites() -> None:
+def test_past_the_pinned_budget_a_direction_takes_what_its_receiver_has_room_for() -> None:
+    """A receiver that stopped reading (its send buffer full) gives a small bite past the
+    budget, one with room a pipe's worth; within the budget, both a pipe's worth."""
     pool = PipePool(budget=2 << 20)
     pipe = pool.get()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        stalled = socket.create_connection(server.getsockname()[:2], timeout=10)
+        never_reads, _ = server.accept()
+        roomy = socket.create_connection(server.getsockname()[:2], timeout=10)
+        reads, _ = server.accept()
     try:
-        assert pool.bite(pipe) == pipe.size
+        stalled.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            while True:
+                stalled.send(bytes(1 << 20))
+        assert pool.bite(pipe, stalled) == pool.bite(pipe, roomy) == pipe.size
         pool.pin(2 << 20)
-        assert pool.bite(pipe) == min(pipe.size, SMALL)
+        assert pool.bite(pipe, stalled) == min(pipe.size, SMALL)
+        assert pool.bite(pipe, roomy) == min(pipe.size, max(SMALL, pipes_module.send_room(roomy)))
+        assert pipes_module.send_room(roomy) > SMALL
         pool.pin(-(2 << 20))
-        assert pool.bite(pipe) == pipe.size
+        assert pool.bite(pipe, stalled) == pipe.size
     finally:
+        for sock in (stalled, never_reads, roomy, reads):
+            sock.close()
         pool.discard(pipe)
         pool.close()
 

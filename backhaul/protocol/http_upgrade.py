@@ -504,6 +504,14 @@ class _HeadCollector:
         self._error = error
         self._what = what
 
+    def _too_long(self, index: int, line: bytes | bytearray) -> HeadTooLarge:
+        """The error for line ``index`` of the head (0: the request or status line), naming it."""
+        if index == 0:
+            part = "the request line" if self._what == "request" else "the status line"
+        else:
+            part = f"header line {index} of the {self._what}, starting {_show(bytes(line[:24]))},"
+        return HeadTooLarge(f"{part} is longer than {self._max_line} bytes")
+
     def _whole(self, data: bytes) -> tuple[list[bytes], bytes] | None:
         """The usual case: a whole head in one read. Cut it at once, with the same limits."""
         end = data.find(b"\r\n\r\n", 0, self._max_head)
@@ -514,8 +522,9 @@ class _HeadCollector:
             raise self._error(f"the {self._what} starts with an empty line")
         if len(lines) > self._max_lines:
             raise HeadTooLarge(f"the {self._what} has more than {self._max_lines - 1} header fields")
-        if max(map(len, lines)) > self._max_line:
-            raise HeadTooLarge(f"a {self._what} line is longer than {self._max_line} bytes")
+        for index, line in enumerate(lines):
+            if len(line) > self._max_line:
+                raise self._too_long(index, line)
         self._buf = None
         return lines, data[end + 4 :]
 
@@ -538,7 +547,7 @@ class _HeadCollector:
                 self._buf = None
                 return lines, rest
             if end - self._line_start > self._max_line:
-                raise HeadTooLarge(f"a {self._what} line is longer than {self._max_line} bytes")
+                raise self._too_long(len(self._lines), buf[self._line_start : end])
             self._lines.append((self._line_start, end))
             if len(self._lines) > self._max_lines:
                 raise HeadTooLarge(f"the {self._what} has more than {self._max_lines - 1} header fields")
@@ -546,7 +555,7 @@ class _HeadCollector:
         # A CR at the very end may be the first half of the next CRLF: look at it again next time.
         self._scan = max(self._line_start, len(buf) - 1)
         if len(buf) - self._line_start > self._max_line:
-            raise HeadTooLarge(f"a {self._what} line is longer than {self._max_line} bytes")
+            raise self._too_long(len(self._lines), buf[self._line_start :])
         if len(buf) >= self._max_head:
             raise HeadTooLarge(f"the {self._what} head is larger than {self._max_head} bytes")
         return None

@@ -99,7 +99,7 @@ class Direction:
                 return WANT_WRITE
             # The pipe is empty here, so a short read means the socket is drained, whatever size
             # the kernel gave the pipe: asking again would only raise EAGAIN.
-            bite = pipes.bite(pipe)
+            bite = pipes.bite(pipe, self.dst)
             try:
                 got = os.splice(src, pipe.w, bite, flags=_SPLICE_FLAGS)
             except BlockingIOError:

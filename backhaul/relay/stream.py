@@ -291,8 +291,7 @@ class StreamRelay:
 
     def _error(self, exc: OSError) -> None:
         """The socket broke, or the stream failed under a read or write: both ends are reset."""
-        if exc.errno not in _GONE:
-            log.debug("stream relay error: %s", exc)
+        log.debug("stream relay error: %s", exc)
         self.close(reset=True)
 
     def _update(self) -> None:

@@ -123,7 +123,7 @@ class SocketLinks:
         self.reactor = core.reactor
         self.talking = talking
         self.pool: LinkPool[SocketLink] = LinkPool(self.reactor, core.config.channel_size,
-                                                   core.config.connection_pool, ask)
+                                                   core.config.connection_pool, ask, retire=SocketLink.close)
         self._warn = Throttles(log)
 
     def start(self) -> None:
@@ -161,7 +161,7 @@ class SocketLinks:
         return max(1, self.pool.keep_ready)
 
     def user_arrived(self) -> None:
-        self.pool.request(1)
+        self.pool.user_arrived()
 
     def take(self) -> SocketLink | None:
         # The link stays registered for reading: the relay that takes it over on this same call

@@ -116,8 +116,9 @@ class UdpLinks:
         self.pool: LinkPool[UdpLink] = LinkPool(self.reactor, self.config.channel_size,
                                                 self.config.connection_pool, ask)
         # The flows on this client's links. Nothing tells the server that a client's UDP
-        # sockets are gone, so in balance mode they end with its last control channel: the
-        # users' next datagrams open flows on the clients that are still there.
+        # sockets are gone (a restarted client has new ones; a user who keeps sending would keep
+        # a flow to the old ones alive for good), so they end with its last control channel, as
+        # the client ends its own: the users' next datagrams open flows on a client that is there.
         self.carrying: set[PairRelay] = set()
         self._timer: Timer | None = None
         self._warn = Throttles(log)
@@ -133,7 +134,7 @@ class UdpLinks:
             self._timer = None
         for link in self.pool.drain():
             link.close()
-        if self.port.balance and self.carrying:
+        if self.carrying:
             flows = list(self.carrying)
             log.info("ended %d UDP flows carried by the client that left", len(flows))
             for relay in flows:
@@ -215,7 +216,7 @@ class UdpTunnelPort(TunnelPort):
         """A datagram from an address that is no link: it must open one, and goes to the client
         of its address (one client in replace mode)."""
         ip, acceptor = addr[0], self.acceptor
-        if ip not in acceptor.control_ips and ip != acceptor.proven_ip and acceptor.limiter.refuses(ip):
+        if acceptor.limiter.refuses(ip):
             DROPPED.inc(1, "limited")   # the limiter said so once for the window
             return
         refusal = self._refusal(ip, data)
@@ -307,7 +308,8 @@ class UdpSession:
                                      on_links=self._links_requested, on_lost=self._lost)
         self.links: dict[socket.socket, float] = {}    # idle links: when the server was last heard on each
         # Flows carried on this session's links. The server never says that it dropped one (it
-        # may have, to make room), so they end only when idle: a cap keeps them bounded.
+        # may have, to make room), so they end when idle (a cap keeps them bounded) or with the
+        # control channel, which ends them on the server too (and in the Go client).
         self.flows: set[PairRelay] = set()
         self.closed = False
         self.pool = ClientPool(self.reactor, self.config.connection_pool, self.config.aggressive_pool,
@@ -426,6 +428,10 @@ class UdpSession:
         for sock in self.links:
             self.reactor.close_socket(sock)
         self.links.clear()
+        if self.flows:
+            log.info("ended %d UDP flows with the control channel", len(self.flows))
+            for relay in list(self.flows):
+                relay.close()
         self.core.session_ended(self, reason)
 
 

@@ -135,7 +135,7 @@ class WebSocketLinks:
         self.core = core
         self.reactor = core.reactor
         self.pool: LinkPool[WebSocketLink] = LinkPool(self.reactor, core.config.channel_size,
-                                                      core.config.connection_pool, ask)
+                                                      core.config.connection_pool, ask, retire=WebSocketLink.close)
         self._timer: Timer | None = None
         self._warn = Throttles(log)
 
@@ -183,7 +183,7 @@ class WebSocketLinks:
         return max(1, self.pool.keep_ready)
 
     def user_arrived(self) -> None:
-        self.pool.request(1)
+        self.pool.user_arrived()
 
     def take(self) -> WebSocketLink | None:
         while True:
@@ -206,7 +206,7 @@ class UpgradePort(Port):
         self.context: ssl.SSLContext | None = None
         self.challenge = self.config.auth == "challenge"
         self.proven_ip = ""     # the last client that proved the token: never held back (see acceptor.py)
-        self.limiter = FailureLimiter()
+        self.limiter = FailureLimiter(exempt=lambda ip: ip in self.pending.trusted or ip == self.proven_ip)
         self.pending: PendingSet[Head] = PendingSet(self.reactor, "upgrade heads", HEAD_TIMEOUT, self._too_slow)
         self.challenges: PendingSet[Challenge] = PendingSet(self.reactor, "challenges", HANDSHAKE_TIMEOUT,
                                                             self._no_proof)
@@ -228,7 +228,7 @@ class UpgradePort(Port):
 
     # --- heads ----------------------------------------------------------------------------------
     def _arrived(self, sock: socket.socket, addr: tuple) -> None:
-        if addr[0] not in self.pending.trusted and addr[0] != self.proven_ip and self.limiter.refuses(addr[0]):
+        if self.limiter.refuses(addr[0]):
             sock.close()
             return
         sock.setblocking(False)

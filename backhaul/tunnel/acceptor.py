@@ -96,7 +96,7 @@ class HandshakeAcceptor:
         self.control_ips: frozenset[str] = frozenset()   # set by the owner: the addresses with a control channel
         self.proven_ip = ""      # the address of the last client that proved the token: never held back
         self.checkers_of: CheckersOf = lambda _ip: ()   # challenge: set by the owner
-        self.limiter = FailureLimiter()
+        self.limiter = FailureLimiter(exempt=lambda ip: ip in self.control_ips or ip == self.proven_ip)
         self.pending: PendingSet[Handshake] = PendingSet(reactor, "handshakes", HANDSHAKE_TIMEOUT, self._expired,
                                                          max_pending, per_source)
         self.pending.on_failed = self.limiter.failed
@@ -105,7 +105,7 @@ class HandshakeAcceptor:
     def arrived(self, sock: socket.socket, addr: tuple) -> None:
         """A new connection on the tunnel port."""
         ip = addr[0]
-        if ip not in self.control_ips and ip != self.proven_ip and self.limiter.refuses(ip):
+        if self.limiter.refuses(ip):
             sock.close()
             return
         sock.setblocking(False)

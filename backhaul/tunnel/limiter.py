@@ -3,9 +3,10 @@ connections are closed unread until its window ends.
 
 Token guessing and floods of junk cost the server a read, a judgement and a log line each; an
 address that keeps failing gets one line a window and costs an accept and a close afterwards.
-The owners never refuse the address of the last client that proved the token (its own links
-fail in numbers when its control channel drops), and the table of addresses is bounded, oldest
-first out.
+Addresses the owner exempts (those of its clients, whose own links fail in numbers when a
+control channel drops) are never refused: their failures are still judged one by one, and the
+line at the limit says so instead of claiming a refusal. The table of addresses is bounded,
+oldest first out.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ class FailureLimiter:
     """Counts failures by address in fixed windows; reactor thread only."""
 
     def __init__(self, limit: int = FAILURES, window: float = WINDOW, max_sources: int = MAX_SOURCES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 exempt: Callable[[str], bool] = lambda _ip: False) -> None:
         self.limit = limit
+        self.exempt = exempt
         self.window = window
         self.max_sources = max_sources
         self.clock = clock
@@ -64,15 +67,20 @@ class FailureLimiter:
         source.failures += 1
         if source.failures == self.limit:
             held = self._lines.allow()
-            if held is not None:
+            if held is None:
+                return
+            more = f" ({held} more addresses like it)" if held else ""
+            if self.exempt(ip):
+                log.warning("%d failed handshakes within %g s from %s, the address of a client of this tunnel: "
+                            "not refused, each is judged%s", self.limit, self.window, ip, more)
+            else:
                 log.warning("refusing connections from %s for %g s: %d failed handshakes within %g s%s", ip,
-                            self.window - (now - source.start), self.limit, self.window,
-                            f" ({held} more addresses like it)" if held else "")
+                            self.window - (now - source.start), self.limit, self.window, more)
 
     def refuses(self, ip: str) -> bool:
-        """True (and counted) when ``ip`` reached the limit in its current window."""
+        """True (and counted) when ``ip`` reached the limit in its current window and is not exempt."""
         source = self._current(ip, self.clock())
-        if source is None or source.failures < self.limit:
+        if source is None or source.failures < self.limit or self.exempt(ip):
             return False
         source.refused += 1
         HANDSHAKE_FAILURES.inc(1, "limited")

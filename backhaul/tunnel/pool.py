@@ -1,14 +1,18 @@
 """The server's pool of idle links for the one-link-per-user transports (tcp, ws, udp).
 
-Policy only: it keeps ``connection_pool`` links ready by asking the client for what is missing
-and not yet asked for, bounds the idle links by ``channel_size``, and forgets requests the client
-did not answer in time. What a link is and how it is asked for belong to the transport.
+Policy only: it keeps links ready by asking the client for what is missing and not yet asked
+for, bounds the idle links by ``channel_size``, and forgets requests the client did not answer in
+time. A pool that can give links back (tcp, ws, wss: closing an idle link is all it takes, a Go
+client just forgets it) follows the users: it asks ahead as fast as they take links and closes
+what it asked ahead once they are gone (tunnel/demand.py). The udp pool keeps ``connection_pool``.
+What a link is and how it is asked for belong to the transport.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -17,27 +21,57 @@ from backhaul.log import Throttles
 from backhaul.metrics import METRICS
 from backhaul.poolsize import PoolSizer
 from backhaul.reactor import Reactor, Timer
+from backhaul.tunnel.demand import LinkDemand
 
 log = logging.getLogger("backhaul.client")
+server_log = logging.getLogger("backhaul.server")
 
 REQUEST_TTL = 5.0      # a link asked for and not arrived by then is asked for again
 TOP_UP_EVERY = 1.0
+TIMESCALE_ENV = "BACKHAUL_POOL_TIMESCALE"   # undocumented: shortens the pool's time constants (tests)
 
 L = TypeVar("L")
 
 IDLE = METRICS.gauge("backhaul_pool_idle_links", "Tunnel links open and waiting for a user (tcp, ws).", ("side",))
 
 
-class LinkPool(Generic[L]):
-    """Idle links in arrival order plus the requests out for more; reactor thread only."""
+def timescale() -> float:
+    """The factor of the pool's time constants: 1, or a shorter one from the environment."""
+    text = os.environ.get(TIMESCALE_ENV, "")
+    if not text:
+        return 1.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.01 <= value <= 1.0:
+        server_log.warning("ignored %s=%r: not a number from 0.01 to 1", TIMESCALE_ENV, text)
+        return 1.0
+    return value
 
-    def __init__(self, reactor: Reactor, capacity: int, keep_ready: int, ask: Callable[[int], None]) -> None:
+
+class LinkPool(Generic[L]):
+    """Idle links in arrival order plus the requests out for more; reactor thread only.
+
+    With ``retire`` (how an idle link is closed) the pool follows its users (``LinkDemand``);
+    without it, it keeps ``keep_ready`` links.
+    """
+
+    def __init__(self, reactor: Reactor, capacity: int, keep_ready: int, ask: Callable[[int], None],
+                 retire: Callable[[L], None] | None = None) -> None:
         self.reactor = reactor
         self.capacity = capacity
         self.keep_ready = keep_ready
         self.ask = ask
+        self.retire = retire
         self.idle: collections.deque[L] = collections.deque()
         self.requested: collections.deque[float] = collections.deque()
+        self.demand: LinkDemand | None = None
+        self.every = TOP_UP_EVERY
+        if retire is not None:
+            scale = timescale()
+            self.demand = LinkDemand(keep_ready, capacity, timescale=scale)
+            self.every = TOP_UP_EVERY * scale
         self._timer: Timer | None = None
         self._unwatch: Callable[[], None] | None = None
 
@@ -62,7 +96,12 @@ class LinkPool(Generic[L]):
         if len(self.idle) >= self.capacity:
             return False
         if self.requested:
-            self.requested.popleft()
+            # Links answer requests in order as far as the pool can tell: a link the client
+            # dialed of its own accord, or a request it skipped, shifts the match by one
+            # request, which adds one request's spacing to the arrival time measured.
+            asked = self.requested.popleft()
+            if self.demand is not None:
+                self.demand.arrived(time.monotonic() - asked)
         self.idle.append(link)
         return True
 
@@ -84,21 +123,53 @@ class LinkPool(Generic[L]):
         return links
 
     def request(self, count: int = 1) -> None:
-        """Ask the client for ``count`` more links (a user arrived)."""
+        """Ask the client for ``count`` more links."""
         now = time.monotonic()
         for _ in range(min(count, self.capacity - len(self.requested))):
             self.requested.append(now)
         self.ask(count)
 
-    def _top_up(self) -> None:
+    def user_arrived(self) -> None:
+        """A user arrived and takes a link (before it is taken): ask for the one that replaces
+        it, and for more while the users come faster than links arrive."""
+        if self.demand is None:
+            self.request(1)
+            return
         now = time.monotonic()
+        self._forget_unanswered(now)
+        self.demand.user(now)
+        count = self.demand.to_ask(now, len(self.idle) + len(self.requested) - 1, for_user=True)
+        if count:
+            self.request(count)
+
+    def _forget_unanswered(self, now: float) -> None:
         while self.requested and now - self.requested[0] > REQUEST_TTL:
             self.requested.popleft()
-        missing = self.keep_ready - len(self.idle) - len(self.requested)
+
+    def _top_up(self) -> None:
+        now = time.monotonic()
+        self._forget_unanswered(now)
+        if self.demand is None:
+            missing = self.keep_ready - len(self.idle) - len(self.requested)
+        else:
+            stock = len(self.idle) + len(self.requested)
+            surplus = self.demand.to_close(now, len(self.idle), stock)
+            if surplus:
+                self._shrink(surplus)
+            missing = self.demand.to_ask(now, stock - surplus)
         missing = min(missing, self.capacity - len(self.requested))
         if missing > 0:
             self.request(missing)
-        self._timer = self.reactor.call_later(TOP_UP_EVERY, self._top_up)
+        self._timer = self.reactor.call_later(self.every, self._top_up)
+
+    def _shrink(self, count: int) -> None:
+        """Close ``count`` idle links the load no longer needs, the oldest first: the likeliest to
+        have been dropped by a middlebox meanwhile."""
+        assert self.retire is not None
+        for _ in range(count):
+            self.retire(self.idle.popleft())
+        server_log.debug("closed %d idle data connections the load no longer needs; %d idle, %d asked for",
+                         count, len(self.idle), len(self.requested))
 
 
 class ClientPool:
