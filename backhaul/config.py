@@ -37,6 +37,7 @@ CREDENTIAL = "token"      # the systemd credential holding the token: LoadCreden
 MAX_RANGE_PORTS = 1000
 _INT_MAX = 2**31 - 1
 _SECTIONS = ("server", "client")
+_CONGESTION_NAME = re.compile(r"[a-z0-9_-]{1,15}")  # the kernel's names: TCP_CA_NAME_MAX is 16 with the NUL
 _RANGE_THEN_COLON = re.compile(r"^\s*(\d+\s*(?:-\s*\d+\s*)?):(.*)$")
 
 _PY_LEVELS = {
@@ -88,6 +89,7 @@ _TRANSPORT_DOC = f"tunnel transport, the same on both sides: {', '.join(TRANSPOR
 _TOKEN_DOC = f'shared secret, the same on both sides (see TOKEN); unset anywhere: "{DEFAULT_TOKEN}", with a warning'
 _TOKEN_FILE_DOC = "a file holding the token (one line), instead of token; relative to this file's directory (ours)"
 _LOG_LEVEL_DOC = f"least severe level logged: {', '.join(LOG_LEVELS)}"
+_CONGESTION_DOC = 'TCP congestion control of tunnel connections, e.g. "bbr" (empty: the host\'s) (ours)'
 _AUTH_DOC = '"token" (v0.7.2) or "challenge": HMAC proofs, the token never sent; the same on both sides (ours)'
 
 
@@ -117,7 +119,7 @@ class ServerConfig:
     mux_version: int = setting(1, "smux protocol version, 1 or 2, the same on both sides (2: per-stream windows)")
     mux_framesize: int = setting(32768, "largest smux frame sent, in bytes (any up to 65535 is accepted, as Go does)")
     mux_recievebuffer: int = setting(4194304, "unread bytes per smux session before its socket is no longer read")
-    mux_streambuffer: int = setting(65536, "smux version 2: the window granted to each stream, in bytes")
+    mux_streambuffer: int = setting(65536, "smux version 2: a stream's first window, in bytes; it grows with the path")
     accept_udp: bool = setting(False, "tcp transport: the public ports also carry UDP, one flow per user address")
     udp_max_flows: int = setting(4096, "UDP flows kept at once, all ports together; past it one makes room (ours)")
     proxy_protocol: bool = setting(False, "send a PROXY v2 header to the target before the user's bytes")
@@ -133,6 +135,7 @@ class ServerConfig:
     mss: int = setting(0, "TCP maximum segment size on tunnel and user sockets (0: the OS default)")
     so_rcvbuf: int = setting(0, "SO_RCVBUF on tunnel and user sockets, in bytes (0: the OS default)")
     so_sndbuf: int = setting(0, "SO_SNDBUF on tunnel sockets, in bytes (0: the OS default)")
+    congestion: str = setting("", _CONGESTION_DOC)
     auth: str = setting("token", _AUTH_DOC)
 
 
@@ -164,7 +167,7 @@ class ClientConfig:
     mux_version: int = setting(1, "smux protocol version, 1 or 2, the same on both sides (2: per-stream windows)")
     mux_framesize: int = setting(32768, "largest smux frame sent, in bytes (any up to 65535 is accepted, as Go does)")
     mux_recievebuffer: int = setting(4194304, "unread bytes per smux session before its socket is no longer read")
-    mux_streambuffer: int = setting(65536, "smux version 2: the window granted to each stream, in bytes")
+    mux_streambuffer: int = setting(65536, "smux version 2: a stream's first window, in bytes; it grows with the path")
     mux_session: int = setting(1, "tcpmux, wsmux: smux sessions kept open at least")
     edge_ip: str = setting("", "ws transports: connect to this IP address (a CDN edge); Host and SNI stay remote_addr")
     tls_verify: bool = setting(False, "wss, wssmux: check the server's certificate against tls_ca or the system's CAs")
@@ -179,6 +182,7 @@ class ClientConfig:
     mss: int = setting(0, "TCP maximum segment size on tunnel sockets (0: the OS default)")
     so_rcvbuf: int = setting(0, "SO_RCVBUF on tunnel sockets, in bytes (0: the OS default)")
     so_sndbuf: int = setting(0, "SO_SNDBUF on tunnel sockets, in bytes (0: the OS default)")
+    congestion: str = setting("", _CONGESTION_DOC)
     auth: str = setting("token", _AUTH_DOC)
     heartbeat: int = setting(DEFAULT_HEARTBEAT, "accepted; the silence limit follows the server's heartbeats")
     forwarder: tuple[tuple[str, str], ...] = setting((), '"TARGET=HOST:PORT": dial HOST:PORT for the target TARGET')
@@ -516,6 +520,7 @@ def _common(reader: _Reader) -> dict[str, object]:
         "mss": _mss(reader),
         "so_rcvbuf": reader.integer("so_rcvbuf", 0, 0, _INT_MAX),
         "so_sndbuf": reader.integer("so_sndbuf", 0, 0, _INT_MAX),
+        "congestion": _congestion(reader),
         "auth": _auth(reader),
     }
     values.update(_mux(reader))
@@ -529,6 +534,16 @@ def _auth(reader: _Reader) -> str:
         raise reader.error("auth", 'expected "token" (the handshake of Backhaul v0.7.2, the default) or '
                            '"challenge" (ours, docs/auth.md: this program on both ends)', value)
     return value
+
+def _congestion(reader: _Reader) -> str:
+    """Ours: a TCP congestion control by the kernel's name. Whether this host has it is known only
+    where the program runs: the socket that is refused it says so (backhaul.net)."""
+    value = reader.string("congestion", "")
+    if value and not _CONGESTION_NAME.fullmatch(value):
+        raise reader.error("congestion", 'expected the kernel\'s name of a TCP congestion control, e.g. "bbr" or '
+                           '"cubic" (at most 15 lower-case letters, digits, "_" or "-"; empty: the host\'s)', value)
+    return value
+
 
 def _web_addr(reader: _Reader) -> str:
     """The address the status page binds: an IP address, never a name (no lookup at start)."""

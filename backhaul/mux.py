@@ -6,8 +6,9 @@ rounds: a hand-off between threads costs more than such a read (and under the GI
 threads take turns at every system call). When an inline read fills its buffer the session is
 moving bulk data: the demux thread takes the socket over, reads it in parallel with the reactor's
 work and gives it back once it has been quiet for QUIET_MS. Either way the reactor feeds the state
-machine, dispatches what happened to the streams and writes the frames, whole, in order, once per
-turn of its loop: what every stream queued in that turn leaves in one gathered write. The thread's
+machine, dispatches what happened to the streams and writes the frames, whole, once per turn of
+its loop, in the session's rounds (the streams in turn, each stream's frames in order): a round
+leaves in one gathered write, and the next is taken once it is sent. The thread's
 reads wait in an inbox until the reactor takes them all at once; it reads no more while the inbox
 holds IN_FLIGHT bytes or the session's receive buffer is full (TCP backpressure, as smux does). Nothing here knows how
 the socket was made (tcpmux dials it; wsmux upgrades it from HTTP first).
@@ -45,6 +46,10 @@ IN_FLIGHT = 1024 * 1024   # bytes read that the reactor has not taken yet
 POLL_MS = 1000            # how often an idle demux thread looks whether its session closed
 IOV_MAX = 1024            # buffers one sendmsg may take (Linux)
 TLS_WRITE = 256 * 1024    # bytes joined into one TLS write
+# What the kernel may hold of a session's frames not sent yet: a frame queued behind more than
+# this waits for the path to carry it, whatever stream it is for. Below, the session's own rounds
+# decide the order (every stream in turn), so a request does not wait behind a download.
+UNSENT_LOWAT = 64 * 1024
 
 # Every open session of the process, for the metrics (side: the server opens the streams).
 _OPEN: set[MuxConnection] = set()
@@ -121,6 +126,7 @@ class MuxConnection:
     def start(self, first: bytes = b"") -> None:
         """Begin; ``first`` holds session bytes read before (behind an HTTP 101 on wsmux)."""
         self.sock.setblocking(False)
+        _keep_unsent_small(self.sock)
         _OPEN.add(self)
         if first:
             self.reactor.call_soon(self._take_chunk, first)
@@ -333,7 +339,8 @@ class MuxConnection:
         if self.closed:
             return
         if self._fin_sent:
-            self.session.outgoing_buffers()  # keepalives after our FIN: the peer is going
+            while self.session.has_outgoing:  # keepalives after our FIN: the peer is going
+                self.session.outgoing_buffers()
             return
         pending = self._pending
         try:
@@ -488,6 +495,15 @@ class MuxConnection:
         self._blocked.clear()
 
 
+def _keep_unsent_small(sock: socket.socket) -> None:
+    """TCP_NOTSENT_LOWAT on this socket (never the host's sysctl): the socket is writable, and
+    takes more, only while less than UNSENT_LOWAT of it waits unsent."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LOWAT)
+    except (OSError, AttributeError) as exc:  # not a TCP socket, or a kernel without it
+        log.debug("smux session socket keeps the host's unsent queue: %s", exc)
+
+
 class MuxStream:
     """One smux stream as a link: the ``Stream`` of backhaul/relay/stream.py."""
 
@@ -516,7 +532,7 @@ class MuxStream:
     def read(self, limit: int) -> bytes | None:
         if self._failed:
             raise ConnectionResetError(self._failed)
-        data = self.conn.session.read(self.sid, limit)
+        data = self.conn.session.read(self.sid, limit, time.monotonic())
         if data:
             self.conn.consumed()
         elif data == b"":

@@ -32,10 +32,13 @@ Dialed = Callable[[socket.socket | None, str], None]
 
 
 def tune(sock: socket.socket, *, nodelay: bool, keepalive: int = 0, mss: int = 0,
-         rcvbuf: int = 0, sndbuf: int = 0) -> None:
+         rcvbuf: int = 0, sndbuf: int = 0, congestion: str = "") -> None:
     """Apply the socket options of the config to a new socket; options the OS refuses are
     skipped. An option a new socket has already (Nagle on, the system's keepalive interval and
-    count) is not set again: every connection pays for each system call."""
+    count) is not set again: every connection pays for each system call. ``congestion``: the
+    TCP congestion control to use instead of the host's ("" keeps the host's)."""
+    if congestion:
+        set_congestion(sock, congestion)
     try:
         if nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -56,6 +59,33 @@ def tune(sock: socket.socket, *, nodelay: bool, keepalive: int = 0, mss: int = 0
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     except OSError as exc:
         log.debug("socket option refused: %s", exc)
+
+
+def set_congestion(sock: socket.socket, name: str) -> bool:
+    """TCP_CONGESTION ``name`` on ``sock``; when the kernel refuses it, one warning per name for
+    the whole process (every later socket is refused the same way) naming what the kernel has."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+    except OSError as exc:
+        if name not in _congestion_refused:
+            _congestion_refused.add(name)
+            log.warning("congestion = %r not applied, the host's is used: the kernel refused it (%s); "
+                        "available: %s; allowed without CAP_NET_ADMIN: %s", name, reason(exc),
+                        _kernel_list("tcp_available_congestion_control"),
+                        _kernel_list("tcp_allowed_congestion_control"))
+        return False
+    return True
+
+
+_congestion_refused: set[str] = set()
+
+
+def _kernel_list(name: str) -> str:
+    try:
+        with open(f"/proc/sys/net/ipv4/{name}") as file:
+            return file.read().strip() or "none"
+    except OSError:
+        return "unknown"
 
 
 @functools.cache

@@ -77,8 +77,8 @@ class _RateConn:
 class RateGenerator:
     """Keeps `concurrency` request/reply connections in flight on one selector."""
 
-    def __init__(self, port: int, concurrency: int) -> None:
-        self.addr = (HOST, port)
+    def __init__(self, port: int, concurrency: int, host: str = HOST) -> None:
+        self.addr = (host, port)
         self.concurrency = concurrency
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, _RateConn] = {}
@@ -297,11 +297,11 @@ class Holder:
 # ----------------------------------------------------------------- ping-pong
 
 
-def ping_pong(port: int, rounds: int, warmup: int, max_seconds: float) -> list[float]:
+def ping_pong(port: int, rounds: int, warmup: int, max_seconds: float, host: str = HOST) -> list[float]:
     """1-byte round trips over one connection; returns per-round latencies in µs after warm-up."""
     samples: list[float] = []
     deadline = time.monotonic() + max_seconds
-    with socket.create_connection((HOST, port), timeout=5) as sock:
+    with socket.create_connection((host, port), timeout=5) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(warmup + rounds):
             t = time.perf_counter_ns()
@@ -312,6 +312,29 @@ def ping_pong(port: int, rounds: int, warmup: int, max_seconds: float) -> list[f
                 samples.append((time.perf_counter_ns() - t) / 1000)
             if time.monotonic() > deadline:
                 break
+    return samples
+
+
+# ---------------------------------------------------------------- fresh connections
+
+
+def fresh_connections(port: int, count: int, host: str = HOST, timeout: float = 10.0) -> list[float]:
+    """``count`` new connections one after another: connect, send one request line, read the
+    reply, close; the ms from the connect call to the end of the reply, each (the wait a new
+    user of a path sees before its first answer)."""
+    samples: list[float] = []
+    for _ in range(count):
+        started = time.perf_counter()
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(REQUEST)
+            reply = b""
+            while len(reply) < len(REPLY):
+                chunk = sock.recv(64)
+                if not chunk:
+                    raise ConnectionError(f"closed after {len(reply)} bytes of the reply")
+                reply += chunk
+        samples.append((time.perf_counter() - started) * 1e3)
     return samples
 
 
@@ -330,6 +353,7 @@ def main() -> None:
     rate.add_argument("--concurrency", type=int, default=25)
     rate.add_argument("--seconds", type=float, default=5)
     rate.add_argument("--start-at", type=float, default=0.0, help="CLOCK_MONOTONIC time to start at")
+    rate.add_argument("--host", default=HOST, help="address to connect to")
     hold = sub.add_parser("hold")
     hold.add_argument("port", type=int)
     hold.add_argument("--count", type=int, default=1000)
@@ -342,7 +366,7 @@ def main() -> None:
     if args.mode == "send":
         announce("RESULT", run_send(args.port, args.streams, args.seconds))
     elif args.mode == "rate":
-        announce("RESULT", RateGenerator(args.port, args.concurrency).run(args.seconds, args.start_at))
+        announce("RESULT", RateGenerator(args.port, args.concurrency, args.host).run(args.seconds, args.start_at))
     else:
         holder = Holder(args.port, args.count, args.rate, args.inflight)
         done = holder.open_all(args.deadline)

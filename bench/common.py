@@ -20,6 +20,9 @@ from typing import IO, Any
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 HOST = "127.0.0.1"
+# Where services listen: the loopback address unless a run across the emulated long path
+# (wan.py) has them listen on every address of their namespace, for the direct path to reach.
+LISTEN_HOST = os.environ.get("BENCH_LISTEN", HOST)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Every process the driver starts, so that one call at exit can end them all.
@@ -59,10 +62,10 @@ def free_port() -> int:
 
 
 def listen(port: int = 0, backlog: int = 4096) -> socket.socket:
-    """Open a listening socket on the loopback address."""
+    """Open a listening socket on the loopback address (LISTEN_HOST)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, port))
+    sock.bind((LISTEN_HOST, port))
     sock.listen(backlog)
     return sock
 
@@ -105,7 +108,7 @@ class LineReader:
 class Helper:
     """A helper process of the benchmark (service, relay or client) speaking the line protocol."""
 
-    def __init__(self, argv: list[str], name: str, stdin: bool = False) -> None:
+    def __init__(self, argv: list[str], name: str, stdin: bool = False, env: dict[str, str] | None = None) -> None:
         self.name = name
         # A new session gives the helper its own process group, so forked
         # workers are ended together with it.
@@ -115,16 +118,19 @@ class Helper:
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            env={**os.environ, **env} if env else None,
         )
         _LIVE.append(self.proc)
         assert self.proc.stdout is not None
         self.lines = LineReader(self.proc.stdout)
 
     @classmethod
-    def script(cls, script: str, *args: object, stdin: bool = False) -> "Helper":
-        """Start one of the bench scripts with the running interpreter."""
-        argv = [sys.executable, str(BENCH_DIR / script), *map(str, args)]
-        return cls(argv, name=f"{script} {args[0] if args else ''}".strip(), stdin=stdin)
+    def script(cls, script: str, *args: object, stdin: bool = False, netns: str = "",
+               env: dict[str, str] | None = None) -> "Helper":
+        """Start one of the bench scripts with the running interpreter (inside network namespace
+        ``netns`` when given: `ip netns exec` execs it, so the pid is the script's)."""
+        argv = in_netns(netns, [sys.executable, str(BENCH_DIR / script), *map(str, args)])
+        return cls(argv, name=f"{script} {args[0] if args else ''}".strip(), stdin=stdin, env=env)
 
     @property
     def pid(self) -> int:
@@ -170,6 +176,11 @@ class Helper:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def in_netns(netns: str, argv: list[str]) -> list[str]:
+    """``argv`` run inside network namespace ``netns`` ("" : here)."""
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
 
 def track(proc: subprocess.Popen[Any]) -> None:
@@ -255,11 +266,12 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def is_listening(port: int) -> bool:
-    """Whether a TCP socket listens on 127.0.0.1:port (from the kernel's socket table)."""
-    wanted = f"0100007F:{port:04X}"
-    with open("/proc/net/tcp") as f:
-        return any(line.split()[1] == wanted and line.split()[3] == "0A" for line in f.readlines()[1:])
+def is_listening(port: int, pid: int | None = None) -> bool:
+    """Whether a TCP socket listens on ``port`` (any address; ports are the bench's own), from the
+    kernel's socket table of this network namespace, or of process ``pid``'s."""
+    wanted = f":{port:04X}"
+    with open(f"/proc/{pid}/net/tcp" if pid else "/proc/net/tcp") as f:
+        return any(line.split()[1].endswith(wanted) and line.split()[3] == "0A" for line in f.readlines()[1:])
 
 
 TLS_TRANSPORTS = ("wss", "wssmux")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from common import (
     cpu_seconds,
     fd_count,
     free_port,
+    in_netns,
     is_listening,
     stop_process,
     threads_and_rss,
@@ -51,13 +52,24 @@ class Settings:
     client_extra: tuple[str, ...] = ()  # more KEY=VALUE lines for [client]
     go_binary: str | None = None  # the Go program, measured as a fourth path when set
     unavailable: dict[str, str] = field(default_factory=dict)  # path -> why it cannot run here
+    # Across the emulated long path (wan.py): the namespace of the targets and the tunnel's
+    # client, the address direct users reach the targets at, and the one the client dials.
+    target_netns: str = ""
+    direct_host: str = HOST
+    tunnel_host: str = HOST
     notes: list[str] = field(default_factory=list)
     tunnel_logs: list[tuple[str, str, list[str]]] = field(default_factory=list)
+    ab_requests: int = AB_REQUESTS
+    ab_timeout: float = 120.0
+    # Around each run of a path (label, path): wan.py checks its emulated link's own drops there.
+    around_run: Callable[[str, str], AbstractContextManager[None]] | None = None
 
     @property
     def paths(self) -> tuple[str, ...]:
-        """The paths every measurement runs (the two-client pair only where asked for)."""
-        return tuple(p for p in PATHS if p != "2 clients" and (p != "go" or self.go_binary))
+        """The paths every measurement runs (the two-client pair only where asked for; the plain
+        relay, a loopback yardstick, not across the long path)."""
+        return tuple(p for p in PATHS if p != "2 clients" and (p != "go" or self.go_binary)
+                     and (p != "relay" or not self.target_netns))
 
 
 @dataclass
@@ -67,6 +79,8 @@ class Endpoint:
     path: str
     port: int
     pids: dict[str, int]
+    host: str = HOST
+    echo_port: int = 0  # an echo service through the same path (the readiness probe's), 0: none
 
 
 def log(message: str) -> None:
@@ -81,17 +95,18 @@ def log(message: str) -> None:
 def open_path(path: str, target_port: int, label: str, s: Settings) -> Iterator[Endpoint]:
     """Bring up one path to the target (nothing, a relay process, or a tunnel pair: ours or Go's)."""
     if path == "direct":
-        yield Endpoint(path, target_port, {})
+        yield Endpoint(path, target_port, {}, s.direct_host, s.probe_port)
     elif path == "relay":
         with Helper.script("relay.py", target_port) as relay:
             yield Endpoint(path, int(relay.expect("PORT", 10)), {"relay": relay.pid})
     else:
         go_binary = s.go_binary if path == "go" else None
         pair = TunnelPair(s.workdir, label, target_port, s.probe_port, s.transport, go_binary,
-                          s.server_extra, s.client_extra, clients=2 if path == "2 clients" else 1)
+                          s.server_extra, s.client_extra, clients=2 if path == "2 clients" else 1,
+                          client_netns=s.target_netns, tunnel_host=s.tunnel_host)
         try:
             with pair:
-                yield Endpoint(path, pair.public_port, pair.pids)
+                yield Endpoint(path, pair.public_port, pair.pids, echo_port=pair.probe_public_port)
                 pair.check_alive()  # a crash mid-measurement taints the numbers: say so
         finally:
             for role, lines in pair.logs().items():
@@ -132,7 +147,8 @@ def _run_one(
 ) -> dict[str, Cell]:
     t0 = time.monotonic()
     try:
-        with open_path(path, target_port, label, s) as endpoint:
+        with open_path(path, target_port, label, s) as endpoint, \
+                (s.around_run(label, path) if s.around_run else nullcontext()):
             got = fn(endpoint)
     except Exception as exc:  # reported in the notes; the run goes on
         s.notes.append(f"{label} via {path}: {type(exc).__name__}: {exc}")
@@ -183,10 +199,11 @@ class IperfSink:
 
     name = "iperf3"
 
-    def __init__(self) -> None:
+    def __init__(self, netns: str = "", host: str = HOST) -> None:
+        """``netns``: the network namespace to run in; ``host``: the address to listen on."""
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [shutil.which("iperf3") or "iperf3", "-s", "-B", HOST, "-p", str(self.port)],
+            in_netns(netns, [shutil.which("iperf3") or "iperf3", "-s", "-B", host, "-p", str(self.port)]),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -195,16 +212,17 @@ class IperfSink:
         track(self.proc)
         # A probe connection would look like a test to iperf3; watch the socket table instead.
         deadline = time.monotonic() + 10
-        while not is_listening(self.port):
+        while not is_listening(self.port, self.proc.pid if netns else None):
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError("iperf3 server did not start listening")
             time.sleep(0.05)
 
-    def run(self, port: int, streams: int, seconds: float, reverse: bool = False) -> tuple[float, float]:
+    def run(self, port: int, streams: int, seconds: float, reverse: bool = False,
+            host: str = HOST) -> tuple[float, float]:
         argv = [
             shutil.which("iperf3") or "iperf3",
             "-c",
-            HOST,
+            host,
             "-p",
             str(port),
             "-t",
@@ -300,6 +318,8 @@ def _rate(ep: Endpoint, concurrency: int, s: Settings, generators: int = 2) -> d
             s.seconds,
             "--start-at",
             start_at,
+            "--host",
+            ep.host,
         )
         for _ in range(generators)
     ]
@@ -373,7 +393,7 @@ def measure_ab(s: Settings) -> list[Row]:
         log(f"  {why}")
         return []
     try:
-        nginx = Nginx(tools["nginx"], s.workdir)
+        nginx = Nginx(tools["nginx"], s.workdir, s.target_netns, "0.0.0.0" if s.target_netns else HOST)
     except RuntimeError as exc:
         s.notes.append(f"ab: skipped, nginx did not start: {exc}")
         log(f"  ab: skipped, nginx did not start: {exc}")
@@ -403,7 +423,7 @@ def _ab_row(ab: str, concurrency: int, port: int, s: Settings) -> Row:
 
 
 def _ab(ep: Endpoint, ab: str, concurrency: int, s: Settings) -> AbResult:
-    result = run_ab(ab, ep.port, AB_REQUESTS, concurrency, timeout=120)
+    result = run_ab(ab, ep.port, s.ab_requests, concurrency, timeout=s.ab_timeout, host=ep.host)
     if result.failed or result.non2xx:
         s.notes.append(
             f"ab req/s c={concurrency} via {ep.path}: {result.failed} failed ({result.failed_detail}),"
@@ -456,7 +476,7 @@ def measure_latency(s: Settings) -> list[Row]:
         port = int(echo.expect("PORT", 10))
 
         def one(ep: Endpoint) -> dict[str, Cell]:
-            samples = sorted(ping_pong(ep.port, s.ping_rounds, warmup=500, max_seconds=60))
+            samples = sorted(ping_pong(ep.port, s.ping_rounds, warmup=500, max_seconds=60, host=ep.host))
             if not samples:
                 raise RuntimeError("no round trips completed")
             return {names[0]: Cell(percentile(samples, 0.50)), names[1]: Cell(percentile(samples, 0.99))}

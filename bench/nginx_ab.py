@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import HOST, free_port, is_listening, stop_process, track
+from common import HOST, free_port, in_netns, is_listening, stop_process, track
 
 START_TIMEOUT = 10.0
 AB_SOCKET_TIMEOUT = 10  # ab -s: seconds one response may take before ab gives up
@@ -61,14 +61,16 @@ def find_tools() -> tuple[dict[str, str], list[str]]:
 class Nginx:
     """One nginx process serving `return 200 "ok";` on 127.0.0.1:port."""
 
-    def __init__(self, binary: str, workdir: Path) -> None:
+    def __init__(self, binary: str, workdir: Path, netns: str = "", host: str = HOST) -> None:
+        """``netns``: the network namespace to run in; ``host``: the address to listen on."""
         self.dir = workdir / "nginx"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.netns = netns
         conf = self.dir / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=self.dir, host=HOST, port=self.port))
+        conf.write_text(NGINX_CONF.format(dir=self.dir, host=host, port=self.port))
         # -e: the error log from the very start (before the config is read) goes here too.
-        argv = [binary, "-p", f"{self.dir}/", "-e", str(self.dir / "error.log"), "-c", str(conf)]
+        argv = in_netns(netns, [binary, "-p", f"{self.dir}/", "-e", str(self.dir / "error.log"), "-c", str(conf)])
         with open(self.dir / "nginx.out", "wb") as out:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -82,7 +84,7 @@ class Nginx:
 
     def _wait_listening(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
-        while not is_listening(self.port):
+        while not is_listening(self.port, self.proc.pid if self.netns else None):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nginx exited with code {self.proc.returncode}: {self.log_tail()}")
             if time.monotonic() > deadline:
@@ -118,7 +120,7 @@ class AbResult:
     non2xx: int
 
 
-def run_ab(binary: str, port: int, requests: int, concurrency: int, timeout: float) -> AbResult:
+def run_ab(binary: str, port: int, requests: int, concurrency: int, timeout: float, host: str = HOST) -> AbResult:
     """One ab run, one request per connection (no -k); the numbers of its report.
 
     -r keeps ab going past a reset or closed connection, so such failures are
@@ -134,7 +136,7 @@ def run_ab(binary: str, port: int, requests: int, concurrency: int, timeout: flo
         str(requests),
         "-c",
         str(concurrency),
-        f"http://{HOST}:{port}/",
+        f"http://{host}:{port}/",
     ]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)

@@ -64,8 +64,8 @@ def format_cell(row: Row, path: str) -> str:
 
 
 def columns(rows: list[Row]) -> list[str]:
-    """The paths that any row has a cell for, in table order (direct, relay and tunnel always)."""
-    return [p for p in PATHS if p in PATHS[:3] or any(p in row.cells for row in rows)]
+    """The paths that any row has a cell for, in table order (direct and tunnel always)."""
+    return [p for p in PATHS if p in ("direct", "tunnel") or any(p in row.cells for row in rows)]
 
 
 def headers(paths: list[str]) -> list[str]:

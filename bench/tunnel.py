@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import HOST, REPO_ROOT, free_port, is_listening, stop_process, track
+from common import HOST, REPO_ROOT, free_port, in_netns, is_listening, stop_process, track
 
 TOKEN = "bench-token"
 READY_TIMEOUT = 10.0
@@ -26,7 +26,7 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # the Go program colours its log le
 
 SERVER_TOML = """\
 [server]
-bind_addr = "{host}:{tunnel_port}"
+bind_addr = "{tunnel_host}:{tunnel_port}"
 transport = "{transport}"
 token = "{token}"
 nodelay = true
@@ -38,7 +38,7 @@ ports = [{ports}]
 
 CLIENT_TOML = """\
 [client]
-remote_addr = "{host}:{tunnel_port}"
+remote_addr = "{tunnel_host}:{tunnel_port}"
 transport = "{transport}"
 token = "{token}"
 nodelay = true
@@ -50,7 +50,7 @@ log_level = "warn"
 # The Go program: skip_optz keeps it from tuning the machine's sysctls.
 GO_SERVER_TOML = """\
 [server]
-bind_addr = "{host}:{tunnel_port}"
+bind_addr = "{tunnel_host}:{tunnel_port}"
 transport = "{transport}"
 token = "{token}"
 nodelay = true
@@ -63,7 +63,7 @@ ports = [{ports}]
 
 GO_CLIENT_TOML = """\
 [client]
-remote_addr = "{host}:{tunnel_port}"
+remote_addr = "{tunnel_host}:{tunnel_port}"
 transport = "{transport}"
 token = "{token}"
 connection_pool = {pool}
@@ -137,6 +137,8 @@ class TunnelPair:
         server_extra: tuple[str, ...] = (),
         client_extra: tuple[str, ...] = (),
         clients: int = 1,
+        client_netns: str = "",
+        tunnel_host: str = HOST,
     ) -> None:
         name = f"{label} go" if go_binary else label if clients == 1 else f"{label} {clients} clients"
         self.dir = workdir / name.replace(" ", "-").replace("=", "")
@@ -155,6 +157,10 @@ class TunnelPair:
         # Two clients (ours only): a server with clients = "balance" and a client from each of
         # SOURCES; its status page says when both control channels are up.
         self.clients = clients
+        # Across the emulated long path (wan.py): the clients run in the other network namespace
+        # and reach the server at tunnel_host; the public ports stay on this side's loopback.
+        self.client_netns = client_netns
+        self.tunnel_host = tunnel_host
         self.web_port = free_port() if clients > 1 else 0
         self.server: subprocess.Popen[bytes] | None = None
         self.client: subprocess.Popen[bytes] | None = None
@@ -185,7 +191,7 @@ class TunnelPair:
         server = self.dir / "server.toml"
         client = self.dir / "client.toml"
         common = {
-            "host": HOST,
+            "tunnel_host": self.tunnel_host,
             "tunnel_port": self.tunnel_port,
             "token": TOKEN,
             "transport": self.transport,
@@ -219,9 +225,10 @@ class TunnelPair:
         self._wait_ready(deadline)
 
     def _spawn(self, config: Path, role: str) -> subprocess.Popen[bytes]:
+        netns = self.client_netns if role != "server" else ""
         with open(self.dir / f"{role.replace(' ', '-')}.log", "wb") as log:
             proc = subprocess.Popen(
-                tunnel_argv(config, self.go_binary),
+                in_netns(netns, tunnel_argv(config, self.go_binary)),
                 cwd=REPO_ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -575,6 +575,37 @@ def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
     return True
 
 
+def ends_with_reset(sock: socket.socket, timeout: float = 20.0) -> bool:
+    """Reads until the peer ends the connection: True for a reset, False for a clean EOF."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(1 << 20):
+            pass
+    except ConnectionResetError:
+        return True
+    return False
+
+
+def on_reactor(reactor: object, fn: Callable[..., object], *args: object) -> object:
+    """Run ``fn(*args)`` on ``reactor``'s thread and return its result (or raise its exception)."""
+    done = threading.Event()
+    box: list[object] = []
+
+    def run() -> None:
+        try:
+            box.append(fn(*args))
+        except BaseException as exc:  # handed to the caller, who raises it
+            box.append(exc)
+        finally:
+            done.set()
+
+    reactor.call_soon(run)  # type: ignore[attr-defined]
+    assert done.wait(10), "the reactor did not run a call"
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
 def echo_roundtrip(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
     """Send ``payload`` to ``port``, half-close, and return everything read back until EOF."""
     with connect(port, timeout) as sock:

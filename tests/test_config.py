@@ -71,6 +71,8 @@ SEED_SNIPPETS = [
 
 SERVER = '[server]\nbind_addr = "0.0.0.0:3080"\n'
 CLIENT = '[client]\nremote_addr = "198.51.100.7:3080"\n'
+CONGESTION_PROBLEM = ('expected the kernel\'s name of a TCP congestion control, e.g. "bbr" or "cubic" (at most 15 '
+                      'lower-case letters, digits, "_" or "-"; empty: the host\'s)')
 SECRET = "Zq9-very-SECRET-t0ken"
 
 
@@ -358,6 +360,14 @@ def test_every_transport_is_accepted(transport: str, tmp_path: Path) -> None:
     tls = f'tls_cert = "{tmp_path}/c.pem"\ntls_key = "{tmp_path}/c.pem"\n'
     server = parse(SERVER + f'transport = "{transport}"\n' + tls).server
     assert server is not None and server.transport == transport
+
+
+@pytest.mark.parametrize("name", ["bbr", "cubic", "reno", "dctcp", "a_name_15_long_", "bbr-x"])
+@pytest.mark.parametrize("section", [SERVER, CLIENT])
+def test_congestion_names_are_accepted(section: str, name: str) -> None:
+    """Catches: a name of the kernel's form refused (the kernel says whether it has it, at run time)."""
+    config = parse(section + f'congestion = "{name}"\n')
+    assert (config.server or config.client).congestion == name
 
 
 @pytest.mark.parametrize("level", LOG_LEVELS)
@@ -708,6 +718,22 @@ INVALID = [
     (
         CLIENT + "so_sndbuf = -5\n",
         "cfg.toml: client.so_sndbuf = -5: must be between 0 and 2147483647",
+    ),
+    (
+        CLIENT + 'congestion = "BBR"\n',
+        f"cfg.toml: client.congestion = 'BBR': {CONGESTION_PROBLEM}",
+    ),
+    (
+        SERVER + 'congestion = "bbr cubic"\n',
+        f"cfg.toml: server.congestion = 'bbr cubic': {CONGESTION_PROBLEM}",
+    ),
+    (
+        SERVER + 'congestion = "a_name_too_long_"\n',
+        f"cfg.toml: server.congestion = 'a_name_too_long_': {CONGESTION_PROBLEM}",
+    ),
+    (
+        CLIENT + "congestion = 1\n",
+        "cfg.toml: client.congestion = 1: expected a string",
     ),
     # choices
     (

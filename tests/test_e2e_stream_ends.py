@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import harness
-from tests.harness import IO_TIMEOUT, Launcher, Service, Tunnel, connect, recv_all, wait_until
+from tests.harness import IO_TIMEOUT, Launcher, Service, Tunnel, connect, ends_with_reset, recv_all, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,17 +97,6 @@ def sink(conn: socket.socket, service: Watched) -> str:
 def reset(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     sock.close()
-
-
-def ends_with_reset(sock: socket.socket, timeout: float = 20.0) -> bool:
-    """Reads until the end: True for a reset, False for a clean EOF."""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(1 << 20):
-            pass
-    except ConnectionResetError:
-        return True
-    return False
 
 
 @contextlib.contextmanager

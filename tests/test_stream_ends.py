@@ -24,6 +24,7 @@ from backhaul.protocol.smux import (
     encode_frame,
 )
 from backhaul.reactor import Reactor
+from tests.harness import ends_with_reset, on_reactor
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -197,22 +198,7 @@ class Pair:
         self.on_reactor(self.acceptor.start)
 
     def on_reactor(self, fn, *args):
-        done = threading.Event()
-        box: list = []
-
-        def run() -> None:
-            try:
-                box.append(fn(*args))
-            except BaseException as exc:
-                box.append(exc)
-            finally:
-                done.set()
-
-        self.reactor.call_soon(run)
-        assert done.wait(10), "the reactor did not run a call"
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
+        return on_reactor(self.reactor, fn, *args)
 
     def until(self, predicate, what: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -337,16 +323,6 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return outer, inner
 
 
-def reads_reset(sock: socket.socket) -> bool:
-    """Reads to the end: True for a reset, False for a clean EOF."""
-    try:
-        while sock.recv(1 << 20):
-            pass
-    except ConnectionResetError:
-        return True
-    return False
-
-
 @pytest.mark.parametrize("mode", ["splice", "copy", "stream"])
 def test_a_reset_on_one_side_reaches_the_other_side_as_a_reset(mode):
     """user -> relay(s) -> target: the user's reset mid-upload must reach the target as a reset.
@@ -378,7 +354,7 @@ def test_a_reset_on_one_side_reaches_the_other_side_as_a_reset(mode):
             got += len(target.recv(1 << 20))
         user.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         user.close()
-        assert reads_reset(target), "the target read a clean end of an upload that was cut"
+        assert ends_with_reset(target), "the target read a clean end of an upload that was cut"
         for _ in relays:
             assert closed.acquire(timeout=10)
     finally:

@@ -27,6 +27,8 @@ from typing import NamedTuple
 
 from backhaul.errors import ProtocolError
 from backhaul.protocol.chunks import ChunkQueue
+from backhaul.protocol.outbox import ROUND_BYTES, Outbox
+from backhaul.protocol.window import StreamWindow, WindowTuner
 
 SYN = 0  # open a stream
 FIN = 1  # the sender writes no more on the stream
@@ -200,7 +202,7 @@ class _Stream:
 
     __slots__ = (
         "inbox", "fin_received", "fin_sent",
-        "num_read", "since_update", "num_written", "peer_consumed", "peer_window", "blocked",
+        "num_read", "since_update", "num_written", "peer_consumed", "peer_window", "blocked", "window",
     )
 
     def __init__(self) -> None:
@@ -213,6 +215,7 @@ class _Stream:
         self.peer_consumed = 0
         self.peer_window = INITIAL_PEER_WINDOW
         self.blocked = False  # a write was cut short by the peer's window
+        self.window: StreamWindow | None = None  # v2: our grant, made on the first bytes received
 
 
 Event = StreamOpened | StreamData | StreamEnded | StreamWritable | StreamReset
@@ -267,14 +270,15 @@ class Session:
         self._streams: dict[int, _Stream] = {}
         self._last_opened = 1  # opener: the smux Client role starts at 1 and adds 2 before each open
         self._highest_syn = -1  # acceptor: ids at or below it were opened (and may be forgotten)
-        # v2: a peer that keeps to the windows never has more unread on a stream than this.
-        self._unread_limit = max(INITIAL_PEER_WINDOW, stream_buffer)
+        # v2: the windows we grant follow each stream's path and reader (protocol/window.py).
+        self._windows = WindowTuner(stream_buffer, receive_buffer, INITIAL_PEER_WINDOW) if version == 2 else None
+        self._now = now  # the latest time given to us: the clock of a read that brings none
         self.buffered = 0  # received and not yet read, all streams
         # smux sends control frames ahead of queued data; we do so for NOP and UPD only, and keep
         # SYN and FIN in order with the data so a FIN can never overtake its stream's last PSH.
-        self._control: list[bytes | memoryview] = []
-        self._data: list[bytes | memoryview] = []
-        self._data_bytes = 0
+        # Streams take turns (protocol/outbox.py): none waits behind another's backlog.
+        self._outbox = Outbox()
+        self._control = self._outbox.control
         self.last_received = now
         self._received_since_check = False
         self._next_ping = now + keepalive_interval
@@ -307,20 +311,18 @@ class Session:
 
     @property
     def has_outgoing(self) -> bool:
-        return bool(self._control or self._data)
+        return bool(self._outbox)
 
     def outgoing(self) -> bytes:
         """Every queued frame as one bytes object; the outbox is empty afterwards."""
-        return b"".join(self.outgoing_buffers())
+        return b"".join(self._outbox.take(self._outbox.bytes))
 
-    def outgoing_buffers(self) -> list[bytes | memoryview]:
-        """Every queued frame as a list of buffers for one gathered write (``sendmsg``), so
-        payloads are not copied again to join them; the outbox is empty afterwards."""
-        out = self._control + self._data if self._control else self._data
-        self._control = []
-        self._data = []
-        self._data_bytes = 0
-        return out
+    def outgoing_buffers(self, budget: int = ROUND_BYTES) -> list[bytes | memoryview]:
+        """The next round of frames (control frames, then the streams' data in turn, ``budget``
+        bytes or more) as a list of buffers for one gathered write (``sendmsg``), so payloads are
+        not copied again to join them. Take the next round once this one is sent: a frame queued
+        meanwhile waits for one round, not for everything queued before it."""
+        return self._outbox.take(budget)
 
     def next_deadline(self) -> float:
         """When ``tick`` must next be called (same clock as ``now``)."""
@@ -334,6 +336,7 @@ class Session:
         At most one StreamData and one StreamWritable per stream and call: one look at the stream
         serves all the frames that arrived together.
         """
+        self._now = now
         if data:
             # Bytes arriving prove the peer alive, even a large frame still incomplete.
             self._received_since_check = True
@@ -369,11 +372,14 @@ class Session:
             return
         stream.inbox.append(payload)
         self.buffered += len(payload)
-        if self.version == 2 and stream.inbox.size > self._unread_limit:
-            raise ProtocolError(
-                f"smux peer ignored the window: {stream.inbox.size} unread bytes on stream {sid}, "
-                f"more than {self._unread_limit}"
-            )
+        tuner = self._windows
+        if tuner is not None:
+            window = stream.window or self._open_window(tuner, stream)
+            if not tuner.received(window, len(payload), self._now):
+                raise ProtocolError(
+                    f"smux peer ignored the window: {stream.inbox.size} unread bytes on stream {sid}, "
+                    f"more than the {window.edge - window.read} granted"
+                )
         if sid not in readable:
             readable.add(sid)
             events.append(StreamData(sid))
@@ -490,7 +496,7 @@ class Session:
             # Its FIN closed the stream for good at the peer, which discards what still comes:
             # so do we, before it costs the link anything (and a v2 window that never opens).
             return len(data)
-        n = len(data) if whole else min(len(data), self.outbox_cap - self._data_bytes)
+        n = len(data) if whole else min(len(data), self._outbox_room(sid))
         if self.version == 2:
             room = stream.peer_window - ((stream.num_written - stream.peer_consumed) & _U32)
             if room < n:
@@ -504,7 +510,7 @@ class Session:
         header = _HEADER.pack
         version = self.version
         size = self.frame_size
-        queue = self._data
+        push = self._outbox.push
         # Frames are slices of what was accepted: bytes are immutable and kept as they are, any
         # other buffer is copied once (its owner may reuse it).
         if isinstance(data, bytes):
@@ -514,9 +520,7 @@ class Session:
                 payload = memoryview(view[:n].tobytes())
         for start in range(0, n, size):
             stop = min(start + size, n)
-            queue.append(header(version, PSH, stop - start, sid))
-            queue.append(payload[start:stop])
-        self._data_bytes += n + HEADER_SIZE * -(-n // size)
+            push(sid, header(version, PSH, stop - start, sid), payload[start:stop])
         stream.num_written = (stream.num_written + n) & _U32
         return n
 
@@ -525,8 +529,9 @@ class Session:
         stream = self._streams.get(sid)
         return stream is not None and stream.blocked
 
-    def read(self, sid: int, limit: int) -> bytes | None:
-        """Up to ``limit`` received bytes; b"" when none are buffered yet, None at end of stream."""
+    def read(self, sid: int, limit: int, now: float | None = None) -> bytes | None:
+        """Up to ``limit`` received bytes; b"" when none are buffered yet, None at end of stream.
+        ``now`` times the read for the v2 window (default: the time of the latest receive)."""
         stream = self._streams.get(sid)
         if stream is None:
             self._check_local(sid)
@@ -537,22 +542,34 @@ class Session:
             return b""
         data = stream.inbox.take(limit)
         self.buffered -= len(data)
-        if self.version == 2:
-            self._count_read(sid, stream, len(data))
+        if self._windows is not None:
+            self._count_read(self._windows, sid, stream, len(data), self._now if now is None else now)
         self._forget_if_done(sid, stream)
         return data
 
-    def _count_read(self, sid: int, stream: _Stream, n: int) -> None:
+    def _count_read(self, tuner: WindowTuner, sid: int, stream: _Stream, n: int, now: float) -> None:
         # smux stream.go tryReadv2: tell the peer after the first read that returned data
-        # (numRead == n) and whenever half the stream buffer was read since the last UPD.
+        # (numRead == n) and whenever half the stream buffer was read since the last UPD; also
+        # at once when the tuner grew the window, and less often once it is large.
         stream.num_read = (stream.num_read + n) & _U32
         stream.since_update += n
-        if stream.since_update >= self.stream_buffer // 2 or stream.num_read == n:
+        window = stream.window or self._open_window(tuner, stream)
+        grew = tuner.read(window, n, now, self._granted_total)
+        if grew or tuner.update_due(window, stream.since_update) or stream.num_read == n:
             stream.since_update = 0
             if stream.num_read:  # smux skips a zero "consumed" (wrapped to exactly 0)
                 self._control.append(
-                    _HEADER.pack(self.version, UPD, UPD_SIZE, sid) + _UPD.pack(stream.num_read, self.stream_buffer)
+                    _HEADER.pack(self.version, UPD, UPD_SIZE, sid) + _UPD.pack(stream.num_read, window.size)
                 )
+                tuner.granted(window, now)
+
+    def _open_window(self, tuner: WindowTuner, stream: _Stream) -> StreamWindow:
+        stream.window = tuner.open(self._now)
+        return stream.window
+
+    def _granted_total(self) -> int:
+        """What the session's live streams are granted now (their windows' sizes)."""
+        return sum(s.window.size for s in self._streams.values() if s.window is not None)
 
     def shutdown_stream(self, sid: int) -> None:
         """Queue FIN: our side writes no more; reading goes on until the peer's FIN."""
@@ -596,8 +613,16 @@ class Session:
         self.buffered -= stream.inbox.size
 
     def _queue_data(self, frame: bytes) -> None:
-        self._data.append(frame)
-        self._data_bytes += len(frame)
+        self._outbox.push(_HEADER.unpack_from(frame)[3], frame)
+
+    def _outbox_room(self, sid: int) -> int:
+        """What a write on ``sid`` may queue. A stream with nothing queued gets a frame in past
+        the cap (up to twice the cap): a backlog of other streams must not keep its frame out of
+        the next round."""
+        room = self.outbox_cap - self._outbox.bytes
+        if room < self.frame_size and not self._outbox.holds(sid):
+            room = min(self.frame_size, 2 * self.outbox_cap - self._outbox.bytes)
+        return room
 
     # ------------------------------------------------------------------ time
 

@@ -227,7 +227,7 @@ class TcpSession:
             return
         cfg = self.config
         tune(sock, nodelay=cfg.nodelay, keepalive=cfg.keepalive_period, mss=cfg.mss,
-             rcvbuf=cfg.so_rcvbuf, sndbuf=cfg.so_sndbuf)
+             rcvbuf=cfg.so_rcvbuf, sndbuf=cfg.so_sndbuf, congestion=cfg.congestion)
         if self.signer is not None and not send_link_proof(sock, self.signer):
             self.reactor.close_socket(sock)
             return

@@ -340,7 +340,7 @@ class MuxClientSession:
         cfg = self.config
         # Frames are coalesced into one write per flush already; Nagle would only add delay.
         tune(sock, nodelay=True, keepalive=cfg.keepalive_period, mss=cfg.mss,
-             rcvbuf=cfg.so_rcvbuf, sndbuf=cfg.so_sndbuf)
+             rcvbuf=cfg.so_rcvbuf, sndbuf=cfg.so_sndbuf, congestion=cfg.congestion)
         conn = MuxConnection(self.reactor, sock, "the server", self.settings, opener=False,
                              on_stream=self._stream_opened, on_lost=self._session_lost)
         self.sessions.append(conn)

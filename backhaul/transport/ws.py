@@ -572,7 +572,7 @@ class UpgradeDial:
             return
         cfg = self.cfg
         tune(sock, nodelay=True, keepalive=cfg.keepalive_period, mss=cfg.mss, rcvbuf=cfg.so_rcvbuf,
-             sndbuf=cfg.so_sndbuf)
+             sndbuf=cfg.so_sndbuf, congestion=cfg.congestion)
         # The socket stays watched (for WRITE, by the dial): every step below watches it anew
         # or closes it, which saves a system call or two per connection.
         self.sock = sock

@@ -46,7 +46,7 @@ def control_connection(cfg: ClientConfig, host: str, port: int) -> tuple[socket.
     except OSError as exc:
         sock.close()
         raise TransportError(reason(exc)) from None
-    tune(sock, nodelay=True, keepalive=cfg.keepalive_period, mss=cfg.mss)
+    tune(sock, nodelay=True, keepalive=cfg.keepalive_period, mss=cfg.mss, congestion=cfg.congestion)
     return sock, addr
 
 

@@ -122,7 +122,7 @@ class Port:
         sock = listen(cfg.bind_host, cfg.bind_port, mss=cfg.mss, rcvbuf=cfg.so_rcvbuf)
         # Accepted connections inherit these (Linux): links need no system call of their own.
         tune(sock, nodelay=cfg.nodelay, keepalive=cfg.keepalive_period, mss=cfg.mss,
-             rcvbuf=cfg.so_rcvbuf, sndbuf=cfg.so_sndbuf)
+             rcvbuf=cfg.so_rcvbuf, sndbuf=cfg.so_sndbuf, congestion=cfg.congestion)
         self.listener = Listener(self.reactor, sock, f"the tunnel port {cfg.bind_host}:{cfg.bind_port}",
                                  self._arrived)
 
