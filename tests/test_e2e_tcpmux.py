@@ -15,7 +15,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -29,7 +29,6 @@ from tests.harness import (
     Launcher,
     Listener,
     Service,
-    Tunnel,
     client_toml,
     closed_by_peer,
     connect,
@@ -41,6 +40,7 @@ from tests.harness import (
     server_toml,
     wait_until,
 )
+from tests.mux_tunnels import TOKEN, Source, mux_tunnel, sessions_of
 from tests.smux_peer import FRAME, Frames, lv
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,12 +50,6 @@ KiB = 1024
 MiB = 1024 * KiB
 SG_CHAN = 0x01
 SYN, FIN, PSH, NOP, UPD = range(5)
-TOKEN = "e2e-token"
-
-
-def mux_tunnel(launcher: Launcher, targets: list[str], server: dict[str, object] | None = None,
-               client: dict[str, object] | None = None) -> Tunnel:
-    return Tunnel(launcher, targets, TOKEN, transport="tcpmux", server_extra=server, client_extra=client)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,30 +61,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS line in /proc status")
-
-
-def connections_to(pid: int, port: int) -> int:
-    """Established TCP connections of process ``pid`` whose remote port is ``port``."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-    count = 0
-    with open(f"/proc/{pid}/net/tcp") as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            if fields[3] == "01" and fields[9] in inodes and int(fields[2].split(":")[1], 16) == port:
-                count += 1
-    return count
-
-
-def sessions_of(tunnel: Tunnel) -> int:
-    """smux sessions the client holds: its connections to the tunnel port, less the control channel."""
-    assert tunnel.client is not None
-    return connections_to(tunnel.client.pid, tunnel.bind_port) - 1
 
 
 def settled(read: Callable[[], object], polls: int = 3) -> Callable[[], object]:
@@ -392,38 +362,6 @@ STALL_LIMIT = RECEIVE_BUFFER + 5 * MiB
 # most of its 64 MiB.
 BUSY_LIMIT = RECEIVE_BUFFER + OUTBOX + 2 * ECHO_USERS * READ_CHUNK + 5 * MiB
 assert BUSY_LIMIT < DOWNLOAD // 2
-
-
-def download_chunks(seed: int, size: int) -> Iterator[bytes]:
-    rng = random.Random(seed)
-    left = size
-    while left:
-        chunk = rng.randbytes(min(MiB, left))
-        left -= len(chunk)
-        yield chunk
-
-
-class Source:
-    """A service that sends ``size`` seeded bytes to each connection, then closes; counts what left."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size = size
-        self.seed = seed
-        self.sent = 0
-        self.service = Service(self.handle, "source")
-
-    def expected(self) -> bytes:
-        """sha256 of what each connection gets."""
-        digest = hashlib.sha256()
-        for chunk in download_chunks(self.seed, self.size):
-            digest.update(chunk)
-        return digest.digest()
-
-    def handle(self, conn: socket.socket) -> None:
-        for chunk in download_chunks(self.seed, self.size):
-            for start in range(0, len(chunk), 64 * KiB):
-                conn.sendall(chunk[start:start + 64 * KiB])
-                self.sent += min(64 * KiB, len(chunk) - start)
 
 
 def echo_exact(port: int, size: int, seed: int) -> None:
