@@ -28,12 +28,13 @@ def _open_fds() -> dict[str, str]:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
-    """``-n auto``: three workers a core. Most of a test's time is spent waiting on the processes
-    it started (handshakes, retries, timers), so one worker a core would leave the cores idle.
+    """``-n auto``: three workers a core, at most 24. Most of a test's time is spent waiting on
+    the processes it started (handshakes, retries, timers), so one worker a core would leave the
+    cores idle; past 24, each worker's slice of ports (tests/harness.py) would grow thin.
     PYTEST_XDIST_AUTO_NUM_WORKERS still decides when set."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
-    return 3 * len(os.sched_getaffinity(0))
+    return min(3 * len(os.sched_getaffinity(0)), 24)
 
 
 @pytest.fixture(autouse=True)
