@@ -10,6 +10,9 @@ import pytest
 
 from tests import contention
 
+# The fixtures every end-to-end module uses, defined with the harness they belong to.
+from tests.harness import echo_service, launcher, listener, relay_launcher, udp_echo  # noqa: F401
+
 
 def _open_fds() -> dict[str, str]:
     fds = {}
@@ -21,6 +24,17 @@ def _open_fds() -> dict[str, str]:
         if target.startswith(("socket:", "pipe:")):
             fds[fd] = target
     return fds
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto``: three workers a core, at most 24. Most of a test's time is spent waiting on
+    the processes it started (handshakes, retries, timers), so one worker a core would leave the
+    cores idle; past 24, each worker's slice of ports (tests/harness.py) would grow thin.
+    PYTEST_XDIST_AUTO_NUM_WORKERS still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return min(3 * len(os.sched_getaffinity(0)), 24)
 
 
 @pytest.fixture(autouse=True)

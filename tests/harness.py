@@ -1,8 +1,9 @@
 """End-to-end harness: real ``python -m backhaul`` processes, target services in this process,
 and small socket helpers. Everything here cleans up after itself, also when a test fails.
 
-Only loopback addresses and ephemeral ports are used. A tunnel config needs explicit ports, so
-``free_port`` binds port 0, reads the number and closes right before the config is written.
+Only loopback addresses are used. A tunnel config needs explicit ports, so ``free_port`` hands
+out one nothing listens on right before the config is written: below the kernel's range for
+outgoing connections, from a slice of its own for each pytest-xdist worker.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -23,12 +25,15 @@ import tempfile
 import threading
 import time
 import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from backhaul.config import toml_value
+from backhaul.protocol.framing import SG_CHAN, SG_RTT
 from tests import contention
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +42,7 @@ IO_TIMEOUT = 30.0        # no socket operation of a test blocks longer than this
 RELAY_MODES = ["splice", "copy"] if hasattr(os, "splice") else ["copy"]
 TRANSPORTS = ["tcp", "tcpmux", "ws", "wss", "wsmux", "wssmux"]  # a later transport is one more entry here
 TLS_TRANSPORTS = ("wss", "wssmux")  # the Tunnel gives their server the session's certificate
+REQUIRED = os.environ.get("BACKHAUL_REQUIRE_TOOLS") == "1"   # CI installs the tools: never skip there
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,7 +84,19 @@ def _below_ephemeral() -> range:
     return range(10_000, low) if low > 11_000 else range(0)
 
 
-_PORTS = _below_ephemeral()
+def _this_worker(ports: range) -> range:
+    """This process's share of ``ports`` when pytest-xdist runs the tests in several: a slice of
+    its own, so two workers never hand out the same number (each remembers only its own)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")   # "gw0", "gw1", ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count <= 1:
+        return ports
+    share = len(ports) // count
+    start = ports.start + int(worker[2:]) * share
+    return range(start, start + share)
+
+
+_PORTS = _this_worker(_below_ephemeral())
 _handed: set[int] = set()          # never the same number twice in one test run
 _pick = random.Random()
 
@@ -203,10 +221,12 @@ class Backhaul:
             self.proc.kill()
         self.proc.wait(10)
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it is still there after a few seconds."""
+    def stop(self, signalled: bool = False) -> None:
+        """SIGTERM (unless ``signalled``: sent already), then SIGKILL if it is still there after a
+        few seconds."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            if not signalled:
+                self.proc.terminate()
             try:
                 self.proc.wait(4)
             except subprocess.TimeoutExpired:
@@ -246,6 +266,7 @@ class Launcher:
         self.directory = directory
         self.relay_mode = relay_mode
         self.procs: list[Backhaul] = []
+        self.env: dict[str, str] = {}   # added to the environment of every process it starts
         self._serial = 0
 
     def write_config(self, name: str, text: str) -> Path:
@@ -265,10 +286,12 @@ class Launcher:
         log_path = self.directory / f"{name}.{self._serial}.stderr"
         out_path = self.directory / f"{name}.{self._serial}.stdout"
         environ = dict(os.environ)
-        for name_ in ("JOURNAL_STREAM", "BACKHAUL_RELAY", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        for name_ in ("JOURNAL_STREAM", "BACKHAUL_RELAY", "BACKHAUL_UDP_IDLE", "NOTIFY_SOCKET", "WATCHDOG_USEC",
+                      "WATCHDOG_PID"):
             environ.pop(name_, None)
         if self.relay_mode == "copy":
             environ["BACKHAUL_RELAY"] = "copy"
+        environ.update(self.env)
         environ.update(env or {})
         with open(log_path, "wb") as err, open(out_path, "wb") as out:
             if "JOURNAL_STREAM" in environ and environ["JOURNAL_STREAM"] == "":  # stderr is "the journal"
@@ -293,9 +316,12 @@ class Launcher:
         """Stop every process, even when stopping one of them fails; then check that none wrote
         its token anywhere (every test that runs a process checks this)."""
         failures = []
+        for bh in self.procs:   # all signalled first: they drain and exit side by side, not in turn
+            if bh.alive():
+                bh.proc.terminate()
         for bh in self.procs:
             try:
-                bh.stop()
+                bh.stop(signalled=True)
             except Exception as exc:
                 failures.append(f"{bh.name}: {exc!r}")
         assert not failures, f"could not stop: {failures}"
@@ -753,3 +779,76 @@ class Tunnel:
         assert self.server is not None and self.client is not None
         self.client.wait_for_log(f"connected to server {self.remote_addr}: control channel up", timeout)
         self.server.wait_for_log("connected: control channel up", timeout, count=server_count)
+
+
+# ------------------------------------------------------------------------------------------------
+# users and peers that several modules play
+
+def user_socket(source: str = HOST) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+    sock.bind((source, 0))
+    sock.settimeout(IO_TIMEOUT)
+    return sock
+
+
+def exchange(sock: socket.socket, port: int, payload: bytes, timeout: float = 5.0, tries: int = 1) -> bytes | None:
+    """Send ``payload`` to the public port and return the echo (None when none came)."""
+    sock.settimeout(timeout)
+    for _ in range(tries):
+        sock.sendto(payload, (HOST, port))
+        try:
+            while True:
+                data = sock.recv(65536)
+                if data == payload:
+                    return data
+        except TimeoutError:
+            continue
+    return None
+
+
+def http_get(port: int, path: str, method: str = "GET") -> tuple[int, str, str]:
+    """(status, content type, body) of one request to the status page."""
+    request = urllib.request.Request(f"http://{HOST}:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.headers["Content-Type"], answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def handshake(port: int, token: str, source: str = "", timeout: float = 5.0) -> socket.socket:
+    """Play a client's side of the token handshake against our server: the control channel."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        if source:
+            sock.bind((source, 0))
+        sock.connect((HOST, port))
+        sock.sendall(ltv(SG_CHAN, token.encode()))
+        reply = ltv(SG_CHAN, token.encode()) + bytes((SG_RTT,))
+        assert recv_exact(sock, len(reply)) == reply
+        sock.sendall(bytes((SG_RTT,)))
+        sock.settimeout(IO_TIMEOUT)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@contextlib.contextmanager
+def nofile_at_least(wanted: int) -> Iterator[None]:
+    """Raise this process's RLIMIT_NOFILE soft limit (up to the hard one) for the block."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        yield
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"needs {wanted} file descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -17,8 +17,6 @@ from tests.harness import Backhaul, Launcher, Tunnel, echo_works, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
 
 SYS_PIDFD_GETFD = 438  # the same number on every architecture (the generic table, Linux 5.6)
 CA_NAME_MAX = 16

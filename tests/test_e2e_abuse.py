@@ -28,25 +28,22 @@ from tests.harness import (
     closed_by_peer,
     connect,
     echo_works,
+    exchange,
     free_port,
+    http_get,
     ltv,
+    nofile_at_least,
     recv_all,
     recv_exact,
     server_toml,
     toml_section,
+    user_socket,
     wait_until,
 )
-from tests.test_e2e_ops import http_get
-from tests.test_e2e_tcpmux import nofile_at_least
-from tests.test_e2e_udp import exchange, user_socket
-from tests.test_e2e_ws import raw_connection, read_response, upgrade_head
+from tests.ws_peer import raw_connection, read_response, upgrade_head
 
 pytestmark = pytest.mark.timeout(60)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
-listener = harness.listener
-udp_echo = harness.udp_echo
 
 SG_HB, SG_CHAN, SG_CLOSED, SG_TCP, SG_RTT = 0x00, 0x01, 0x03, 0x04, 0x06
 

@@ -20,7 +20,6 @@ from backhaul.protocol import auth
 from backhaul.protocol import http_upgrade as http
 from backhaul.protocol.framing import FrameReader, encode_ltv
 from backhaul.transport.ws_challenge import challenge
-from tests import harness
 from tests.faultproxy import FaultProxy
 from tests.harness import (
     HOST,
@@ -34,19 +33,16 @@ from tests.harness import (
     closed_by_peer,
     connect,
     echo_works,
+    exchange,
     recv_all,
     recv_exact,
+    user_socket,
     wait_until,
 )
-from tests.test_e2e_udp import exchange, user_socket
-from tests.test_e2e_ws import KEY, raw_connection, read_response, refused
+from tests.ws_peer import KEY, raw_connection, read_response, refused
 
 pytestmark = pytest.mark.timeout(60)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
-listener = harness.listener
-udp_echo = harness.udp_echo
 
 TOKEN = "Challenge-Right-6f0e2a91"
 WRONG = "Challenge-Wrong-0b77c3d4"

@@ -1,16 +1,17 @@
 """The fault suite: a server process and a client process whose tunnel connections cross a fault
-proxy (tests/faultproxy.py), on every transport at once, each in its own thread.
+proxy (tests/faultproxy.py), on every transport.
 
-On each transport, in order: jittered chunk timing under concurrent transfers and across a
-reconnection, a throttled path, a black hole shorter than the silence limit under a transfer,
-cuts with FIN and with RST, a black hole long enough to be noticed, kill -9 of the client and of
-the server, each during a transfer. After every
+One test per fault and transport, each on a new tunnel (so parallel workers spread them, and
+start no more processes at once than one test needs): jittered chunk timing under concurrent
+transfers and across a reconnection, a throttled path, a black hole shorter than the silence limit under a
+transfer, cuts with FIN and with RST, a black hole long enough to be noticed, kill -9 of the
+client and of the server, each during a transfer. After every
 fault the tunnel must carry a new user within ``retry_interval`` + 1 s of the fault's end; a
 black-holed control channel must be noticed within the documented bound; every transfer that did
 not start during a fault is sha256-exact, and one that a fault cut short received only right bytes.
 
-UDP has a script of its own, on the udp transport (its links are datagrams through the proxy's
-UDP side) and on accept_udp over tcp, side by side: cuts with FIN and with RST, a black hole
+UDP has faults of its own, on the udp transport (its links are datagrams through the proxy's
+UDP side) and on accept_udp over tcp: cuts with FIN and with RST, a black hole
 long enough to be noticed, kill -9 of the client and of the server, each while a flow is
 exchanging datagrams. After each, a new UDP user gets its datagrams back within the same bound,
 and every datagram that comes back is one that was sent, whole.
@@ -21,6 +22,7 @@ The long form (more rounds, longer soak) is bench/soak.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import random
 import socket
@@ -35,10 +37,6 @@ import pytest
 from tests import harness
 from tests.faultproxy import FaultProxy
 from tests.harness import HOST, TRANSPORTS, Launcher, Service, Tunnel, UdpEcho, client_toml, echo_works
-
-launcher = harness.launcher
-echo_service = harness.echo_service
-udp_echo = harness.udp_echo
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -127,7 +125,7 @@ def works(port: int, seed: int) -> bool:
 
 @dataclass
 class Run:
-    """What the fault script saw on one transport: timings and the failures it found."""
+    """What a fault's run saw on one transport: timings and the failures it found."""
 
     transport: str
     timings: dict[str, float] = field(default_factory=dict)
@@ -185,7 +183,7 @@ class Faulted:
 
 
 # ------------------------------------------------------------------------------------------------
-# the script
+# the faults
 
 def jitter_phase(f: Faulted, run: Run) -> None:
     """Chunks of every tunnel connection held 0-30 ms at random (order kept per connection):
@@ -314,57 +312,58 @@ def kill_server(f: Faulted, run: Run) -> None:
     run.check(after.result() == "complete", f"kill -9 server: transfer after {after.outcome}")
 
 
-SCRIPT = [jitter_phase, jitter_reconnect, throttled, short_blackhole, lambda f, r: cut(f, r, rst=False), lambda f, r: cut(f, r, rst=True),
-          long_blackhole, kill_client, kill_server]
+FAULTS: dict[str, Callable[[Faulted, Run], None]] = {
+    "jitter": jitter_phase,
+    "jitter-reconnect": jitter_reconnect,
+    "throttled": throttled,
+    "short-blackhole": short_blackhole,
+    "cut-fin": functools.partial(cut, rst=False),
+    "cut-rst": functools.partial(cut, rst=True),
+    "blackhole": long_blackhole,
+    "kill-client": kill_client,
+    "kill-server": kill_server,
+}
 
 
-def run_script(f: Faulted, run: Run, script: list[Callable[[Any, Run], None]]) -> None:
-    """Every step of ``script`` on one faulted tunnel, then both processes alive and without a
-    traceback; a failed step is recorded and ends this tunnel's script only."""
+def run_fault(f: Faulted, run: Run, fault: Callable[[Any, Run], None]) -> None:
+    """``fault`` on one faulted tunnel, then both processes alive and without a traceback; a
+    failed wait is recorded (the timings measured so far are still reported); the proxy closed
+    at the end."""
     try:
         f.start()
-        for step in script:
-            step(f, run)
+        fault(f, run)
         for proc in (f.tunnel.server, f.tunnel.client):
             assert proc is not None
             run.check(proc.alive(), f"{proc.name} died")
             run.check("Traceback" not in proc.log(), f"{proc.name} logged a traceback")
-    except BaseException as exc:  # a failed wait: keep what the other transports found
+    except BaseException as exc:  # a failed wait: reported with the rest
         run.failures.append(f"{type(exc).__name__}: {exc}"[:2000])
-
-
-def run_all(faulted: list[Faulted], runs: list[Run], script: list[Callable[[Any, Run], None]], name: str) -> None:
-    """The script on every tunnel at once, one thread each; the proxies closed at the end."""
-    threads = [threading.Thread(target=run_script, args=(f, run, script), name=f"{name}-{run.transport}")
-               for f, run in zip(faulted, runs, strict=True)]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(140)
     finally:
-        for f in faulted:
-            if f.proxy is not None:
-                f.proxy.close()
+        if f.proxy is not None:
+            f.proxy.close()
 
 
-def report(runs: list[Run], names: list[str], title: str, labels: dict[str, str]) -> None:
-    """Print each fault's recovery time per transport; fail with every failure of every run."""
+def report(runs: list[Run], title: str, labels: dict[str, str]) -> None:
+    """Print the recovery times the fault measured per transport; fail with every failure of every run."""
+    names = list(dict.fromkeys(name for run in runs for name in run.timings))
     width = max([8, *(len(label) for label in labels.values())])
-    print(f"\n{title}")
-    print(" " * width + "".join(f"{n:>17}" for n in names))
+    if names:
+        print(f"\n{title}")
+        print(" " * width + "".join(f"{n:>17}" for n in names))
     for run in runs:
         label = labels.get(run.transport, run.transport)
-        print(f"{label:>{width}}" + "".join(f"{run.timings.get(n, float('nan')):>16.2f}s" for n in names))
+        if names:
+            print(f"{label:>{width}}" + "".join(f"{run.timings.get(n, float('nan')):>16.2f}s" for n in names))
     failures = [f"{run.transport}: {failure}" for run in runs for failure in run.failures]
     assert not failures, "\n".join(failures)
 
 
-def test_every_fault_on_every_transport(launcher: Launcher, echo_service: Service) -> None:
-    runs = [Run(transport) for transport in TRANSPORTS]
-    run_all([Faulted(launcher, run.transport, echo_service.port) for run in runs], runs, SCRIPT, "faults")
-    report(runs, ["jitter-reconnect", "cut-fin", "cut-rst", "blackhole-detect", "blackhole", "kill-client", "kill-server"],
-           "seconds until a new user got through after each fault (blackhole-detect: until the client noticed)", {})
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("fault", FAULTS)
+def test_fault(launcher: Launcher, echo_service: Service, fault: str, transport: str) -> None:
+    run = Run(transport)
+    run_fault(Faulted(launcher, transport, echo_service.port), run, FAULTS[fault])
+    report([run], f"{fault}: seconds until a new user got through (blackhole-detect: until the client noticed)", {})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -518,13 +517,19 @@ def udp_kill(f: UdpFaulted, run: Run, which: str) -> None:
     udp_across(f, run, f"kill-{which}", fault)
 
 
-UDP_SCRIPT = [lambda f, r: udp_cut(f, r, rst=False), lambda f, r: udp_cut(f, r, rst=True), udp_blackhole,
-              lambda f, r: udp_kill(f, r, "client"), lambda f, r: udp_kill(f, r, "server")]
+UDP_FAULTS: dict[str, Callable[[UdpFaulted, Run], None]] = {
+    "cut-fin": functools.partial(udp_cut, rst=False),
+    "cut-rst": functools.partial(udp_cut, rst=True),
+    "blackhole": udp_blackhole,
+    "kill-client": functools.partial(udp_kill, which="client"),
+    "kill-server": functools.partial(udp_kill, which="server"),
+}
 
 
-def test_every_fault_on_udp(launcher: Launcher, udp_echo: UdpEcho) -> None:
-    runs = [Run("udp"), Run("tcp")]   # the udp transport; accept_udp over tcp
-    run_all([UdpFaulted(launcher, run.transport, udp_echo.port) for run in runs], runs, UDP_SCRIPT, "faults-udp")
-    report(runs, ["cut-fin", "cut-rst", "blackhole-detect", "blackhole", "kill-client", "kill-server"],
-           "seconds until a new UDP user got through after each fault (blackhole-detect: until noticed)",
+@pytest.mark.parametrize("mode", ["udp", "tcp"])   # the udp transport; accept_udp over tcp
+@pytest.mark.parametrize("fault", UDP_FAULTS)
+def test_fault_on_udp(launcher: Launcher, udp_echo: UdpEcho, fault: str, mode: str) -> None:
+    run = Run(mode)
+    run_fault(UdpFaulted(launcher, mode, udp_echo.port), run, UDP_FAULTS[fault])
+    report([run], f"{fault}: seconds until a new UDP user got through (blackhole-detect: until noticed)",
            {"udp": "udp", "tcp": "tcp+accept"})

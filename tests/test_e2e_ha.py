@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests import harness
+from tests.exposition import parse_exposition, sample
 from tests.harness import (
     CERTS,
     HOST,
@@ -38,18 +39,16 @@ from tests.harness import (
     echo_handler,
     echo_works,
     free_port,
+    http_get,
     ltv,
     recv_all,
     recv_exact,
     server_toml,
     wait_until,
 )
-from tests.test_e2e_ops import http_get, parse_exposition, sample
 
 pytestmark = pytest.mark.timeout(150)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
 
 SOURCES = {"a": "127.0.0.2", "b": "127.0.0.3"}   # each client's address (local_addr)
 TARGET = "7"            # what the server sends; each client forwards it to its own service
@@ -543,10 +542,10 @@ def udp_echoes(user: socket.socket, word: bytes) -> bool:
 def test_failover_with_the_udp_transport_and_back_once_its_flows_ended(launcher: Launcher) -> None:
     """The udp transport: the client goes to the second server within retry_interval + 1 s of
     losing the first, and fails back only when no UDP flow has run for failback_idle seconds (a
-    flow ends 60 s after its last datagram), never while a user's flow is carried. Catches: a
-    failover client that works only with TCP links, or that counts no flow as a user."""
-    from backhaul.relay.datagram import IDLE
-
+    flow ends 60 s after its last datagram, 8 s here), never while a user's flow is carried.
+    Catches: a failover client that works only with TCP links, or that counts no flow as a user."""
+    flow_idle = 8
+    launcher.env["BACKHAUL_UDP_IDLE"] = str(flow_idle)
     echo = harness.UdpEcho()
     try:
         ha = Servers(launcher, "udp", echo)
@@ -572,9 +571,9 @@ def test_failover_with_the_udp_transport_and_back_once_its_flows_ended(launcher:
             assert not ha.switches(1, 0), "failed back while a flow was carried"
             quiet_at = time.monotonic()
             line = ha.client.wait_for_log(f"switched from server {ha.addrs[1]} to server {ha.addrs[0]}: ",
-                                          timeout=IDLE + 15)
+                                          timeout=flow_idle + 15)
             assert "failback_idle" in line
-            assert time.monotonic() - quiet_at >= IDLE + 3 - 1, "failed back before the flow ended"
+            assert time.monotonic() - quiet_at >= flow_idle + 3 - 1, "failed back before the flow ended"
         ha.client.wait_for_log(f"connected to server {ha.addrs[0]}: control channel up", count=2)
         with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as back:
             back.connect((HOST, ha.public[0]))
@@ -634,7 +633,7 @@ def test_balance_ws_link_from_an_address_without_a_control_channel_is_refused(la
     address with no control channel gets 404 and a line, and the client's own links still work.
     Catches: such a link pooled (a user would be sent to a client that never dialed it)."""
     pytest.importorskip("wsproto")
-    from tests.test_e2e_ws import refused, upgrade_head
+    from tests.ws_peer import refused, upgrade_head
 
     tunnel = Balanced(launcher, "ws", tagged)
     tunnel.start_client("a")
@@ -655,7 +654,7 @@ def test_balance_keeps_a_bounded_number_of_control_channels_per_address(launcher
     """33 clients from one address: the 33rd makes the oldest go (the others stay up). Catches:
     control channels from one address piling up without bound in balance mode."""
     from backhaul.tunnel.port import MAX_CHANNELS_PER_ADDRESS
-    from tests.test_e2e_operator import handshake
+    from tests.harness import handshake
 
     bind_port, public = free_port(), free_port()
     server = launcher.start("server", server_toml(bind_port, [f"{HOST}:{public}={TARGET}"], TOKEN,

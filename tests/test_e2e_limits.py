@@ -35,9 +35,6 @@ from tests.harness import (
 
 pytestmark = pytest.mark.timeout(90)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
-udp_echo = harness.udp_echo
 
 RST = struct.pack("ii", 1, 0)
 
@@ -288,6 +285,8 @@ sys.stdin.read()
 """
 
 
+# 640 MiB through pipes of two pages: seconds of CPU alone, many times that beside parallel workers
+@pytest.mark.timeout(240)
 @pytest.mark.skipif(not _nobody_can_run_python(), reason="needs root to drop to an unprivileged user")
 @pytest.mark.skipif(_pipe_pages_soft() == 0, reason="no fs.pipe-user-pages-soft: the kernel refuses no pipe size")
 def test_unprivileged_pipes_refused_logged_once_and_downloads_exact(tmp_path: Path) -> None:

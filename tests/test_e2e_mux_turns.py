@@ -15,12 +15,10 @@ import pytest
 
 from tests import harness
 from tests.harness import Launcher, Service, connect, recv_exact, wait_until
-from tests.test_e2e_tcpmux import download_chunks, mux_tunnel, sessions_of
+from tests.mux_tunnels import download_chunks, mux_tunnel, sessions_of
 
 pytestmark = pytest.mark.timeout(120)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -12,14 +12,12 @@ import struct
 import pytest
 
 from backhaul.protocol.smux import UPD, FrameDecoder
-from tests import harness
 from tests.faultproxy import FaultProxy
 from tests.harness import HOST, Launcher, client_toml, connect, wait_until
-from tests.test_e2e_tcpmux import TOKEN, Source, mux_tunnel
+from tests.mux_tunnels import TOKEN, Source, mux_tunnel
 
 pytestmark = pytest.mark.timeout(120)
 
-launcher = harness.launcher
 
 KiB = 1024
 MiB = 1024 * KiB

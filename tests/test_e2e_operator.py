@@ -42,6 +42,7 @@ from tests.harness import (
     connect,
     echo_works,
     free_port,
+    handshake,
     ltv,
     recv_all,
     recv_exact,
@@ -52,9 +53,6 @@ from tests.harness import (
 
 pytestmark = pytest.mark.timeout(60)
 
-launcher = harness.launcher
-relay_launcher = harness.relay_launcher
-echo_service = harness.echo_service
 
 MiB = 1024 * 1024
 SG_HB, SG_CHAN, SG_CLOSED, SG_TCP, SG_RTT = 0x00, 0x01, 0x03, 0x04, 0x06
@@ -77,25 +75,6 @@ def still_open(sock: socket.socket) -> bool:
     finally:
         sock.settimeout(timeout)
     return False
-
-
-def handshake(port: int, token: str, source: str = "", timeout: float = 5.0) -> socket.socket:
-    """Play a client's side of the token handshake against our server: the control channel."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        if source:
-            sock.bind((source, 0))
-        sock.connect((HOST, port))
-        sock.sendall(ltv(SG_CHAN, token.encode()))
-        reply = ltv(SG_CHAN, token.encode()) + bytes((SG_RTT,))
-        assert recv_exact(sock, len(reply)) == reply
-        sock.sendall(bytes((SG_RTT,)))
-        sock.settimeout(harness.IO_TIMEOUT)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def start_server(launcher: Launcher, name: str, ports: list[str], token: str = "e2e-token",

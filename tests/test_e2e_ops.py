@@ -21,8 +21,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -31,8 +29,10 @@ import pytest
 
 from backhaul import __version__
 from tests import harness, png
+from tests.exposition import parse_exposition, sample
 from tests.harness import (
     HOST,
+    REQUIRED,
     Launcher,
     Service,
     Tunnel,
@@ -41,17 +41,16 @@ from tests.harness import (
     connect,
     echo_works,
     free_port,
+    http_get,
     recv_all,
     recv_exact,
     server_toml,
     wait_until,
 )
-from tests.test_systemd import REQUIRED, NotifySocket
+from tests.notify import NotifySocket
 
 pytestmark = pytest.mark.timeout(90)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
 
 MiB = 1024 * 1024
 
@@ -72,17 +71,6 @@ def refused(port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
-
-
-def http_get(port: int, path: str, method: str = "GET") -> tuple[int, str, str]:
-    """(status, content type, body) of one request to the status page."""
-    request = urllib.request.Request(f"http://{HOST}:{port}{path}", method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status, answer.headers["Content-Type"], answer.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.headers["Content-Type"], exc.read().decode()
 
 
 class Transfer:
@@ -359,52 +347,6 @@ def test_drain_timeout_closes_what_is_left_and_a_second_signal_stops_at_once(lau
 
 # ------------------------------------------------------------------------------------------------
 # status page, metrics, usage file
-
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
-_VALUE = r"(?:[+-]?(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)|[+-]Inf|NaN)"
-_SAMPLE = re.compile(rf"^({_NAME})(?:\{{({_LABEL}(?:,{_LABEL})*)?\}})? ({_VALUE})(?: -?\d+)?$")
-_HELP = re.compile(rf"^# HELP ({_NAME}) (.*)$")
-_TYPE = re.compile(rf"^# TYPE ({_NAME}) (counter|gauge|histogram|summary|untyped)$")
-
-
-def parse_exposition(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Check ``text`` line by line against the Prometheus text format 0.0.4 and return its samples."""
-    assert text.endswith("\n"), "the exposition must end with a line feed"
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    typed: dict[str, str] = {}
-    helped: set[str] = set()
-    current = ""
-    for number, line in enumerate(text[:-1].split("\n"), 1):
-        where = f"line {number}: {line!r}"
-        if match := _HELP.match(line):
-            assert match.group(1) not in helped, f"HELP twice: {where}"
-            helped.add(match.group(1))
-            current = match.group(1)
-        elif match := _TYPE.match(line):
-            name = match.group(1)
-            assert name not in typed, f"TYPE twice: {where}"
-            assert not any(key[0] == name for key in samples), f"TYPE after its samples: {where}"
-            typed[name] = match.group(2)
-            current = name
-        else:
-            match = _SAMPLE.match(line)
-            assert match, f"not a sample, HELP or TYPE: {where}"
-            name, labels, value = match.groups()
-            assert name == current, f"a sample outside its family's block: {where}"
-            assert name in typed, f"a sample without TYPE: {where}"
-            if typed[name] == "counter":
-                assert name.endswith("_total"), f"a counter's name should end in _total: {where}"
-            pairs = tuple(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', labels or ""))
-            assert len({key for key, _ in pairs}) == len(pairs), f"a label twice: {where}"
-            key = (name, pairs)
-            assert key not in samples, f"a sample twice: {where}"
-            samples[key] = float(value)
-    return samples
-
-
-def sample(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(labels.items())), 0.0)
 
 
 @pytest.fixture

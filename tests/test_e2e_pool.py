@@ -17,7 +17,7 @@ import time
 import pytest
 
 from backhaul.tunnel.pool import TIMESCALE_ENV
-from tests import harness
+from tests.exposition import parse_exposition, sample
 from tests.faultproxy import FaultProxy
 from tests.harness import (
     HOST,
@@ -28,12 +28,9 @@ from tests.harness import (
     connect,
     echo_works,
     free_port,
+    http_get,
     recv_exact,
 )
-from tests.test_e2e_ops import http_get, parse_exposition, sample
-
-launcher = harness.launcher
-echo_service = harness.echo_service
 
 POOL = 4            # connection_pool on both sides
 DELAY = 0.15        # s each way between the client and the server

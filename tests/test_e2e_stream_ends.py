@@ -21,7 +21,6 @@ from tests.harness import IO_TIMEOUT, Launcher, Service, Tunnel, connect, ends_w
 
 pytestmark = pytest.mark.timeout(120)
 
-launcher = harness.launcher
 
 # name -> (transport, mux_version)
 PATHS = {

@@ -10,13 +10,12 @@ import errno
 import hashlib
 import os
 import random
-import resource
 import selectors
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -30,35 +29,27 @@ from tests.harness import (
     Launcher,
     Listener,
     Service,
-    Tunnel,
     client_toml,
     closed_by_peer,
     connect,
     echo_works,
     free_port,
     ltv,
+    nofile_at_least,
     recv_exact,
     server_toml,
     wait_until,
 )
+from tests.mux_tunnels import TOKEN, Source, mux_tunnel, sessions_of
+from tests.smux_peer import FRAME, Frames, lv
 
 pytestmark = pytest.mark.timeout(120)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
-listener = harness.listener
 
 KiB = 1024
 MiB = 1024 * KiB
 SG_CHAN = 0x01
 SYN, FIN, PSH, NOP, UPD = range(5)
-FRAME = struct.Struct("<BBHI")  # ver, cmd, length, sid: smux's little-endian header
-TOKEN = "e2e-token"
-
-
-def mux_tunnel(launcher: Launcher, targets: list[str], server: dict[str, object] | None = None,
-               client: dict[str, object] | None = None) -> Tunnel:
-    return Tunnel(launcher, targets, TOKEN, transport="tcpmux", server_extra=server, client_extra=client)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,30 +61,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS line in /proc status")
-
-
-def connections_to(pid: int, port: int) -> int:
-    """Established TCP connections of process ``pid`` whose remote port is ``port``."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-    count = 0
-    with open(f"/proc/{pid}/net/tcp") as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            if fields[3] == "01" and fields[9] in inodes and int(fields[2].split(":")[1], 16) == port:
-                count += 1
-    return count
-
-
-def sessions_of(tunnel: Tunnel) -> int:
-    """smux sessions the client holds: its connections to the tunnel port, less the control channel."""
-    assert tunnel.client is not None
-    return connections_to(tunnel.client.pid, tunnel.bind_port) - 1
 
 
 def settled(read: Callable[[], object], polls: int = 3) -> Callable[[], object]:
@@ -149,22 +116,6 @@ class RssPeaks(threading.Thread):
 
         before = ", ".join(f"{name} {kib / KiB:.1f} MiB" for name, kib in self.before.items())
         return f"RSS before: {before}; peak growth (MiB): " + "; ".join(f"{p}: {one(p)}" for p in self.peaks)
-
-
-@contextlib.contextmanager
-def nofile_at_least(wanted: int) -> Iterator[None]:
-    """Raise this process's RLIMIT_NOFILE soft limit (up to the hard one) for the block."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= wanted:
-        yield
-        return
-    if hard != resource.RLIM_INFINITY and hard < wanted:
-        pytest.skip(f"needs {wanted} file descriptors, the hard limit is {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,38 +364,6 @@ BUSY_LIMIT = RECEIVE_BUFFER + OUTBOX + 2 * ECHO_USERS * READ_CHUNK + 5 * MiB
 assert BUSY_LIMIT < DOWNLOAD // 2
 
 
-def download_chunks(seed: int, size: int) -> Iterator[bytes]:
-    rng = random.Random(seed)
-    left = size
-    while left:
-        chunk = rng.randbytes(min(MiB, left))
-        left -= len(chunk)
-        yield chunk
-
-
-class Source:
-    """A service that sends ``size`` seeded bytes to each connection, then closes; counts what left."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size = size
-        self.seed = seed
-        self.sent = 0
-        self.service = Service(self.handle, "source")
-
-    def expected(self) -> bytes:
-        """sha256 of what each connection gets."""
-        digest = hashlib.sha256()
-        for chunk in download_chunks(self.seed, self.size):
-            digest.update(chunk)
-        return digest.digest()
-
-    def handle(self, conn: socket.socket) -> None:
-        for chunk in download_chunks(self.seed, self.size):
-            for start in range(0, len(chunk), 64 * KiB):
-                conn.sendall(chunk[start:start + 64 * KiB])
-                self.sent += min(64 * KiB, len(chunk) - start)
-
-
 def echo_exact(port: int, size: int, seed: int) -> None:
     """Echo ``size`` seeded bytes through ``port``, sending and reading at the same time; sha256-exact."""
     payload = random.Random(seed).randbytes(size)
@@ -642,45 +561,6 @@ def test_cut_session_ends_its_users_and_a_new_session_carries_on(launcher: Launc
 
 # ------------------------------------------------------------------------------------------------
 # fake peers: raw smux frames on plain sockets
-
-class Frames:
-    """Blocking smux frame I/O on a raw socket, for a test that plays one side by hand."""
-
-    def __init__(self, sock: socket.socket, version: int) -> None:
-        self.sock = sock
-        self.version = version
-
-    def send(self, cmd: int, sid: int, payload: bytes = b"") -> None:
-        self.sock.sendall(encode_frame(self.version, cmd, sid, payload))
-
-    def next(self) -> tuple[int, int, bytes]:
-        """(cmd, sid, payload) of the next frame other than NOP and UPD."""
-        while True:
-            ver, cmd, length, sid = FRAME.unpack(recv_exact(self.sock, FRAME.size))
-            assert ver == self.version, f"a version {ver} frame on a version {self.version} session"
-            payload = recv_exact(self.sock, length) if length else b""
-            if cmd not in (NOP, UPD):
-                return cmd, sid, payload
-
-    def expect(self, cmd: int, sid: int) -> bytes:
-        got = self.next()
-        assert got[:2] == (cmd, sid), f"expected cmd {cmd} on stream {sid}, got {got[:2]} ({got[2][:32]!r})"
-        return got[2]
-
-    def read(self, sid: int, size: int) -> list[bytes]:
-        """The PSH payloads of stream ``sid`` that make ``size`` bytes."""
-        pieces: list[bytes] = []
-        total = 0
-        while total < size:
-            payload = self.expect(PSH, sid)
-            pieces.append(payload)
-            total += len(payload)
-        assert total == size, f"{total} bytes on stream {sid}, expected {size}"
-        return pieces
-
-
-def lv(payload: bytes) -> bytes:
-    return struct.pack(">H", len(payload)) + payload
 
 
 # ------------------------------------------------------------------------------------------------

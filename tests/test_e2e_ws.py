@@ -15,7 +15,6 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ from tests import harness
 from tests.harness import (
     CERTS,
     HOST,
-    IO_TIMEOUT,
     Backhaul,
     Launcher,
     Service,
@@ -37,19 +35,17 @@ from tests.harness import (
     echo_works,
     free_port,
 )
-from tests.test_e2e_tcp import run_64_streams
+from tests.streams import run_64_streams
+from tests.ws_peer import KEY, raw_connection, read_response, refused, upgrade_head
 
 pytestmark = pytest.mark.timeout(120)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
 
 WS_TRANSPORTS = ["ws", "wss", "wsmux", "wssmux"]
 TLS = ("wss", "wssmux")
 MUX = ("wsmux", "wssmux")
 TOKEN = "Ws-Right-4c1d97e2"
 WRONG = "Ws-Wrong-a83f0b56"
-KEY = bytes(range(16))  # Sec-WebSocket-Key of the test's own requests: any 16 bytes do
 SG_HB, SG_CHAN, SG_PING = b"\x00", b"\x01", b"\x02"
 
 
@@ -66,51 +62,6 @@ def no_traceback(*procs: Backhaul | None) -> None:
 # ------------------------------------------------------------------------------------------------
 # raw upgrades: the test speaks HTTP (and TLS for wss, wssmux) itself
 
-def tls_context() -> ssl.SSLContext:
-    """A client context that checks nothing (as the Go client) and offers only http/1.1."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["http/1.1"])
-    return context
-
-
-@contextlib.contextmanager
-def raw_connection(port: int, tls: bool, timeout: float = IO_TIMEOUT) -> Iterator[socket.socket]:
-    """A connection to the tunnel port, past the TLS handshake for wss and wssmux."""
-    sock = socket.create_connection((HOST, port), timeout=timeout)
-    try:
-        if tls:
-            sock = tls_context().wrap_socket(sock, server_hostname="localhost")
-        yield sock
-    finally:
-        sock.close()
-
-
-def upgrade_head(port: int, path: str, token: str = TOKEN) -> bytes:
-    """An upgrade head as the Go client writes it (backhaul.protocol.http_upgrade.client_request)."""
-    return http.client_request(f"{HOST}:{port}", path, token, http.USER_AGENTS[0], 4242, KEY)
-
-
-def read_response(sock: socket.socket) -> http.Response:
-    reader = http.ResponseReader()
-    while True:
-        data = sock.recv(16384)
-        if not data:
-            raise AssertionError("the server closed the connection before its answer's head ended")
-        response = reader.feed(data)
-        if response is not None:
-            return response
-
-
-def refused(sock: socket.socket, status: int) -> http.Response:
-    """The server's answer is ``status`` with Connection: close, and it closes the connection."""
-    response = read_response(sock)
-    assert response.status == status, response
-    assert response.headers.get("connection") == "close", response
-    assert closed_by_peer(sock, timeout=5), "the server kept a refused connection open"
-    return response
-
 
 class FakeClient:
     """One upgraded connection on the client's side, driven by the test: wsproto (as a client, so
@@ -121,7 +72,7 @@ class FakeClient:
     def __init__(self, sock: socket.socket, path: str, port: int, websocket: bool = True) -> None:
         self.sock = sock
         self.websocket = websocket
-        sock.sendall(upgrade_head(port, path))
+        sock.sendall(upgrade_head(port, path, TOKEN))
         response = read_response(sock)
         assert response.status == 101, response
         http.check_accept(response, http.encode_key(KEY))
@@ -225,7 +176,7 @@ def test_second_control_channel_closes_both_and_the_client_reconnects(launcher: 
     server, client = tunnel.server, tunnel.client
     echo_works(tunnel.public[0], seed=4)
     with raw_connection(tunnel.bind_port, transport in TLS) as raw:
-        raw.sendall(upgrade_head(tunnel.bind_port, http.CONTROL_PATH))
+        raw.sendall(upgrade_head(tunnel.bind_port, http.CONTROL_PATH, TOKEN))
         response = read_response(raw)
         assert response.status == 101, response  # upgraded, then closed at once
         assert closed_by_peer(raw, timeout=5), "the server kept the second control channel open"
@@ -310,7 +261,7 @@ HEAD_LIMIT = http.MAX_HEAD  # 16 KiB
 
 def oversize_head(port: int) -> bytes:
     """A whole, valid upgrade head of 20 KiB (padding fields of 400 bytes): past the 16 KiB limit."""
-    head = upgrade_head(port, http.CONTROL_PATH)
+    head = upgrade_head(port, http.CONTROL_PATH, TOKEN)
     padding = b"".join(b"X-Pad-%03d: %s\r\n" % (i, b"a" * 400) for i in range(60))
     head = head[:-2] + padding[:20 * 1024 - len(head)].rpartition(b"\r\n")[0] + b"\r\n\r\n"
     assert HEAD_LIMIT < len(head) <= 20 * 1024 and head.count(b"\r\n") < http.MAX_HEADERS
@@ -335,10 +286,10 @@ def test_broken_heads_get_their_status_and_a_good_client_keeps_working(launcher:
     tunnel = ws_tunnel(launcher, transport, [str(echo_service.port)]).up()
     assert tunnel.server is not None and tunnel.client is not None
     server, port = tunnel.server, tunnel.bind_port
-    good = upgrade_head(port, http.CONTROL_PATH)
+    good = upgrade_head(port, http.CONTROL_PATH, TOKEN)
     cases = [  # (status, head, the log line's end); the server logs one bad head a second (throttled)
         (431, head_at_the_limit(port), f"bad upgrade head (the request head is larger than {HEAD_LIMIT} bytes)"),
-        (404, upgrade_head(port, "/nothing-here"), "unknown path '/nothing-here'"),
+        (404, upgrade_head(port, "/nothing-here", TOKEN), "unknown path '/nothing-here'"),
         (405, good.replace(b"GET ", b"POST ", 1), "bad upgrade head (method POST is not GET)"),
         (400, without_key(good), "bad upgrade head (no Sec-WebSocket-Key field)"),
     ]

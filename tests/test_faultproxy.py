@@ -17,8 +17,6 @@ from tests.harness import HOST, Service, closed_by_peer, echo_works, recv_all, r
 
 pytestmark = pytest.mark.timeout(30)
 
-echo_service = harness.echo_service
-
 
 @pytest.fixture
 def proxy(echo_service: Service) -> Iterator[FaultProxy]:

@@ -53,21 +53,18 @@ from tests.harness import (
     client_toml,
     closed_by_peer,
     echo_works,
+    exchange,
     free_port,
     ltv,
     recv_exact,
     server_toml,
+    user_socket,
 )
-from tests.test_e2e_tcpmux import FAKE_TARGET, Frames, lv
-from tests.test_e2e_udp import exchange, user_socket
-from tests.test_e2e_ws import tls_context
+from tests.smux_peer import Frames, lv
+from tests.ws_peer import tls_context
 
 pytestmark = pytest.mark.timeout(120)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
-listener = harness.listener
-udp_echo = harness.udp_echo
 
 CODEC_INPUTS = 2000       # per codec, in this process
 SERVER_INPUTS = 150       # per server target, through real sockets
@@ -77,6 +74,7 @@ CONFIG_INPUTS = 6         # bad config files through the command line
 UDP_INPUTS = 600          # garbage datagrams to a udp transport server
 UDP_CLIENT_INPUTS = 100   # framed datagrams, and target datagrams, against a client
 TOKEN = "Fuzz-Good-Token-3a9c"
+FAKE_TARGET = b"5201"       # the target the smux fuzz's server sends on each stream
 CLOSE_BOUND = 5.0         # a bad input's connection is closed by then
 ENDED = (errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET)
 

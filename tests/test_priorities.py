@@ -18,12 +18,9 @@ import pytest
 
 from backhaul import cli
 from backhaul import log as logs
-from tests import harness
 from tests.harness import HOST, REPO, Launcher, client_toml, free_port, server_toml
 
 pytestmark = pytest.mark.timeout(60)
-
-launcher = harness.launcher
 
 
 def run_as_under_systemd(tmp_path: Path, *args: str) -> tuple[int, list[str]]:

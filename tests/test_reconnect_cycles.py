@@ -24,13 +24,11 @@ from backhaul.client import Client
 from backhaul.config import parse
 from backhaul.reactor import Reactor
 from backhaul.server import Server
-from tests import harness
 from tests.faultproxy import FaultProxy
 from tests.harness import CERTS, HOST, TLS_TRANSPORTS, TRANSPORTS, Service, echo_works, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
-echo_service = harness.echo_service
 
 CYCLES = {"tcp": 1000}     # the cheapest transport does the full thousand in CI; the others fewer
 OTHER_CYCLES = 150

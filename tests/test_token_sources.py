@@ -10,13 +10,10 @@ import pytest
 from backhaul import cli, config
 from backhaul.config import DEFAULT_TOKEN, MAX_TOKEN_BYTES, changed_keys, load
 from backhaul.errors import ConfigError
-from tests import harness
 from tests.harness import Launcher, Service, Tunnel, echo_works
 
 pytestmark = pytest.mark.timeout(60)
 
-launcher = harness.launcher
-echo_service = harness.echo_service
 
 SECRET = "s3cr3t-0f-the-tunnel"
 SERVER = '[server]\nbind_addr = "127.0.0.1:3080"\n'

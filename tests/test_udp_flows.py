@@ -4,6 +4,7 @@ and the metrics each limit counts. Real sockets on loopback, a real reactor."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ import pytest
 from backhaul.config import parse
 from backhaul.flows import EVICTED, Flow, UdpPorts
 from backhaul.reactor import Reactor
+from backhaul.relay.datagram import idle_seconds
 from backhaul.udp import DROPPED, FLOWS
 from tests.harness import HOST, free_port, wait_until
 
@@ -112,3 +114,20 @@ def test_a_datagram_past_16384_bytes_is_dropped_and_counted():
         wait_until(lambda: flows, 5, "the flow of the datagram that fits")
         assert DROPPED.value("too_large") == before + 1
         assert [f.addr[0] for f in flows] == ["127.5.0.2"]
+
+
+@pytest.mark.parametrize(("value", "idle"), [(None, 60.0), ("", 60.0), ("8", 8.0), ("0.5", 0.5), ("86400", 86400.0),
+                                             ("0", None), ("-3", None), ("86401", None), ("nan", None),
+                                             ("inf", None), ("eight", None)])
+def test_flows_end_after_60_idle_seconds_unless_the_environment_says(caplog, value, idle):
+    """Catches: a default other than PROTOCOL.md's 60 s (the end-to-end test runs with a shorter
+    BACKHAUL_UDP_IDLE), or a bad value used, or refused without a line naming it."""
+    environ = {} if value is None else {"BACKHAUL_UDP_IDLE": value}
+    with caplog.at_level(logging.WARNING, logger="backhaul.udp"):
+        assert idle_seconds(environ) == (60.0 if idle is None else idle)
+    said = [record.getMessage() for record in caplog.records]
+    if idle is None:
+        assert said == [f"BACKHAUL_UDP_IDLE={value!r} is no number of seconds in (0, 86400]: UDP flows end "
+                        "after 60 s idle"]
+    else:
+        assert not said

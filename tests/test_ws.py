@@ -35,8 +35,8 @@ from backhaul.protocol.ws_frame import frame_head
 from backhaul.reactor import Reactor, Timer
 from backhaul.relay.stream import READ_CHUNK, Stream, StreamListener, StreamRelay
 from backhaul.ws import FIN_PING, FRAME_SIZE, MESSAGE_SIZE, SERVER_MESSAGE, WebSocket, WebSocketCarrier, WebSocketStream
-from tests import test_relay as conformance
-from tests.test_relay import read_all, read_until_closed, send_and_finish, send_until_broken, tcp_pair, wait_until
+from tests import conformance
+from tests.conformance import read_all, read_until_closed, send_and_finish, send_until_broken, tcp_pair, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -650,17 +650,8 @@ def wss_bench(tls_contexts) -> Iterator[WsBench]:
     b.close()
 
 
-CONFORMANCE = [
-    ("one_byte", lambda b: conformance.test_one_byte_each_way(b)),
-    ("1MiB_both_ways", lambda b: conformance.test_bulk_both_ways_at_once_is_exact(b, 1 << 20)),
-    ("32MiB_both_ways", lambda b: conformance.test_bulk_both_ways_at_once_is_exact(b, 32 << 20)),
-    ("half_close_user", conformance.test_half_close_carries_fin_and_keeps_the_other_way_open),
-    ("half_close_target", conformance.test_half_close_from_the_target_side),
-    ("close_wakes_reader", conformance.test_close_wakes_a_blocked_reader),
-    ("reset", conformance.test_reset_closes_the_other_side),
-    ("slow_reader", conformance.test_slow_reader_gets_everything_once_it_reads),
-    ("threads", conformance.test_threads_do_not_grow_with_connections),
-]
+CONFORMANCE = conformance.CASES
+TLS_CASES = ("one_byte", "1MiB_both_ways", "half_close_user", "reset")
 
 
 @pytest.mark.parametrize("case", [c for _, c in CONFORMANCE], ids=[n for n, _ in CONFORMANCE])
@@ -668,11 +659,7 @@ def test_relay_conformance_over_websocket(ws_bench, case):
     case(ws_bench)
 
 
-@pytest.mark.parametrize("case", [conformance.test_one_byte_each_way,
-                                  lambda b: conformance.test_bulk_both_ways_at_once_is_exact(b, 1 << 20),
-                                  conformance.test_half_close_carries_fin_and_keeps_the_other_way_open,
-                                  conformance.test_reset_closes_the_other_side],
-                         ids=["one_byte", "1MiB_both_ways", "half_close_user", "reset"])
+@pytest.mark.parametrize("case", [c for n, c in CONFORMANCE if n in TLS_CASES], ids=list(TLS_CASES))
 def test_relay_conformance_over_tls_websocket(wss_bench, case):
     case(wss_bench)
     link = wss_bench.links[0]
