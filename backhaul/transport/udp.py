@@ -8,7 +8,7 @@ datagrams are relayed one for one. The public ports are UDP only.
 
 The server takes a link only from an address with a control channel (as the tcp family takes its
 links), and a datagram that opens none counts against the tunnel port's per-address limit of
-failed handshakes (tunnel/limiter.py): token guessing over UDP is held back like over TCP, and
+failed handshakes (tunnel/gate.py): token guessing over UDP is held back like over TCP, and
 an address past the limit has its datagrams dropped unread.
 """
 
@@ -216,16 +216,18 @@ class UdpTunnelPort(TunnelPort):
         """A datagram from an address that is no link: it must open one, and goes to the client
         of its address (one client in replace mode)."""
         ip, acceptor = addr[0], self.acceptor
-        if acceptor.limiter.refuses(ip):
+        if not acceptor.gate.admits(ip):
             DROPPED.inc(1, "limited")   # the limiter said so once for the window
             return
         refusal = self._refusal(ip, data)
         owner = self.entry_of(ip) if refusal is None else None
         if owner is None:
             kind, why = refusal or ("no_control", "a link while no control channel is up")
+            line = "dropped a datagram from %s on the UDP tunnel port: %s"
             if kind in _FAILURES:
-                acceptor.limiter.failed(ip)
-            drop(kind, "dropped a datagram from %s on the UDP tunnel port: %s", show(addr), why)
+                acceptor.gate.failed(ip, kind, line, show(addr), why, account=drop)
+            else:
+                drop(kind, line, show(addr), why)
             return
         cast(UdpLinks, owner.links).add_datagrams(addr)
 

@@ -35,8 +35,8 @@ from backhaul.tunnel.acceptor import MODE_MISMATCH
 from backhaul.tunnel.control import ClientChannel
 from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import control_connection
-from backhaul.tunnel.limiter import FailureLimiter
-from backhaul.tunnel.pending import HANDSHAKE_FAILURES, Pending, PendingSet
+from backhaul.tunnel.gate import Gate
+from backhaul.tunnel.pending import Pending, PendingSet
 from backhaul.tunnel.pool import ClientPool, LinkPool
 from backhaul.tunnel.port import Port
 from backhaul.ws import WebSocket, WebSocketCarrier, WebSocketStream
@@ -205,13 +205,11 @@ class UpgradePort(Port):
         self.mux = mux
         self.context: ssl.SSLContext | None = None
         self.challenge = self.config.auth == "challenge"
-        self.proven_ip = ""     # the last client that proved the token: never held back (see acceptor.py)
-        self.limiter = FailureLimiter(exempt=lambda ip: ip in self.pending.trusted or ip == self.proven_ip)
-        self.pending: PendingSet[Head] = PendingSet(self.reactor, "upgrade heads", HEAD_TIMEOUT, self._too_slow)
+        self.gate = Gate(lambda ip: ip in self.pending.trusted)
+        self.pending: PendingSet[Head] = PendingSet(self.reactor, "upgrade heads", HEAD_TIMEOUT, self._too_slow,
+                                                    gate=self.gate)
         self.challenges: PendingSet[Challenge] = PendingSet(self.reactor, "challenges", HANDSHAKE_TIMEOUT,
-                                                            self._no_proof)
-        self.pending.on_failed = self.challenges.on_failed = self.limiter.failed
-        self._warn = self.pending.warn
+                                                            self._no_proof, gate=self.gate)
 
     def open(self) -> None:
         if self.tls:
@@ -228,7 +226,7 @@ class UpgradePort(Port):
 
     # --- heads ----------------------------------------------------------------------------------
     def _arrived(self, sock: socket.socket, addr: tuple) -> None:
-        if self.limiter.refuses(addr[0]):
+        if not self.gate.admits(addr[0]):
             sock.close()
             return
         sock.setblocking(False)
@@ -236,9 +234,7 @@ class UpgradePort(Port):
             try:
                 sock = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             except (ssl.SSLError, OSError) as exc:  # gone already (a reset with bytes unread)
-                HANDSHAKE_FAILURES.inc(1, "tls")
-                self.limiter.failed(addr[0])
-                self._warn.warning("tls", "rejected client %s:%d: %s", addr[0], addr[1], tls_reason(exc))
+                self.gate.failed(addr[0], "tls", "rejected client %s:%d: %s", addr[0], addr[1], tls_reason(exc))
                 sock.close()
                 return
         entry = Head(sock, f"{addr[0]}:{addr[1]}", addr[0], self.tls)
@@ -282,16 +278,12 @@ class UpgradePort(Port):
         self._request(entry, request)
 
     def _too_slow(self, entry: Head) -> None:
-        HANDSHAKE_FAILURES.inc(1, "timeout")
-        self.limiter.failed(entry.ip)
-        self._warn.warning("timeout", "rejected client %s: no whole upgrade head within %g s", entry.peer,
-                           HEAD_TIMEOUT)
+        self.gate.failed(entry.ip, "timeout", "rejected client %s: no whole upgrade head within %g s", entry.peer,
+                         HEAD_TIMEOUT)
         self._answer(entry.sock, http.error_response(408))
 
     def _reject(self, entry: Head, kind: str, why: str, status: int = 0) -> None:
-        HANDSHAKE_FAILURES.inc(1, kind)
-        self.limiter.failed(entry.ip)
-        self._warn.warning(kind, "rejected client %s: %s", entry.peer, why)
+        self.gate.failed(entry.ip, kind, "rejected client %s: %s", entry.peer, why)
         if status:
             self._answer(entry.sock, http.error_response(status), last=True)
         self.pending.end(entry)
@@ -409,20 +401,16 @@ class UpgradePort(Port):
     def _challenge_failed(self, entry: Challenge, kind: str, why: str) -> None:
         if entry.sock not in self.challenges.entries:
             return
-        HANDSHAKE_FAILURES.inc(1, kind)
-        self.limiter.failed(entry.ip)
-        self._warn.warning(kind, "rejected client %s: %s", entry.peer, why)
+        self.gate.failed(entry.ip, kind, "rejected client %s: %s", entry.peer, why)
         self.challenges.end(entry)
 
     def _no_proof(self, entry: Challenge) -> None:
-        HANDSHAKE_FAILURES.inc(1, "timeout")
-        self.limiter.failed(entry.ip)
-        self._warn.warning("timeout", "rejected client %s: no answer to the challenge within %g s", entry.peer,
-                           HANDSHAKE_TIMEOUT)
+        self.gate.failed(entry.ip, "timeout", "rejected client %s: no answer to the challenge within %g s",
+                         entry.peer, HANDSHAKE_TIMEOUT)
 
     # --- the control channel --------------------------------------------------------------------
     def _control_up(self, ws: WebSocket, peer: str, ip: str, links: LinkChecker | None = None) -> None:
-        self.proven_ip = ip
+        self.gate.proven(ip)
         if self.clients and not self.balance:
             # PROTOCOL.md 3.1: a second /channel resets the server; the client reconnects.
             log.warning("client %s opened a second control channel: closing both (the one from %s too)",

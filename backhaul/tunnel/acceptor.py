@@ -6,7 +6,7 @@ nothing is a link, and anything else is read as a token handshake. With ``auth =
 a proof of a session of its address makes it a link. Either way each is read on the reactor thread
 with a 2 s deadline, capped in all and per source address; when the cap is reached the oldest
 silent one makes room, because a real client speaks at once and a flood of silent connections
-must not keep it out. Failures count per address (tunnel/limiter.py): an address past the limit
+must not keep it out. Failures count per address (tunnel/gate.py): an address past the limit
 is refused unread for the rest of its window, except the last one that proved the token (its
 links in flight when its control channel drops fail by the dozen, and must not keep it out).
 """
@@ -24,8 +24,8 @@ from backhaul.protocol.auth import AuthError, LinkChecker, ServerHandshake, chec
 from backhaul.protocol.framing import SG_CHAN, FrameReader
 from backhaul.protocol.handshake import HANDSHAKE_TIMEOUT, hello, hello_reader, server_accepts
 from backhaul.reactor import READ, Reactor
-from backhaul.tunnel.limiter import FailureLimiter
-from backhaul.tunnel.pending import HANDSHAKE_FAILURES, MAX_PENDING, PENDING_PER_SOURCE, Pending, PendingSet
+from backhaul.tunnel.gate import Gate
+from backhaul.tunnel.pending import MAX_PENDING, PENDING_PER_SOURCE, Pending, PendingSet
 
 log = logging.getLogger("backhaul.acceptor")
 
@@ -94,18 +94,15 @@ class HandshakeAcceptor:
         self.on_link = on_link
         self.challenge = challenge
         self.control_ips: frozenset[str] = frozenset()   # set by the owner: the addresses with a control channel
-        self.proven_ip = ""      # the address of the last client that proved the token: never held back
         self.checkers_of: CheckersOf = lambda _ip: ()   # challenge: set by the owner
-        self.limiter = FailureLimiter(exempt=lambda ip: ip in self.control_ips or ip == self.proven_ip)
+        self.gate = Gate(lambda ip: ip in self.control_ips)
         self.pending: PendingSet[Handshake] = PendingSet(reactor, "handshakes", HANDSHAKE_TIMEOUT, self._expired,
-                                                         max_pending, per_source)
-        self.pending.on_failed = self.limiter.failed
-        self._warn = self.pending.warn
+                                                         max_pending, per_source, gate=self.gate)
 
     def arrived(self, sock: socket.socket, addr: tuple) -> None:
         """A new connection on the tunnel port."""
         ip = addr[0]
-        if self.limiter.refuses(ip):
+        if not self.gate.admits(ip):
             sock.close()
             return
         sock.setblocking(False)
@@ -153,7 +150,7 @@ class HandshakeAcceptor:
             reply = entry.challenge.welcome() if entry.challenge else hello(self.token)
             links = entry.challenge.links() if entry.challenge else None
             self._end(entry, close=False)
-            self.proven_ip = entry.ip
+            self.gate.proven(entry.ip)
             self.on_control(entry.sock, entry.peer, entry.ip, reply, links)
         elif kind == "linked":
             self._end(entry, close=False)
@@ -194,27 +191,23 @@ class HandshakeAcceptor:
         return "linked", ""
 
     def _failed(self, entry: Handshake, kind: str, verdict: str) -> None:
-        HANDSHAKE_FAILURES.inc(1, kind)
-        self.limiter.failed(entry.ip)
         if entry.link:
-            self._warn.warning(kind, "rejected data connection from %s: %s", entry.peer, verdict)
+            self.gate.failed(entry.ip, kind, "rejected data connection from %s: %s", entry.peer, verdict)
         else:
-            self._warn.warning(kind, "rejected client %s: %s", entry.ip, verdict)
+            self.gate.failed(entry.ip, kind, "rejected client %s: %s", entry.ip, verdict)
         drain(entry.sock)
         self._end(entry)
 
     def _expired(self, entry: Handshake) -> None:
-        HANDSHAKE_FAILURES.inc(1, "foreign" if entry.foreign else "timeout")
-        self.limiter.failed(entry.ip)
         if entry.foreign:
-            self._warn.warning("foreign", "rejected data connection from %s: not %s %s", entry.peer,
-                               _whose(entry.foreign), entry.foreign)
+            self.gate.failed(entry.ip, "foreign", "rejected data connection from %s: not %s %s", entry.peer,
+                             _whose(entry.foreign), entry.foreign)
         elif self.challenge:
-            self._warn.warning("timeout", "rejected client %s: no handshake or link proof within %g s", entry.peer,
-                               HANDSHAKE_TIMEOUT)
+            self.gate.failed(entry.ip, "timeout", "rejected client %s: no handshake or link proof within %g s",
+                             entry.peer, HANDSHAKE_TIMEOUT)
         else:
-            self._warn.warning("timeout", "rejected client %s: no handshake within %g s", entry.peer,
-                               HANDSHAKE_TIMEOUT)
+            self.gate.failed(entry.ip, "timeout", "rejected client %s: no handshake within %g s", entry.peer,
+                             HANDSHAKE_TIMEOUT)
 
     def _end(self, entry: Handshake, close: bool = True) -> None:
         self.pending.end(entry, close)

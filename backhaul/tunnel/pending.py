@@ -8,16 +8,15 @@ must not keep it out.
 from __future__ import annotations
 
 import collections
-import logging
 import socket
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from backhaul.log import Throttles
 from backhaul.metrics import METRICS
 from backhaul.reactor import Reactor, Timer
 
-log = logging.getLogger("backhaul.acceptor")
+if TYPE_CHECKING:
+    from backhaul.tunnel.gate import Gate
 
 MAX_PENDING = 256        # connections being read at once
 PENDING_PER_SOURCE = 64  # of which one address may hold this many
@@ -51,7 +50,7 @@ class PendingSet(Generic[P]):
     """The pending connections of one port, in arrival order; reactor thread only."""
 
     def __init__(self, reactor: Reactor, what: str, timeout: float, on_expired: Callable[[P], None],
-                 max_pending: int = MAX_PENDING, per_source: int = PENDING_PER_SOURCE) -> None:
+                 max_pending: int = MAX_PENDING, per_source: int = PENDING_PER_SOURCE, *, gate: Gate) -> None:
         self.reactor = reactor
         self.what = what                  # "handshakes", "upgrade heads": for log lines
         self.timeout = timeout
@@ -62,8 +61,7 @@ class PendingSet(Generic[P]):
         self.entries: dict[socket.socket, P] = {}   # insertion order = age
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.evicted = 0                  # metric-ready count of connections that made room
-        self.warn = Throttles(log)
-        self.on_failed: Callable[[str], None] | None = None   # told the address of each one evicted
+        self.gate = gate                  # an eviction counts as a failed handshake of its address
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -86,10 +84,8 @@ class PendingSet(Generic[P]):
 
     def _evict(self, entry: P, why: str) -> None:
         self.evicted += 1
-        HANDSHAKE_FAILURES.inc(1, "evicted")
-        if self.on_failed is not None:
-            self.on_failed(entry.ip)
-        self.warn.warning("pending", "closed the oldest pending connection %s to make room: %s", entry.peer, why)
+        self.gate.failed(entry.ip, "evicted", "closed the oldest pending connection %s to make room: %s",
+                         entry.peer, why)
         self.end(entry)
 
     def _expired(self, entry: P) -> None:
