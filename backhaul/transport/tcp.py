@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from backhaul.errors import ProtocolError
-from backhaul.log import Throttles
 from backhaul.net import dial, peer_of, tune
 from backhaul.protocol.auth import LinkSigner
 from backhaul.protocol.framing import SG_TCP, SG_UDP, FrameReader, encode_ltv
@@ -27,7 +26,8 @@ from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.control import ClientChannel
 from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import handshake, send_link_proof
-from backhaul.tunnel.pool import ClientPool, LinkPool
+from backhaul.tunnel.links import IdleLinks
+from backhaul.tunnel.pool import ClientPool
 from backhaul.tunnel.port import TunnelPort
 
 if TYPE_CHECKING:
@@ -115,34 +115,21 @@ class FlowSocketLink:
 # ------------------------------------------------------------------------------------------------
 # server side
 
-class SocketLinks:
+class SocketLinks(IdleLinks[SocketLink]):
     """tcp's links: idle sockets in a pool, one per user, topped up to connection_pool."""
 
     def __init__(self, core: ServerCore, ask: Callable[[int], None], talking: Callable[[socket.socket], None]) -> None:
-        self.core = core
-        self.reactor = core.reactor
+        super().__init__(core, ask, log, "data connection", close=SocketLink.close, watch=self._watch,
+                         peer=lambda link: peer_of(link.sock), follow_demand=True)
         self.talking = talking
-        self.pool: LinkPool[SocketLink] = LinkPool(self.reactor, core.config.channel_size,
-                                                   core.config.connection_pool, ask, retire=SocketLink.close)
-        self._warn = Throttles(log)
-
-    def start(self) -> None:
-        self.pool.start()
-
-    def stop(self) -> None:
-        self.pool.stop()
-        for link in self.pool.drain():
-            link.close()
 
     def add(self, sock: socket.socket) -> None:
-        link = SocketLink(self.reactor, sock)
-        if not self.pool.add(link):
-            self._warn.warning("links", "closed data connection from %s: %d idle already (channel_size)",
-                               peer_of(sock), len(self.pool.idle))
-            sock.close()
-            return
-        self.reactor.watch(sock, READ, lambda _m: self._idle_event(link))
-        self.core.link_available()
+        self.keep(SocketLink(self.reactor, sock))
+
+    def _watch(self, link: SocketLink) -> None:
+        # The link stays registered for reading when taken: the relay that takes it over on the
+        # same call of the reactor only swaps the callback, which costs no system call.
+        self.reactor.watch(link.sock, READ, lambda _m: self._idle_event(link))
 
     def _idle_event(self, link: SocketLink) -> None:
         """An idle link spoke before being used: it closed, or a restarted client handshakes."""
@@ -153,20 +140,6 @@ class SocketLinks:
             self.talking(link.sock)
         else:
             link.close()
-
-    def idle(self) -> int:
-        return len(self.pool.idle)
-
-    def enough(self) -> int:
-        return max(1, self.pool.keep_ready)
-
-    def user_arrived(self) -> None:
-        self.pool.user_arrived()
-
-    def take(self) -> SocketLink | None:
-        # The link stays registered for reading: the relay that takes it over on this same call
-        # of the reactor only swaps the callback, which costs no system call.
-        return self.pool.take()
 
 
 def server(core: ServerCore) -> TunnelPort:

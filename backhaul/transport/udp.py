@@ -25,7 +25,6 @@ from typing import cast
 
 from backhaul.errors import ProtocolError, TransportError
 from backhaul.flows import EVICTED, Flow
-from backhaul.log import Throttles
 from backhaul.net import reason
 from backhaul.protocol.auth import AuthError, LinkSigner, check_any
 from backhaul.protocol.framing import SG_PING
@@ -36,7 +35,8 @@ from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.control import ClientChannel
 from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import handshake
-from backhaul.tunnel.pool import ClientPool, LinkPool
+from backhaul.tunnel.links import IdleLinks
+from backhaul.tunnel.pool import ClientPool
 from backhaul.tunnel.port import TunnelPort
 from backhaul.udp import (
     DROPPED,
@@ -101,39 +101,27 @@ class UdpLink:
         self.tunnel.close()
 
 
-class UdpLinks:
+class UdpLinks(IdleLinks[UdpLink]):
     """udp's links from one client: its addresses that sent the token (or a link proof) to the UDP
     tunnel port, pooled and pinged every heartbeat until a flow takes them. A TCP connection on
-    this transport is only ever a handshake."""
+    this transport is only ever a handshake. Nothing closes a client's UDP link but the client, so
+    the pool keeps ``connection_pool`` instead of following the users."""
 
     def __init__(self, core: ServerCore, ask: Callable[[int], None], talking: Callable[[socket.socket], None],
                  port: UdpTunnelPort) -> None:
-        self.core = core
-        self.reactor = core.reactor
-        self.config = core.config
+        super().__init__(core, ask, log, "UDP link", close=UdpLink.close, watch=self._watch,
+                         peer=lambda link: show(link.tunnel.addr), follow_demand=False,
+                         ping=lambda link: link.tunnel.send(PING))
         self.talking = talking
         self.port = port
-        self.pool: LinkPool[UdpLink] = LinkPool(self.reactor, self.config.channel_size,
-                                                self.config.connection_pool, ask)
         # The flows on this client's links. Nothing tells the server that a client's UDP
         # sockets are gone (a restarted client has new ones; a user who keeps sending would keep
         # a flow to the old ones alive for good), so they end with its last control channel, as
         # the client ends its own: the users' next datagrams open flows on a client that is there.
         self.carrying: set[PairRelay] = set()
-        self._timer: Timer | None = None
-        self._warn = Throttles(log)
-
-    def start(self) -> None:
-        self.pool.start()
-        self._timer = self.reactor.call_later(self.config.heartbeat, self._ping)
 
     def stop(self) -> None:
-        self.pool.stop()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for link in self.pool.drain():
-            link.close()
+        super().stop()
         if self.carrying:
             flows = list(self.carrying)
             log.info("ended %d UDP flows carried by the client that left", len(flows))
@@ -146,14 +134,11 @@ class UdpLinks:
     def add_datagrams(self, addr: tuple) -> None:
         """``addr`` sent the token or a link proof to the UDP tunnel port: a new link."""
         assert self.port.socket is not None
-        link = UdpLink(self.reactor, AddressPeer(self.port.socket, addr, f"client link {show(addr)}"), self.carrying)
-        if not self.pool.add(link):
-            self._warn.warning("links", "closed UDP link from %s: %d idle already (channel_size)", show(addr),
-                               len(self.pool.idle))
-            link.close()
-            return
+        self.keep(UdpLink(self.reactor, AddressPeer(self.port.socket, addr, f"client link {show(addr)}"),
+                          self.carrying))
+
+    def _watch(self, link: UdpLink) -> None:
         link.tunnel.listen(lambda batch: self._spoke(link, batch), lambda _why: self._gone(link))
-        self.core.link_available()
 
     def _spoke(self, link: UdpLink, batch: list[bytes]) -> None:
         for _ in batch:
@@ -163,23 +148,6 @@ class UdpLinks:
     def _gone(self, link: UdpLink) -> None:
         if self.pool.remove(link):
             link.close()
-
-    def _ping(self) -> None:
-        for link in self.pool.idle:
-            link.tunnel.send(PING)
-        self._timer = self.reactor.call_later(self.config.heartbeat, self._ping)
-
-    def idle(self) -> int:
-        return len(self.pool.idle)
-
-    def enough(self) -> int:
-        return max(1, self.pool.keep_ready)
-
-    def user_arrived(self) -> None:
-        self.pool.request(1)
-
-    def take(self) -> UdpLink | None:
-        return self.pool.take()
 
 
 class UdpTunnelPort(TunnelPort):

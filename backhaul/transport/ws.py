@@ -20,14 +20,13 @@ from collections.abc import Callable
 
 from backhaul.config import ClientConfig, ServerConfig
 from backhaul.errors import ProtocolError, TransportError
-from backhaul.log import Throttles
 from backhaul.net import dial, reason, tune
 from backhaul.protocol import auth
 from backhaul.protocol import http_upgrade as http
 from backhaul.protocol.auth import AuthError, LinkChecker, LinkSigner, ServerHandshake, check_any
 from backhaul.protocol.framing import SG_PING
 from backhaul.protocol.handshake import HANDSHAKE_TIMEOUT, hello_reader
-from backhaul.reactor import READ, WRITE, Reactor, Timer
+from backhaul.reactor import READ, WRITE, Reactor
 from backhaul.relay.stream import StreamRelay
 from backhaul.transport.tcpmux import MuxClientSession, SessionLinks
 from backhaul.transport.ws_challenge import challenge
@@ -36,8 +35,9 @@ from backhaul.tunnel.control import ClientChannel
 from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import control_connection
 from backhaul.tunnel.gate import Gate
+from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.pending import Pending, PendingSet
-from backhaul.tunnel.pool import ClientPool, LinkPool
+from backhaul.tunnel.pool import ClientPool
 from backhaul.tunnel.port import Port
 from backhaul.ws import WebSocket, WebSocketCarrier, WebSocketStream
 
@@ -46,6 +46,7 @@ log = logging.getLogger("backhaul.ws")
 HEAD_TIMEOUT = 10.0          # seconds for a connection to send its whole upgrade head (then 408)
 MAX_CLIENT_LINKS = 4096
 _RNG = random.SystemRandom()
+PING = bytes((SG_PING,))
 
 
 def uses_tls(transport: str) -> bool:
@@ -128,38 +129,19 @@ def server_context(cfg: ServerConfig) -> ssl.SSLContext:
     return context
 
 
-class WebSocketLinks:
+class WebSocketLinks(IdleLinks[WebSocketLink]):
     """ws's links: idle WebSockets in a pool, pinged (0x02) every heartbeat while they wait."""
 
     def __init__(self, core: ServerCore, ask: Callable[[int], None]) -> None:
-        self.core = core
-        self.reactor = core.reactor
-        self.pool: LinkPool[WebSocketLink] = LinkPool(self.reactor, core.config.channel_size,
-                                                      core.config.connection_pool, ask, retire=WebSocketLink.close)
-        self._timer: Timer | None = None
-        self._warn = Throttles(log)
-
-    def start(self) -> None:
-        self.pool.start()
-        self._timer = self.reactor.call_later(self.core.config.heartbeat, self._ping)
-
-    def stop(self) -> None:
-        self.pool.stop()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for link in self.pool.drain():
-            link.close()
+        super().__init__(core, ask, log, "data connection", close=WebSocketLink.close, watch=self._watch,
+                         peer=lambda link: link.ws.peer, follow_demand=True,
+                         ping=lambda link: link.ws.send_binary(PING), stale=lambda link: link.ws.closed)
 
     def add(self, ws: WebSocket) -> None:
-        link = WebSocketLink(self.reactor, ws)
-        if not self.pool.add(link):
-            self._warn.warning("links", "closed data connection from %s: %d idle already (channel_size)",
-                               ws.peer, len(self.pool.idle))
-            ws.close()
-            return
-        ws.messages(lambda _m: self._spoke(link), lambda _why: self._gone(link))
-        self.core.link_available()
+        self.keep(WebSocketLink(self.reactor, ws))
+
+    def _watch(self, link: WebSocketLink) -> None:
+        link.ws.messages(lambda _m: self._spoke(link), lambda _why: self.pool.remove(link))
 
     def _spoke(self, link: WebSocketLink) -> None:
         """An idle link sent a message: the client has nothing to say on one before its target."""
@@ -167,29 +149,6 @@ class WebSocketLinks:
             self._warn.warning("spoke", "closed idle data connection from %s: it sent a message before "
                                "being used", link.ws.peer)
             link.close()
-
-    def _gone(self, link: WebSocketLink) -> None:
-        self.pool.remove(link)
-
-    def _ping(self) -> None:
-        for link in list(self.pool.idle):
-            link.ws.send_binary(bytes((SG_PING,)))
-        self._timer = self.reactor.call_later(self.core.config.heartbeat, self._ping)
-
-    def idle(self) -> int:
-        return len(self.pool.idle)
-
-    def enough(self) -> int:
-        return max(1, self.pool.keep_ready)
-
-    def user_arrived(self) -> None:
-        self.pool.user_arrived()
-
-    def take(self) -> WebSocketLink | None:
-        while True:
-            link = self.pool.take()
-            if link is None or not link.ws.closed:
-                return link
 
 
 class UpgradePort(Port):
