@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from backhaul.tunnel.gate import Gate
-from backhaul.tunnel.limiter import FailureLimiter
-from backhaul.tunnel.pending import HANDSHAKE_FAILURES, Pending, PendingSet
+from backhaul.tunnel.limiter import HANDSHAKE_FAILURES, FailureLimiter
+from backhaul.tunnel.pending import Pending, PendingSet
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -6,8 +6,7 @@ import logging
 
 import pytest
 
-from backhaul.tunnel.limiter import FailureLimiter
-from backhaul.tunnel.pending import HANDSHAKE_FAILURES
+from backhaul.tunnel.limiter import HANDSHAKE_FAILURES, FailureLimiter
 
 pytestmark = pytest.mark.timeout(10)
 

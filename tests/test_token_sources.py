@@ -16,8 +16,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 SECRET = "s3cr3t-0f-the-tunnel"
-SERVER = '[server]\nbind_addr = "127.0.0.1:3080"\n'
-CLIENT = '[client]\nremote_addr = "127.0.0.1:3080"\n'
+# Parsed only: nothing binds or dials these addresses.
+SERVER = '[server]\nbind_addr = "198.51.100.1:3080"\n'
+CLIENT = '[client]\nremote_addr = "198.51.100.1:3080"\n'
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,7 @@ import logging
 from collections.abc import Callable
 
 from backhaul.log import Throttles
-from backhaul.tunnel.limiter import FailureLimiter
-from backhaul.tunnel.pending import HANDSHAKE_FAILURES
+from backhaul.tunnel.limiter import HANDSHAKE_FAILURES, FailureLimiter
 
 log = logging.getLogger("backhaul.acceptor")
 

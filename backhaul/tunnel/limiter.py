@@ -17,9 +17,12 @@ import time
 from collections.abc import Callable
 
 from backhaul.log import Throttle
-from backhaul.tunnel.pending import HANDSHAKE_FAILURES
+from backhaul.metrics import METRICS
 
 log = logging.getLogger("backhaul.acceptor")
+
+HANDSHAKE_FAILURES = METRICS.counter("backhaul_handshake_failures_total", "Connections to the tunnel port turned "
+                                     "away, by reason (token, timeout, garbage, closed, foreign, ...).", ("reason",))
 
 FAILURES = 20        # failed handshakes one address may cause in a window
 WINDOW = 10.0        # seconds

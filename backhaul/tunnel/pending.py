@@ -10,19 +10,19 @@ from __future__ import annotations
 import collections
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-from backhaul.metrics import METRICS
 from backhaul.reactor import Reactor, Timer
-
-if TYPE_CHECKING:
-    from backhaul.tunnel.gate import Gate
 
 MAX_PENDING = 256        # connections being read at once
 PENDING_PER_SOURCE = 64  # of which one address may hold this many
 
-HANDSHAKE_FAILURES = METRICS.counter("backhaul_handshake_failures_total", "Connections to the tunnel port turned "
-                                     "away, by reason (token, timeout, garbage, closed, foreign, ...).", ("reason",))
+
+
+class Gate(Protocol):
+    """Where an eviction is accounted: the port's gate (tunnel/gate.py)."""
+
+    def failed(self, ip: str, kind: str, fmt: str, *args: object) -> None: ...
 
 
 class Pending:
