@@ -23,7 +23,7 @@ from backhaul.reactor import Reactor
 from backhaul.relay import splice as relay_module
 from backhaul.relay.splice import Relay
 from backhaul.relay.stream import StreamRelay
-from tests.harness import thread_is_sleeping
+from tests.harness import on_reactor, thread_is_sleeping
 from tests.memstream import MemoryStream, memory_stream_pair
 
 CAPACITY = 64 * 1024  # memory stream buffer per direction
@@ -103,22 +103,7 @@ class Bench:
 
     def on_reactor(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the reactor thread and return its result."""
-        done = threading.Event()
-        box: list[Any] = []
-
-        def run() -> None:
-            try:
-                box.append(fn(*args))
-            except BaseException as exc:  # handed to the caller, who raises it
-                box.append(exc)
-            finally:
-                done.set()
-
-        self.reactor.call_soon(run)
-        assert done.wait(10), "the reactor did not run a call"
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
+        return on_reactor(self.reactor, fn, *args)
 
     def all_closed(self, link: Link) -> bool:
         return self.on_reactor(lambda: len(link.close_calls) == len(link.relays))
