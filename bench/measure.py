@@ -68,8 +68,14 @@ class Settings:
     def paths(self) -> tuple[str, ...]:
         """The paths every measurement runs (the two-client pair only where asked for; the plain
         relay, a loopback yardstick, not across the long path)."""
-        return tuple(p for p in PATHS if p != "2 clients" and (p != "go" or self.go_binary)
+        return tuple(p for p in PATHS if p not in ONLY_ASKED and (p != "go" or self.go_binary)
                      and (p != "relay" or not self.target_netns))
+
+
+# The paths that run the Go program, and in which roles: "go server" is the Go server with our
+# client, "go client" our server with the Go client (measured only where a row asks for them).
+GO_ROLES = {"go": ("server", "client"), "go server": ("server",), "go client": ("client",)}
+ONLY_ASKED = ("2 clients", "go server", "go client")
 
 
 @dataclass
@@ -100,10 +106,11 @@ def open_path(path: str, target_port: int, label: str, s: Settings) -> Iterator[
         with Helper.script("relay.py", target_port) as relay:
             yield Endpoint(path, int(relay.expect("PORT", 10)), {"relay": relay.pid})
     else:
-        go_binary = s.go_binary if path == "go" else None
+        go_roles = GO_ROLES.get(path, ())
+        go_binary = s.go_binary if go_roles else None
         pair = TunnelPair(s.workdir, label, target_port, s.probe_port, s.transport, go_binary,
                           s.server_extra, s.client_extra, clients=2 if path == "2 clients" else 1,
-                          client_netns=s.target_netns, tunnel_host=s.tunnel_host)
+                          client_netns=s.target_netns, tunnel_host=s.tunnel_host, go_roles=go_roles)
         try:
             with pair:
                 yield Endpoint(path, pair.public_port, pair.pids, echo_port=pair.probe_public_port)
@@ -111,7 +118,7 @@ def open_path(path: str, target_port: int, label: str, s: Settings) -> Iterator[
         finally:
             for role, lines in pair.logs().items():
                 if lines:
-                    s.tunnel_logs.append((label, f"go {role}" if go_binary else role, lines))
+                    s.tunnel_logs.append((label, f"go {role}" if role in go_roles else role, lines))
             s.notes += [f"{path} ({label}): {n}" for n in pair.notes]
 
 

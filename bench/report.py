@@ -3,8 +3,10 @@
 from dataclasses import dataclass, field
 
 # "go" (the Go program's server + client) is measured only when BACKHAUL_GO names its binary;
-# "2 clients" (one server in balance mode, two clients of ours) only by the `clients` measurement.
-PATHS = ("direct", "relay", "tunnel", "go", "2 clients")
+# "2 clients" (one server in balance mode, two clients of ours) only by the `clients` measurement;
+# "go server" (the Go server, our client) and "go client" (our server, the Go client) only where a
+# row pairs our side with the Go program's.
+PATHS = ("direct", "relay", "tunnel", "go", "go server", "go client", "2 clients")
 
 
 @dataclass

@@ -139,16 +139,23 @@ class TunnelPair:
         clients: int = 1,
         client_netns: str = "",
         tunnel_host: str = HOST,
+        go_roles: tuple[str, ...] = ("server", "client"),
     ) -> None:
-        name = f"{label} go" if go_binary else label if clients == 1 else f"{label} {clients} clients"
+        # With go_binary, the roles in go_roles run the Go program and the others ours: a mixed
+        # pair shows our side against the Go program's (e.g. our smux receiver, its sender).
+        go_roles = go_roles if go_binary else ()
+        mixed = "" if set(go_roles) >= {"server", "client"} else f" go-{'-'.join(go_roles)}"
+        name = (f"{label}{mixed or ' go'}" if go_binary
+                else label if clients == 1 else f"{label} {clients} clients")
         self.dir = workdir / name.replace(" ", "-").replace("=", "")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.label = label
         self.transport = transport
         self.go_binary = go_binary
+        self.go_roles = go_roles
         self.server_extra = server_extra
         self.client_extra = client_extra
-        self.kind = "go" if go_binary else "tunnel"
+        self.kind = "go" if go_roles else "tunnel"
         self.tunnel_port = free_port()
         self.public_port = free_port()
         self.probe_public_port = free_port()
@@ -197,7 +204,8 @@ class TunnelPair:
             "transport": self.transport,
             "pool": POOL,
         }
-        server_toml, client_toml = (GO_SERVER_TOML, GO_CLIENT_TOML) if self.go_binary else (SERVER_TOML, CLIENT_TOML)
+        server_toml = GO_SERVER_TOML if "server" in self.go_roles else SERVER_TOML
+        client_toml = GO_CLIENT_TOML if "client" in self.go_roles else CLIENT_TOML
         several = f'clients = "balance"\nweb_port = {self.web_port}\n' if self.clients > 1 else ""
         server.write_text(server_toml.format(ports=ports, **common) + several + _lines(self.server_extra))
         client.write_text(client_toml.format(**common) + self._source(0) + _lines(self.client_extra))
@@ -228,7 +236,7 @@ class TunnelPair:
         netns = self.client_netns if role != "server" else ""
         with open(self.dir / f"{role.replace(' ', '-')}.log", "wb") as log:
             proc = subprocess.Popen(
-                in_netns(netns, tunnel_argv(config, self.go_binary)),
+                in_netns(netns, tunnel_argv(config, self._binary(role))),
                 cwd=REPO_ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -237,6 +245,10 @@ class TunnelPair:
             )
         track(proc)
         return proc
+
+    def _binary(self, role: str) -> str | None:
+        """The Go program for a role that runs it, None for ours."""
+        return self.go_binary if role.split()[0] in self.go_roles else None
 
     def _wait_ready(self, deadline: float) -> None:
         # The udp transport's public ports are UDP only: its echo goes as a datagram.

@@ -36,14 +36,15 @@ from run import go_state, tunnel_log_lines
 from tunnel import check_available
 from wanpath import ADDRESS_A, ADDRESS_B, WanPath, describe, namespaces, own_drops, unavailable
 
-ROWS = ("bulk", "fresh", "ab", "interactive", "links")
+ROWS = ("bulk", "stream", "fresh", "ab", "interactive", "links")
 WAN_PATHS = ("direct", "tunnel", "go")
 GO_ENV = "BACKHAUL_GO"
 ANY = "0.0.0.0"            # the targets listen on every address of their namespace: direct reaches them
 FRESH_COUNT = 100
 LINKS_CONCURRENCY = 200
 IPERF_TRIES = 5
-NEEDS_IPERF3 = ("bulk", "interactive")
+NEEDS_IPERF3 = ("bulk", "stream", "interactive")
+MIXED_PATHS = ("go server", "go client")
 A_HEX_REMOTE = "".join(f"{int(part):02X}" for part in reversed(ADDRESS_B.split(".")))  # /proc/net/tcp form
 
 
@@ -366,6 +367,25 @@ def measure_bulk(s: Settings, wan: Wan) -> list[Row]:
     return _named(wan, rows, "higher", "{:,.1f}", " Mbit/s")
 
 
+def measure_stream(s: Settings, wan: Wan) -> list[Row]:
+    """One stream up and down at 0 % loss, also through the mixed pairs (with the Go program):
+    the Go server with our client (up: its smux sender, our receiver's window) and our server
+    with the Go client (down: the same the other way)."""
+    names = ["one stream up (Mbit/s)", "one stream down (Mbit/s)"]
+    sink = IperfSink(netns=wan.targets, host=ANY)
+
+    def one(ep: Endpoint) -> dict[str, Cell]:
+        return {names[0]: Cell(iperf(sink, ep, 1, s.seconds, False)),
+                names[1]: Cell(iperf(sink, ep, 1, s.seconds, True))}
+
+    extra = MIXED_PATHS if s.go_binary and "go" not in s.unavailable else ()
+    try:
+        rows = each_path("stream", names, sink.port, s, one, paths=WAN_PATHS, extra=extra)
+    finally:
+        sink.stop()
+    return _named(wan, rows, "higher", "{:,.1f}", " Mbit/s")
+
+
 def measure_fresh(s: Settings, wan: Wan) -> list[Row]:
     """FRESH_COUNT new connections one after another: connect -> request -> reply, p50 / p99."""
     names = [f"{FRESH_COUNT} fresh connections p50 (ms)", f"{FRESH_COUNT} fresh connections p99 (ms)"]
@@ -469,6 +489,7 @@ def connections_between_hosts() -> int:
 
 ROW_MEASURES: dict[str, Callable[[Settings, Wan], list[Row]]] = {
     "bulk": measure_bulk,
+    "stream": measure_stream,
     "fresh": measure_fresh,
     "ab": measure_ab_rows,
     "interactive": measure_interactive,

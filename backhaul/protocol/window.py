@@ -7,8 +7,10 @@ follows what its reader takes per round trip: while the reader keeps up, the gra
 twice the bytes read in one round trip (twice the bandwidth-delay product once the path, not the
 window, limits the sender); when the reader falls behind, the grant shrinks to what the reader
 takes, never below ``mux_streambuffer``. The grants of a session's streams add up to at most its
-``mux_recievebuffer``, and one stream takes at most half of it, so one stream can never fill the
-session's receive buffer alone (which would stop the reads of every stream).
+``mux_recievebuffer``, and one stream takes at most three quarters of it, so one stream can never
+fill the session's receive buffer alone (which would stop the reads of every stream): a quarter
+stays for the others. (Half was too little for one stream at 100 ms and 100 Mbit/s with the
+default 4 MiB: twice that path's BDP is 2.5 MB, and a 2 MiB grant moved 0.8x of the path.)
 
 The round trip is measured by the receiver alone: a UPD that moves the granted edge (consumed +
 window) beyond every earlier one lets the sender send bytes it could not send before; the first
@@ -20,10 +22,13 @@ The wire is smux's own: UPD(consumed, window), with our window in place of the f
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 
 MAX_WINDOW = 1 << 30  # a Go sender keeps windows in int32 arithmetic: stay far from its sign bit
 STALL_FLOOR = 0.05  # seconds: unread bytes older than this and than one round trip: the reader is behind
+ARRIVAL_MARKS = 64  # when bytes arrived, kept per stream (bounded; the last mark takes what comes after)
+MARK_SPAN = 0.005   # seconds: arrivals this close share a mark (how exact the age of a byte is)
 
 
 class StreamWindow:
@@ -31,7 +36,7 @@ class StreamWindow:
     the stream opened (Python integers, never wrapped; the wire's u32 counters wrap)."""
 
     __slots__ = ("size", "advertised", "edge", "received", "read", "rtt", "probe_at", "probe_edge", "mark_at",
-                 "mark_read", "backlog_since", "lagged")
+                 "mark_read", "arrivals", "lagged")
 
     def __init__(self, size: int, edge: int, now: float) -> None:
         self.size = size        # the window our next UPD grants
@@ -44,7 +49,9 @@ class StreamWindow:
         self.probe_edge = 0     # the edge before it: a byte beyond it completes the sample
         self.mark_at = now      # start of the current measurement of the read rate
         self.mark_read = 0
-        self.backlog_since = now  # since when unread bytes wait, the buffer never empty meanwhile
+        # (total received after the arrival, when) of the unread bytes, oldest first: how long the
+        # bytes a read takes have waited (a stream read promptly may still never be empty).
+        self.arrivals: collections.deque[tuple[int, float]] = collections.deque()
         self.lagged = False     # a read in this measurement took bytes that had waited too long
 
     @property
@@ -63,7 +70,7 @@ class WindowTuner:
     def __init__(self, stream_buffer: int, receive_buffer: int, initial_edge: int) -> None:
         self.base = stream_buffer
         self.limit = receive_buffer
-        self.cap = min(max(stream_buffer, receive_buffer // 2), MAX_WINDOW)
+        self.cap = min(max(stream_buffer, receive_buffer * 3 // 4), MAX_WINDOW)
         self.initial_edge = initial_edge
 
     def open(self, now: float) -> StreamWindow:
@@ -71,9 +78,12 @@ class WindowTuner:
 
     def received(self, w: StreamWindow, n: int, now: float) -> bool:
         """``n`` bytes arrived; False when they go beyond every grant (the peer ignores the window)."""
-        if not w.unread:
-            w.backlog_since = now
         w.received += n
+        marks = w.arrivals
+        if marks and (len(marks) >= ARRIVAL_MARKS or now - marks[-1][1] < MARK_SPAN):
+            marks[-1] = (w.received, marks[-1][1])   # older than they are: errs toward "behind"
+        else:
+            marks.append((w.received, now))
         if w.probe_at is not None and w.received > w.probe_edge:
             sample = max(now - w.probe_at, 1e-6)  # a clock that did not move still proves a trip
             w.rtt = sample if not w.rtt else min(w.rtt, sample)
@@ -82,20 +92,27 @@ class WindowTuner:
 
     def update_due(self, w: StreamWindow, since_update: int) -> bool:
         """Enough was read since the last UPD to send the next one. smux's rule is half the
-        stream buffer; a grown window waits for a quarter of itself (fewer UPDs, and the sender
-        still has three quarters of the window when the UPD leaves)."""
-        return since_update >= max(self.base // 2, w.size // 4)
+        stream buffer; a grown window waits for an eighth of itself (a UPD is 12 bytes per
+        hundreds of KiB, and the sender keeps seven eighths of the window when the UPD leaves)."""
+        return since_update >= max(self.base // 2, w.size // 8)
 
     def read(self, w: StreamWindow, n: int, now: float, granted_total: Callable[[], int]) -> bool:
         """The reader took ``n`` bytes. Once per round trip, resize the grant from what was read in
         it; True when it grew (a UPD should tell the sender now). ``granted_total`` gives the sum of
         the session's grants, asked only when a grant may grow."""
-        # The bytes read had waited since the buffer was last empty: longer than a round trip
-        # (and than the floor, below which a busy machine's scheduling is noise) is a reader
-        # behind, not one that reads as bytes arrive.
-        if now - w.backlog_since > max(w.rtt, STALL_FLOOR):
-            w.lagged = True
+        # The last byte read waited longer than a round trip (and than the floor, below which a
+        # busy machine's scheduling is noise): a reader behind, not one that reads as bytes arrive.
         w.read += n
+        marks = w.arrivals
+        last = None
+        while marks and marks[0][0] <= w.read:
+            last = marks.popleft()
+        if last is not None and last[0] == w.read:
+            arrived = last[1]
+        else:
+            arrived = marks[0][1] if marks else now
+        if now - arrived > max(w.rtt, STALL_FLOOR):
+            w.lagged = True
         if not w.rtt or now - w.mark_at < w.rtt:
             return False
         # Bytes read per round trip over this interval (an interval may span several).
