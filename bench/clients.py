@@ -318,10 +318,12 @@ def ping_pong(port: int, rounds: int, warmup: int, max_seconds: float, host: str
 # ---------------------------------------------------------------- fresh connections
 
 
-def fresh_connections(port: int, count: int, host: str = HOST, timeout: float = 10.0) -> list[float]:
+def fresh_connections(port: int, count: int, host: str = HOST, timeout: float = 10.0,
+                      echo: bool = False) -> list[float]:
     """``count`` new connections one after another: connect, send one request line, read the
-    reply, close; the ms from the connect call to the end of the reply, each (the wait a new
-    user of a path sees before its first answer)."""
+    reply (the line itself from an ``echo`` service), close; the ms from the connect call to the
+    end of the reply, each (the wait a new user of a path sees before its first answer)."""
+    expected = len(REQUEST) if echo else len(REPLY)
     samples: list[float] = []
     for _ in range(count):
         started = time.perf_counter()
@@ -329,7 +331,7 @@ def fresh_connections(port: int, count: int, host: str = HOST, timeout: float = 
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(REQUEST)
             reply = b""
-            while len(reply) < len(REPLY):
+            while len(reply) < expected:
                 chunk = sock.recv(64)
                 if not chunk:
                     raise ConnectionError(f"closed after {len(reply)} bytes of the reply")

@@ -206,9 +206,11 @@ class IperfSink:
 
     name = "iperf3"
 
-    def __init__(self, netns: str = "", host: str = HOST) -> None:
-        """``netns``: the network namespace to run in; ``host``: the address to listen on."""
+    def __init__(self, netns: str = "", host: str = HOST, congestion: str = "") -> None:
+        """``netns``: the network namespace to run in; ``host``: the address to listen on;
+        ``congestion``: the algorithm of the test's sockets (iperf3 -C, both ends), else the default."""
         self.port = free_port()
+        self.congestion = congestion
         self.proc = subprocess.Popen(
             in_netns(netns, [shutil.which("iperf3") or "iperf3", "-s", "-B", host, "-p", str(self.port)]),
             stdin=subprocess.DEVNULL,
@@ -238,6 +240,7 @@ class IperfSink:
             str(streams),
             "-J",
             *(["-R"] if reverse else []),
+            *(["-C", self.congestion] if self.congestion else []),
         ]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
         report = json.loads(done.stdout or "{}")

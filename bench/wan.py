@@ -43,7 +43,7 @@ ANY = "0.0.0.0"            # the targets listen on every address of their namesp
 FRESH_COUNT = 100
 LINKS_CONCURRENCY = 200
 IPERF_TRIES = 5
-NEEDS_IPERF3 = ("bulk", "stream", "interactive")
+NEEDS_IPERF3 = ("bulk", "stream", "fresh", "interactive")
 MIXED_PATHS = ("go server", "go client")
 A_HEX_REMOTE = "".join(f"{int(part):02X}" for part in reversed(ADDRESS_B.split(".")))  # /proc/net/tcp form
 
@@ -135,16 +135,30 @@ class Wan:
     rate_mbit: float
     label: str = ""               # "[100 ms, tcp, bbr]": what the row names start with
     own_drops: int = 0            # the forwarder's own drops over the whole run
+    socket_cc: str = ""           # --cc the namespaces refused: set on each socket of iperf3 and ours
+    interactive: float = 30.0     # seconds of the interactive row's download (p99 of ~250 round trips)
+
+    def sink(self) -> IperfSink:
+        """An iperf3 server on the targets' side (its tests on ``socket_cc`` when that is set)."""
+        return IperfSink(netns=self.targets, host=ANY, congestion=self.socket_cc)
 
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
     raise_nofile_limit()
     targets = args.inside
     quick = args.quick
-    if args.cc:
-        set_congestion(args.cc, targets)
+    socket_cc = set_congestion(args.cc, targets) if args.cc else ""
     cc = congestion_of(targets)
-    ours = _ours_congestion(args.server_set + args.client_set)
+    if socket_cc:
+        # Ours gets it through its own key; the Go program has none and runs the default.
+        args.server_set.append(f'congestion="{socket_cc}"')
+        args.client_set.append(f'congestion="{socket_cc}"')
+        cc_text = (f"{socket_cc} per socket: iperf3 -C on both ends of its tests, our `congestion` key; "
+                   f"the Go pair and the other connections: {cc}")
+        cc = f"{socket_cc}/socket"
+    else:
+        cc_text = f"{cc} in both namespaces"
+    ours = "" if socket_cc else _ours_congestion(args.server_set + args.client_set)
     rtts = args.rtt_ms or [100.0]
     transports = args.transport or ["tcp"]
     available, version = check_available()
@@ -155,7 +169,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         unavailable_paths["go"] = go_text
     seconds = args.seconds or (5.0 if quick else 10.0)
     path = WanPath("", targets, delay_ms=rtts[0] / 2, rate_mbit=args.rate_mbit, queue_ms=args.queue_ms)
-    wan = Wan(path, targets, args.tcp_mem, seconds, args.settle or (10.0 if quick else 60.0), args.rate_mbit)
+    wan = Wan(path, targets, args.tcp_mem, seconds, args.settle or (10.0 if quick else 60.0), args.rate_mbit,
+              socket_cc=socket_cc, interactive=10.0 if quick else 30.0)
     header = [
         f"machine: {os.cpu_count()} cores, kernel {platform.release()}, Python {platform.python_version()}; "
         f"load average at start {_loadavg()}",
@@ -163,7 +178,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         f"client); {args.rate_mbit:g} Mbit/s each way, drop-tail queue {args.queue_ms:g} ms, round trip "
         f"{', '.join(f'{r:g}' for r in rtts)} ms",
         f"forwarder: {path.ready['priority']} (bench/wanpath.py)",
-        f"congestion control: {cc} in both namespaces" + (f"; ours: congestion = {ours}" if ours else ""),
+        f"congestion control: {cc_text}" + (f"; ours: congestion = {ours}" if ours else ""),
         f"tunnel: {version if available else 'UNAVAILABLE - ' + version}",
         f"go: {go_text}",
     ]
@@ -259,19 +274,26 @@ def difference(after: dict, before: dict) -> dict:
     return {d: {k: (v - before[d][k] if k in counted else v) for k, v in after[d].items()} for d in ("ab", "ba")}
 
 
-def set_congestion(name: str, targets: str) -> None:
-    """The default congestion control of both namespaces (never the host's: ours are fresh). The
-    kernel lets a namespace other than the host's default only to an algorithm of the host's
-    net.ipv4.tcp_allowed_congestion_control: SystemExit names the list when it refuses."""
+def set_congestion(name: str, targets: str) -> str:
+    """The default congestion control of both namespaces (never the host's: ours are fresh); "",
+    or ``name`` when it has to be set per socket instead. The kernel lets a namespace other than
+    the host's default only to an algorithm of the host's net.ipv4.tcp_allowed_congestion_control
+    (often "reno bbr"); root may still set any available one on a socket (CAP_NET_ADMIN), which
+    iperf3 (-C, both ends of a test) and our `congestion` key do. SystemExit when the kernel has
+    no such algorithm at all."""
     for netns in ("", targets):
         done = subprocess.run(in_netns(netns, ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={name}"]),
                               capture_output=True, text=True, timeout=10)
         if done.returncode:
-            with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
-                allowed = f.read().strip()
-            raise SystemExit(f"wan: --cc {name}: the kernel refused it as the namespaces' default "
-                             f"({done.stderr.strip()}); a namespace may default only to the host's "
-                             f"net.ipv4.tcp_allowed_congestion_control: {allowed}")
+            with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+                available = f.read().split()
+            if name not in available:
+                raise SystemExit(f"wan: --cc {name}: not an algorithm of this kernel "
+                                 f"({done.stderr.strip()}); available: {' '.join(available)}")
+            log(f"wan: --cc {name}: a namespace may default only to the host's "
+                f"net.ipv4.tcp_allowed_congestion_control; set per socket instead")
+            return name
+    return ""
 
 
 def congestion_of(targets: str) -> str:
@@ -294,7 +316,7 @@ def _loadavg() -> str:
 def capacity(wan: Wan, s: Settings) -> str:
     """What the forwarder carries alone: direct, one stream each way, no rate limit, no delay."""
     wan.path.set(rate_mbit=0, delay_ms=0)
-    sink = IperfSink(netns=wan.targets, host=ANY)
+    sink = wan.sink()
     try:
         got = []
         for reverse in (False, True):
@@ -348,7 +370,7 @@ def measure_bulk(s: Settings, wan: Wan) -> list[Row]:
     runs = [(loss, streams, reverse) for loss in (0.0, 0.01) for streams in (1, 8) for reverse in (False, True)]
     names = {run: f"bulk {run[1]} stream{'s' if run[1] > 1 else ''} {'down' if run[2] else 'up'}, "
                   f"{run[0] * 100:g} % loss (Mbit/s)" for run in runs}
-    sink = IperfSink(netns=wan.targets, host=ANY)
+    sink = wan.sink()
 
     def one(ep: Endpoint) -> dict[str, Cell]:
         cells = {}
@@ -372,7 +394,7 @@ def measure_stream(s: Settings, wan: Wan) -> list[Row]:
     the Go server with our client (up: its smux sender, our receiver's window) and our server
     with the Go client (down: the same the other way)."""
     names = ["one stream up (Mbit/s)", "one stream down (Mbit/s)"]
-    sink = IperfSink(netns=wan.targets, host=ANY)
+    sink = wan.sink()
 
     def one(ep: Endpoint) -> dict[str, Cell]:
         return {names[0]: Cell(iperf(sink, ep, 1, s.seconds, False)),
@@ -387,15 +409,26 @@ def measure_stream(s: Settings, wan: Wan) -> list[Row]:
 
 
 def measure_fresh(s: Settings, wan: Wan) -> list[Row]:
-    """FRESH_COUNT new connections one after another: connect -> request -> reply, p50 / p99."""
-    names = [f"{FRESH_COUNT} fresh connections p50 (ms)", f"{FRESH_COUNT} fresh connections p99 (ms)"]
+    """FRESH_COUNT new connections one after another (connect -> request -> reply, p50 / p99) to
+    an echo service, on a quiet path, then again right after an 8-stream download through the
+    same path ended (whatever the download left in buffers on its way must not hold them up)."""
+    names = [f"{FRESH_COUNT} fresh connections p50 (ms)", f"{FRESH_COUNT} fresh connections p99 (ms)",
+             f"{FRESH_COUNT} fresh connections right after a download p50 (ms)",
+             f"{FRESH_COUNT} fresh connections right after a download p99 (ms)"]
+    sink = wan.sink()
 
     def one(ep: Endpoint) -> dict[str, Cell]:
-        samples = sorted(fresh_connections(ep.port, FRESH_COUNT, host=ep.host))
-        return {names[0]: Cell(percentile(samples, 0.5)), names[1]: Cell(percentile(samples, 0.99))}
+        quiet = sorted(fresh_connections(ep.echo_port, FRESH_COUNT, host=ep.host, echo=True))
+        mbit = iperf(sink, ep, 8, s.seconds, True)
+        after = sorted(fresh_connections(ep.echo_port, FRESH_COUNT, host=ep.host, echo=True))
+        return {names[0]: Cell(percentile(quiet, 0.5)), names[1]: Cell(percentile(quiet, 0.99)),
+                names[2]: Cell(percentile(after, 0.5), extra=f"download {mbit:,.0f} Mbit/s"),
+                names[3]: Cell(percentile(after, 0.99))}
 
-    with Helper.script("services.py", "reqrep", netns=wan.targets, env={"BENCH_LISTEN": ANY}) as target:
-        rows = each_path("fresh", names, int(target.expect("PORT", 10)), s, one, paths=WAN_PATHS)
+    try:
+        rows = each_path("fresh", names, sink.port, s, one, paths=WAN_PATHS)
+    finally:
+        sink.stop()
     return _named(wan, rows, "lower", "{:,.0f}", " ms")
 
 
@@ -408,7 +441,7 @@ def measure_interactive(s: Settings, wan: Wan) -> list[Row]:
     """1-byte round trips on an echo connection while a download (iperf3 -R, one stream) runs
     through the same path: through the same tunnel, or beside it for direct."""
     names = ["round trip during a download p50 (ms)", "round trip during a download p99 (ms)"]
-    sink = IperfSink(netns=wan.targets, host=ANY)
+    sink = wan.sink()
 
     def one(ep: Endpoint) -> dict[str, Cell]:
         download: dict[str, float] = {}
@@ -416,7 +449,7 @@ def measure_interactive(s: Settings, wan: Wan) -> list[Row]:
 
         def pull() -> None:
             try:
-                download["mbit"] = iperf(sink, ep, 1, s.seconds + 2, True)
+                download["mbit"] = iperf(sink, ep, 1, wan.interactive + 2, True)
             except RuntimeError as exc:
                 failed.append(exc)
 
@@ -425,9 +458,9 @@ def measure_interactive(s: Settings, wan: Wan) -> list[Row]:
         try:
             time.sleep(1.5)   # past the download's slow start
             samples = sorted(x / 1e3 for x in ping_pong(ep.echo_port, 1_000_000, warmup=2,
-                                                         max_seconds=s.seconds - 1, host=ep.host))
+                                                         max_seconds=wan.interactive - 1, host=ep.host))
         finally:
-            puller.join(s.seconds + 70)
+            puller.join(wan.interactive + 70)
         if failed:
             raise failed[0]
         extra = f"download {download.get('mbit', 0):,.0f} Mbit/s"
