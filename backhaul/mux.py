@@ -21,6 +21,7 @@ import mmap
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -47,12 +48,24 @@ POLL_MS = 1000            # how often an idle demux thread looks whether its ses
 IOV_MAX = 1024            # buffers one sendmsg may take (Linux)
 TLS_WRITE = 256 * 1024    # bytes joined into one TLS write
 # What one take of the session's outbox aims at (protocol/outbox.py: the streams in turns of
-# 16 KiB within it), one gathered write. Measured on a 100 ms / 100 Mbit path: keeping the
-# kernel's unsent queue small (TCP_NOTSENT_LOWAT 64 KiB) with 64 KiB takes added 19-22 ms to an
-# interactive stream's round trip beside a download (p50 104 -> 122-126 ms; without: 104 ms), and
-# on loopback cost a quarter of a v1 stream's rate (1.7 -> 2.6 CPU-s per GB). The turns within a
-# take are what keeps a request from waiting behind another stream's backlog in the outbox.
+# 16 KiB within it), one gathered write.
 ROUND = 1024 * 1024
+# On a path with a delay, what the kernel may hold of a session's frames not sent yet: a frame
+# queued behind more than this waits for the path to carry it, whatever stream it is for (2-3 MB
+# of a download's frames sat there at 100 ms / 100 Mbit: an interactive stream of the same
+# session waited 290 ms more per round trip). Below it the session's own turns decide the order.
+# Takes are half as large there, so a write does not refill the queue it waited for, and the
+# queue never runs dry while the reactor is late by less than its drain time (about 20 ms at
+# 100 Mbit/s): a send into an empty queue marks the connection application-limited, and bbr
+# stays in its startup (pacing at 2.9x the path's rate, a quarter of the packets lost) while
+# its samples are.
+UNSENT_LOWAT = 256 * 1024
+LONG_PATH_ROUND = UNSENT_LOWAT // 2
+# Where the round trip is shorter than this the kernel's queue drains as fast as it fills, and a
+# small one only costs a wake-up per take (on loopback a quarter of a v1 stream's rate).
+LOWAT_RTT_US = 2000
+_RTT = struct.Struct("=I")   # tcp_info.tcpi_rtt (microseconds), at offset 68 of struct tcp_info
+_TCP_INFO_RTT = 68
 
 # Every open session of the process, for the metrics (side: the server opens the streams).
 _OPEN: set[MuxConnection] = set()
@@ -104,6 +117,7 @@ class MuxConnection:
         except OSError:
             self.address = ("0.0.0.0", 0)  # gone already: the demux thread will say so
         self._pending: list[bytes | memoryview] = []  # frames taken from the session, not yet sent
+        self._round = ROUND                    # bytes one take of the outbox aims at (see start)
         self._writing = False                  # watching the socket for room
         self._inline = True                    # the reactor reads the socket (else the thread does)
         self._mask = 0                         # what the reactor watches the socket for
@@ -129,6 +143,8 @@ class MuxConnection:
     def start(self, first: bytes = b"") -> None:
         """Begin; ``first`` holds session bytes read before (behind an HTTP 101 on wsmux)."""
         self.sock.setblocking(False)
+        if _keep_unsent_small(self.sock):
+            self._round = LONG_PATH_ROUND
         _OPEN.add(self)
         if first:
             self.reactor.call_soon(self._take_chunk, first)
@@ -350,7 +366,7 @@ class MuxConnection:
                 if not pending:
                     if not self.session.has_outgoing:
                         break
-                    pending = self._pending = self.session.outgoing_buffers(ROUND)
+                    pending = self._pending = self.session.outgoing_buffers(self._round)
                 if self._tls_lock is None:
                     sent = self.sock.sendmsg(pending[:IOV_MAX])
                 else:
@@ -499,6 +515,22 @@ class MuxConnection:
         self.reactor.close_socket(self.sock)
         self._pending = []
         self._blocked.clear()
+
+
+def _keep_unsent_small(sock: socket.socket) -> bool:
+    """TCP_NOTSENT_LOWAT on this socket (never the host's sysctl) when its round trip (known
+    from the connection's handshake) is LOWAT_RTT_US or more: the socket is then writable, and
+    takes more, only while less than UNSENT_LOWAT of it waits unsent. True when it was set."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_RTT + _RTT.size)
+        rtt_us = _RTT.unpack_from(info, _TCP_INFO_RTT)[0] if len(info) >= _TCP_INFO_RTT + _RTT.size else 0
+        if rtt_us < LOWAT_RTT_US:
+            return False
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LOWAT)
+    except (OSError, AttributeError) as exc:  # not a TCP socket (TLS wraps one), or no such option
+        log.debug("smux session socket keeps the host's unsent queue: %s", exc)
+        return False
+    return True
 
 
 class MuxStream:

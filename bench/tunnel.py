@@ -79,6 +79,14 @@ def _lines(settings: tuple[str, ...]) -> str:
     return "".join(f"{key.strip()} = {value.strip()}\n" for key, _, value in (s.partition("=") for s in settings))
 
 
+def _with(table: str, settings: tuple[str, ...]) -> str:
+    """A config table with ``settings`` added, each in place of the table's own line of its key
+    (TOML allows a key once)."""
+    keys = {key.strip() for key, _, _ in (s.partition("=") for s in settings)}
+    kept = [line for line in table.splitlines(keepends=True) if line.partition("=")[0].strip() not in keys]
+    return "".join(kept) + _lines(settings)
+
+
 class TunnelError(RuntimeError):
     """The tunnel could not be started or did not become ready."""
 
@@ -207,11 +215,11 @@ class TunnelPair:
         server_toml = GO_SERVER_TOML if "server" in self.go_roles else SERVER_TOML
         client_toml = GO_CLIENT_TOML if "client" in self.go_roles else CLIENT_TOML
         several = f'clients = "balance"\nweb_port = {self.web_port}\n' if self.clients > 1 else ""
-        server.write_text(server_toml.format(ports=ports, **common) + several + _lines(self.server_extra))
-        client.write_text(client_toml.format(**common) + self._source(0) + _lines(self.client_extra))
+        server.write_text(_with(server_toml.format(ports=ports, **common) + several, self.server_extra))
+        client.write_text(_with(client_toml.format(**common) + self._source(0), self.client_extra))
         for n in range(1, self.clients):
-            (self.dir / f"client-{n + 1}.toml").write_text(client_toml.format(**common) + self._source(n)
-                                                          + _lines(self.client_extra))
+            (self.dir / f"client-{n + 1}.toml").write_text(_with(client_toml.format(**common) + self._source(n),
+                                                                 self.client_extra))
         return server, client
 
     def _source(self, n: int) -> str:

@@ -45,6 +45,7 @@ LINKS_CONCURRENCY = 200
 IPERF_TRIES = 5
 NEEDS_IPERF3 = ("bulk", "stream", "fresh", "interactive")
 MIXED_PATHS = ("go server", "go client")
+MUX_TRANSPORTS = ("tcpmux", "wsmux", "wssmux")
 A_HEX_REMOTE = "".join(f"{int(part):02X}" for part in reversed(ADDRESS_B.split(".")))  # /proc/net/tcp form
 
 
@@ -468,7 +469,14 @@ def measure_interactive(s: Settings, wan: Wan) -> list[Row]:
                 names[1]: Cell(percentile(samples, 0.99), extra=f"{len(samples)} samples")}
 
     try:
-        rows = each_path("interactive", names, sink.port, s, one, paths=WAN_PATHS)
+        # On a mux, both streams in one session (one session per client), as they share one
+        # once users outnumber the sessions: the download's backlog is what the round trip must
+        # not wait behind.
+        one_session = ("connection_pool=1",) if s.transport in MUX_TRANSPORTS else ()
+        shared = dataclasses.replace(s, server_extra=s.server_extra + one_session,
+                                     client_extra=s.client_extra + one_session)
+        extra = MIXED_PATHS if s.go_binary and "go" not in s.unavailable and one_session else ()
+        rows = each_path("interactive", names, sink.port, shared, one, paths=WAN_PATHS, extra=extra)
     finally:
         sink.stop()
     return _named(wan, rows, "lower", "{:,.1f}", " ms")

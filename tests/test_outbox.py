@@ -84,3 +84,4 @@ def test_outbox_quantum_takes_small_frames_of_a_stream_together():
     assert [len(x) for x in out] == [QUANTUM + 1] + [8] * 5
     assert outbox.take(1) == [b"\x02" * 10]
     assert not outbox and outbox.bytes == 0
+
