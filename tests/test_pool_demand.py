@@ -350,3 +350,35 @@ def test_the_pool_asks_ahead_in_a_burst_and_closes_the_oldest_links_it_asked_for
         assert not links.requested
     finally:
         links.stop()
+
+
+def test_an_idle_pool_times_one_link_before_its_first_users(monkeypatch: pytest.MonkeyPatch):
+    """With no arrival time known, the pool asks for one link ahead at its first top-up, so the
+    first wave of users is met with links asked ahead (not one arrival time later); one only."""
+    clock = Clock()
+    monkeypatch.setattr(pool.time, "monotonic", clock.monotonic)
+    monkeypatch.delenv(pool.TIMESCALE_ENV, raising=False)
+    asked: list[int] = []
+    links: LinkPool[str] = LinkPool(clock, capacity=500, keep_ready=2,  # type: ignore[arg-type]
+                                    ask=lambda count: ask(count), retire=lambda link: None)
+
+    def ask(count: int) -> None:               # the client: every link asked for comes 0.2 s later
+        asked.append(count)
+        clock.call_later(0.2, lambda: [links.add("asked") for _ in range(count)])
+
+    links.start()
+    try:
+        for name in ("own0", "own1"):          # the client's own, right after the handshake
+            assert links.add(name)
+        clock.run_until(1.3)                   # asked at the first top-up (1 s), come at 1.2 s
+        assert asked == [1]
+        assert links.demand is not None and links.demand.wait == pytest.approx(0.2)
+        clock.run_until(5.0)
+        assert asked == [1]                    # timed once: no more while nobody comes
+        asked.clear()
+        for _ in range(20):                    # a wave: each replaced, and more asked ahead at once
+            links.user_arrived()
+            links.take()
+        assert sum(asked) > 20, asked
+    finally:
+        links.stop()

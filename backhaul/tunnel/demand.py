@@ -119,6 +119,16 @@ class LinkDemand:
         self.ahead = min(self.ahead + extra, self.capacity)
         return replace + extra
 
+    def to_probe(self) -> int:
+        """1 while no link asked for has arrived yet (the pool asks for it when none is on its
+        way): how long a link takes is then known before the first wave of users needs it, not
+        one arrival time after it began. It counts as asked ahead, so it is closed again as
+        they are."""
+        if self.wait or self.ahead >= self.capacity:
+            return 0
+        self.ahead += 1
+        return 1
+
     def to_close(self, now: float, idle: int, stock: int) -> int:
         """How many of the ``idle`` links to close now (``stock``: idle and on their way): those
         beyond the target that were asked for ahead, a bounded share at a time, so a pool a load

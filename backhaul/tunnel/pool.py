@@ -157,6 +157,8 @@ class LinkPool(Generic[L]):
             if surplus:
                 self._shrink(surplus)
             missing = self.demand.to_ask(now, stock - surplus)
+            if missing <= 0 and not self.requested:
+                missing = self.demand.to_probe()
         missing = min(missing, self.capacity - len(self.requested))
         if missing > 0:
             self.request(missing)
