@@ -24,7 +24,7 @@ from backhaul.relay.splice import Relay
 from backhaul.tunnel.acceptor import has_bytes
 from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.control import ClientChannel
-from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
+from backhaul.tunnel.core import Arrival, ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import handshake, send_link_proof
 from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.pool import ClientPool
@@ -123,8 +123,8 @@ class SocketLinks(IdleLinks[SocketLink]):
                          peer=lambda link: peer_of(link.sock), follow_demand=True)
         self.talking = talking
 
-    def add(self, sock: socket.socket) -> None:
-        self.keep(SocketLink(self.reactor, sock))
+    def add(self, arrival: Arrival) -> None:
+        self.keep(SocketLink(self.reactor, arrival.sock))
 
     def _watch(self, link: SocketLink) -> None:
         # The link stays registered for reading when taken: the relay that takes it over on the

@@ -33,7 +33,7 @@ from backhaul.reactor import READ, Reactor, Timer
 from backhaul.relay.datagram import PairRelay
 from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.control import ClientChannel
-from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
+from backhaul.tunnel.core import Arrival, ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import handshake
 from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.pool import ClientPool
@@ -128,8 +128,8 @@ class UdpLinks(IdleLinks[UdpLink]):
             for relay in flows:
                 relay.close()
 
-    def add(self, sock: socket.socket) -> None:
-        self.talking(sock)
+    def add(self, arrival: Arrival) -> None:
+        self.talking(arrival.sock)   # a TCP connection here is a handshake (a client that restarted)
 
     def add_datagrams(self, addr: tuple) -> None:
         """``addr`` sent the token or a link proof to the UDP tunnel port: a new link."""

@@ -25,7 +25,7 @@ from backhaul.protocol.auth import LinkChecker
 from backhaul.tunnel.acceptor import HandshakeAcceptor
 from backhaul.tunnel.carrier import Carrier, SocketCarrier
 from backhaul.tunnel.control import ServerChannel
-from backhaul.tunnel.core import ServerCore, ServerLink
+from backhaul.tunnel.core import Arrival, ServerCore, ServerLink
 
 log = logging.getLogger("backhaul.server")
 
@@ -43,8 +43,8 @@ CLIENT_IDLE = METRICS.gauge("backhaul_client_idle_links", "Tunnel links ready fo
 class Links(Protocol):
     """A transport's policy for the connections one client opens after its control channel."""
 
-    def add(self, sock: socket.socket) -> None:
-        """A new link connection from the client's address."""
+    def add(self, arrival: Arrival) -> None:
+        """A new link connection from the client."""
 
     def take(self) -> ServerLink | None:
         """A link for one user, or None (then ask for more)."""
@@ -317,8 +317,7 @@ class TunnelPort(Port):
         super().__init__(core, name, make_links)
         self.rtt_probe = rtt_probe
         self.acceptor = HandshakeAcceptor(self.reactor, self.config.token, self._control_up, self.links_add,
-                                          challenge=self.config.auth == "challenge")
-        self.acceptor.checkers_of = self.checkers_of
+                                          challenge=self.config.auth == "challenge", checkers_of=self.checkers_of)
 
     def _arrived(self, sock: socket.socket, addr: tuple) -> None:
         self.acceptor.arrived(sock, addr)
@@ -337,12 +336,12 @@ class TunnelPort(Port):
         self._install(SocketCarrier(self.reactor, sock, f"client {peer}"), peer, ip, rtt_probe=self.rtt_probe,
                       first=reply, links=links)
 
-    def links_add(self, sock: socket.socket, ip: str) -> None:
+    def links_add(self, sock: socket.socket, peer: str, ip: str) -> None:
         entry = self.entry_of(ip)
         if entry is None:
             sock.close()
             return
-        entry.links.add(sock)
+        entry.links.add(Arrival(sock, peer))
 
     def _talking(self, sock: socket.socket) -> None:
         try:
