@@ -23,7 +23,7 @@ from backhaul.relay.splice import Relay
 from backhaul.resolver import Resolver
 from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.control import ServerChannel
-from backhaul.tunnel.sessions import SessionLinks
+from backhaul.tunnel.mux_sessions import SessionLinks
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.timeout(60)

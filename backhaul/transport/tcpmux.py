@@ -1,5 +1,5 @@
 """The ``tcpmux`` transport (PROTOCOL.md 2): the tcp handshake and control channel (without the RTT
-probe), then every further connection from the client is an smux session (tunnel/sessions.py).
+probe), then every further connection from the client is an smux session (tunnel/mux_sessions.py).
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import functools
 from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.core import ClientCore, ServerCore
 from backhaul.tunnel.dialer import dial_link, handshake
+from backhaul.tunnel.mux_sessions import MuxClientSession, SessionLinks
 from backhaul.tunnel.port import TunnelPort
-from backhaul.tunnel.sessions import MuxClientSession, SessionLinks
 
 
-def server(core: ServerCore) -> TunnelPort:
+def server(core: ServerCore) -> TunnelPort[SessionLinks]:
     return TunnelPort(core, "tcpmux", SessionLinks, rtt_probe=False)
 
 

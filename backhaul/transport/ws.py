@@ -5,7 +5,6 @@ connection: the target as a text message, then the user's bytes (backhaul/ws.py)
 
 from __future__ import annotations
 
-import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -13,10 +12,9 @@ from collections.abc import Callable
 from backhaul.protocol.framing import SG_PING
 from backhaul.reactor import Reactor
 from backhaul.relay.stream import StreamRelay
-from backhaul.tunnel.control import ClientChannel
 from backhaul.tunnel.core import Arrival, ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.links import IdleLinks
-from backhaul.tunnel.pool import ClientPool
+from backhaul.tunnel.session import TunnelSession
 from backhaul.tunnel.upgrade import Upgraded, UpgradeDial, UpgradePort, connect_control
 from backhaul.ws import WebSocket, WebSocketCarrier, WebSocketStream
 
@@ -84,7 +82,7 @@ class WebSocketLinks(IdleLinks[WebSocketLink]):
             link.close()
 
 
-def server(core: ServerCore) -> UpgradePort:
+def server(core: ServerCore) -> UpgradePort[WebSocketLinks]:
     return UpgradePort(core, WebSocketLinks)
 
 
@@ -96,35 +94,29 @@ def connect(core: ClientCore) -> WebSocketSession:
     return WebSocketSession(core, connect_control(core))
 
 
-class WebSocketSession:
+class WebSocketSession(TunnelSession):
     """The client's end of a ws/wss control channel and the WebSockets it opened."""
 
     def __init__(self, core: ClientCore, control: Upgraded) -> None:
-        self.core = core
-        self.config = core.config
-        self.reactor = core.reactor
-        self.sock = control.sock
-        self.first = control.first
-        self.channel: ClientChannel | None = None
+        ws = WebSocket(core.reactor, control.sock, client=True, peer="the server", first=control.first)
+        super().__init__(core, WebSocketCarrier(ws), what="data connection", most=MAX_CLIENT_LINKS,
+                         rtt_echo=False, heartbeat_echo=True)
+        self.control = control
         self.links: set[WebSocket] = set()
-        self.closed = False
-        self.pool = ClientPool(self.reactor, self.config.connection_pool, self.config.aggressive_pool,
-                               MAX_CLIENT_LINKS, "data connection",
-                               functools.partial(UpgradeDial, core, control.server_addr, control.signer, self._dialed),
-                               idle=lambda: len(self.links), open_now=lambda: len(self.links))
 
-    def start(self) -> None:
-        if self.closed:
-            return
-        ws = WebSocket(self.reactor, self.sock, client=True, peer="the server", first=self.first)
-        self.channel = ClientChannel(self.reactor, WebSocketCarrier(ws), rtt_echo=False, heartbeat_echo=True,
-                                     on_links=self.pool.requested, on_lost=self._lost)
-        self.channel.start()
-        if not self.closed:
-            self.pool.start(self.config.connection_pool)
+    def dial_link(self) -> None:
+        UpgradeDial(self.core, self.control.server_addr, self.control.signer, self._dialed)
 
-    def _lost(self, reason: str, _goodbye: bool) -> None:
-        self.close(reason, notify=False)
+    def idle_links(self) -> int:
+        return len(self.links)
+
+    def open_links(self) -> int:
+        return len(self.links)
+
+    def close_links(self) -> None:
+        for ws in list(self.links):
+            ws.close()
+        self.links.clear()
 
     def _dialed(self, sock: socket.socket | None, error: str, first: bytes) -> None:
         self.pool.opened(error)
@@ -145,20 +137,6 @@ class WebSocketSession:
         target = message if isinstance(message, str) else message.decode("utf-8", "replace")
         # From now on the websocket is a stream: the data behind the target is the user's.
         self.core.carry(WebSocketLink(self.reactor, ws, WebSocketStream(ws)), target)
-
-    def close(self, reason: str, *, notify: bool) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.channel is not None:
-            self.channel.close(notify=notify)
-        else:
-            self.sock.close()  # never started
-        self.pool.stop()
-        for ws in list(self.links):
-            ws.close()
-        self.links.clear()
-        self.core.session_ended(self, reason)
 
 
 SERVER = server

@@ -1,6 +1,6 @@
 """The ``wsmux`` and ``wssmux`` transports (PROTOCOL.md 3.4): the HTTP-upgrade handshake (± TLS,
 tunnel/upgrade.py), then every upgraded ``/tunnel/<N>`` carries one smux session on its raw socket
-(tunnel/sessions.py), as tcpmux's connections do.
+(tunnel/mux_sessions.py), as tcpmux's connections do.
 """
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ from __future__ import annotations
 import functools
 
 from backhaul.tunnel.core import ClientCore, ServerCore
-from backhaul.tunnel.sessions import MuxClientSession, SessionLinks
+from backhaul.tunnel.mux_sessions import MuxClientSession, SessionLinks
 from backhaul.tunnel.upgrade import UpgradeDial, UpgradePort, connect_control
 from backhaul.ws import WebSocket, WebSocketCarrier
 
 
-def server(core: ServerCore) -> UpgradePort:
+def server(core: ServerCore) -> UpgradePort[SessionLinks]:
     return UpgradePort(core, SessionLinks)
 
 

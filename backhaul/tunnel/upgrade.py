@@ -34,7 +34,7 @@ from backhaul.tunnel.core import Arrival, ClientCore, ServerCore
 from backhaul.tunnel.dialer import LinkDialed, control_connection
 from backhaul.tunnel.gate import Gate
 from backhaul.tunnel.pending import Pending, PendingSet
-from backhaul.tunnel.port import LinksFactory, Port
+from backhaul.tunnel.port import LinksFactory, LinksT, Port
 from backhaul.tunnel.ws_challenge import challenge
 from backhaul.ws import WebSocket, WebSocketCarrier
 
@@ -86,12 +86,12 @@ def server_context(cfg: ServerConfig) -> ssl.SSLContext:
     return context
 
 
-class UpgradePort(Port):
+class UpgradePort(Port[LinksT]):
     """The tunnel port of the WebSocket transports: TLS (wss, wssmux), upgrade heads, the control
     channel, and each accepted link connection handed to the links ``make_links`` makes; there is
     no address check (PROTOCOL.md 3.1), the token is on every request."""
 
-    def __init__(self, core: ServerCore, make_links: LinksFactory) -> None:
+    def __init__(self, core: ServerCore, make_links: LinksFactory[LinksT]) -> None:
         super().__init__(core, core.config.transport, make_links)
         self.tls = uses_tls(self.name)
         self.context: ssl.SSLContext | None = None

@@ -27,10 +27,10 @@ from backhaul.protocol.smux import ACCEPT_BACKLOG
 from backhaul.reactor import Reactor
 from backhaul.relay.stream import StreamRelay
 from backhaul.tunnel.carrier import Carrier
-from backhaul.tunnel.control import ClientChannel
 from backhaul.tunnel.core import Arrival, ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import LinkDialed
-from backhaul.tunnel.pool import REQUEST_TTL, ClientPool
+from backhaul.tunnel.pool import REQUEST_TTL
+from backhaul.tunnel.session import TunnelSession
 
 log = logging.getLogger("backhaul.tcpmux")
 
@@ -270,37 +270,37 @@ class HeaderReader:
             self.session.header_done(self.stream)
 
 
-class MuxClientSession:
-    """The client's end of one control channel and the smux sessions it opened."""
+class MuxClientSession(TunnelSession):
+    """The client's end of one control channel and the smux sessions it opened, each on a
+    connection ``dial_session`` opens."""
 
     def __init__(self, core: ClientCore, carrier: Carrier, dial_session: DialSession, *,
                  heartbeat_echo: bool = False) -> None:
-        self.core = core
-        self.config = core.config
-        self.reactor = core.reactor
+        super().__init__(core, carrier, what="smux session", most=MAX_CLIENT_SESSIONS, rtt_echo=False,
+                         heartbeat_echo=heartbeat_echo)
+        self.dial_session = dial_session
         self.settings = settings(self.config, CLIENT_MAX_STREAMS)
         self.backlog: dict[MuxConnection, int] = {}
-        self.channel = ClientChannel(self.reactor, carrier, rtt_echo=False, heartbeat_echo=heartbeat_echo,
-                                     on_links=self._sessions_requested, on_lost=self._lost)
         self.sessions: list[MuxConnection] = []
-        self.closed = False
-        self.pool = ClientPool(self.reactor, self.config.connection_pool, self.config.aggressive_pool,
-                               MAX_CLIENT_SESSIONS, "smux session", lambda: dial_session(self._dialed),
-                               idle=lambda: sum(1 for conn in self.sessions if not len(conn)),
-                               open_now=lambda: len(self.sessions))
 
-    def start(self) -> None:
-        if self.closed:
-            return
-        self.channel.start()
-        if not self.closed:
-            self.pool.start(max(self.config.connection_pool, self.config.mux_session))
+    def first_links(self) -> int:
+        return max(self.config.connection_pool, self.config.mux_session)
 
-    def _sessions_requested(self, count: int) -> None:
-        self.pool.requested(count)
+    def dial_link(self) -> None:
+        self.dial_session(self._dialed)
 
-    def _lost(self, reason: str, _goodbye: bool) -> None:
-        self.close(reason, notify=False)
+    def idle_links(self) -> int:
+        return sum(1 for conn in self.sessions if not len(conn))
+
+    def open_links(self) -> int:
+        return len(self.sessions)
+
+    def close_links(self) -> None:
+        """The smux sessions go once the streams they carry have ended (within drain_timeout): a
+        reload or a fail-back must not cut a user's last bytes."""
+        sessions, self.sessions = self.sessions, []
+        for conn in sessions:
+            conn.finish(self.config.drain_timeout)
 
     def _dialed(self, sock: socket.socket | None, error: str, first: bytes) -> None:
         self.pool.opened(error)
@@ -342,17 +342,3 @@ class MuxClientSession:
         log.warning("an smux session with the server ended: %s", why)
         if len(self.sessions) + self.pool.opening < self.config.mux_session:
             self.pool.open()  # keep mux_session sessions open
-
-    def close(self, reason: str, *, notify: bool) -> None:
-        """End the control channel. The smux sessions go once the streams they carry have ended
-        (within drain_timeout): a reload or a fail-back must not cut a user's last bytes."""
-        if self.closed:
-            return
-        self.closed = True
-        self.channel.close(notify=notify)
-        self.pool.stop()
-        sessions, self.sessions = self.sessions, []
-        for conn in sessions:
-            conn.finish(self.config.drain_timeout)
-        self.core.session_ended(self, reason)
-
