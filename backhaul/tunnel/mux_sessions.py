@@ -41,7 +41,7 @@ CLIENT_MAX_STREAMS = 65536    # client: live streams of one session (memory boun
 
 # opens one more session connection and calls back once with it (a plain TCP connection after
 # a link proof for tcpmux, an upgraded one for wsmux)
-DialSession = Callable[[LinkDialed], None]
+DialSession = Callable[[LinkDialed], object]   # what it returns is not used
 
 
 def settings(cfg: ServerConfig | ClientConfig, max_streams: int) -> MuxSettings:
