@@ -19,7 +19,7 @@ from wsproto.events import BytesMessage, Message, Ping
 from backhaul.protocol import auth
 from backhaul.protocol import http_upgrade as http
 from backhaul.protocol.framing import FrameReader, encode_ltv
-from backhaul.transport.ws_challenge import challenge
+from backhaul.tunnel.ws_challenge import challenge
 from tests.faultproxy import FaultProxy
 from tests.harness import (
     HOST,

@@ -21,9 +21,9 @@ from backhaul.protocol.smux import Session
 from backhaul.reactor import Reactor
 from backhaul.relay.splice import Relay
 from backhaul.resolver import Resolver
-from backhaul.transport.tcpmux import SessionLinks
 from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.control import ServerChannel
+from backhaul.tunnel.mux_sessions import SessionLinks
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.timeout(60)

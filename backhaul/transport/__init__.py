@@ -19,8 +19,8 @@ MODULES = {
     "tcpmux": "tcpmux",
     "ws": "ws",
     "wss": "ws",
-    "wsmux": "ws",
-    "wssmux": "ws",
+    "wsmux": "wsmux",
+    "wssmux": "wsmux",
     "udp": "udp",
 }
 NEEDS = {"ws": "wsproto", "wss": "wsproto", "wsmux": "wsproto", "wssmux": "wsproto"}   # optional packages by transport

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from backhaul.errors import ProtocolError
-from backhaul.net import dial, peer_of, tune
+from backhaul.net import peer_of, tune
 from backhaul.protocol.auth import LinkSigner
 from backhaul.protocol.framing import SG_TCP, SG_UDP, FrameReader, encode_ltv
 from backhaul.reactor import READ, Reactor
@@ -23,12 +23,11 @@ from backhaul.relay.datagram import FramedRelay
 from backhaul.relay.splice import Relay
 from backhaul.tunnel.acceptor import has_bytes
 from backhaul.tunnel.carrier import SocketCarrier
-from backhaul.tunnel.control import ClientChannel
-from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
-from backhaul.tunnel.dialer import handshake, send_link_proof
+from backhaul.tunnel.core import Arrival, ClientCore, OnRelayClosed, ServerCore
+from backhaul.tunnel.dialer import dial_link, handshake
 from backhaul.tunnel.links import IdleLinks
-from backhaul.tunnel.pool import ClientPool
 from backhaul.tunnel.port import TunnelPort
+from backhaul.tunnel.session import TunnelSession
 
 if TYPE_CHECKING:
     from backhaul.flows import Flow
@@ -123,8 +122,8 @@ class SocketLinks(IdleLinks[SocketLink]):
                          peer=lambda link: peer_of(link.sock), follow_demand=True)
         self.talking = talking
 
-    def add(self, sock: socket.socket) -> None:
-        self.keep(SocketLink(self.reactor, sock))
+    def add(self, arrival: Arrival) -> None:
+        self.keep(SocketLink(self.reactor, arrival.sock))
 
     def _watch(self, link: SocketLink) -> None:
         # The link stays registered for reading when taken: the relay that takes it over on the
@@ -142,7 +141,7 @@ class SocketLinks(IdleLinks[SocketLink]):
             link.close()
 
 
-def server(core: ServerCore) -> TunnelPort:
+def server(core: ServerCore) -> TunnelPort[SocketLinks]:
     return TunnelPort(core, "tcp", SocketLinks, rtt_probe=True)
 
 
@@ -155,43 +154,33 @@ def connect(core: ClientCore) -> TcpSession:
     return TcpSession(core, sock, addr, signer)
 
 
-class TcpSession:
+class TcpSession(TunnelSession):
     """The client's end of one control channel and the links it opened. With ``signer``
     (auth = "challenge") every link says first which session it belongs to."""
 
     def __init__(self, core: ClientCore, sock: socket.socket, server_addr: tuple[str, int],
                  signer: LinkSigner | None = None) -> None:
-        self.core = core
+        super().__init__(core, SocketCarrier(core.reactor, sock, "the server"), what="data connection",
+                         most=MAX_CLIENT_LINKS, rtt_echo=True)
         self.signer = signer
-        self.config = core.config
-        self.reactor = core.reactor
         self.server_addr = server_addr
-        self.channel = ClientChannel(self.reactor, SocketCarrier(self.reactor, sock, "the server"), rtt_echo=True,
-                                     on_links=self._links_requested, on_lost=self._lost)
         self.links: dict[socket.socket, FrameReader] = {}
-        self.closed = False
-        self.pool = ClientPool(self.reactor, self.config.connection_pool, self.config.aggressive_pool,
-                               MAX_CLIENT_LINKS, "data connection", self._dial_link,
-                               idle=lambda: len(self.links), open_now=lambda: len(self.links))
 
-    def start(self) -> None:
-        if self.closed:
-            return
-        self.channel.start()
-        if not self.closed:
-            self.pool.start(self.config.connection_pool)
+    def dial_link(self) -> None:
+        dial_link(self.core, self.server_addr, self.signer, self._link_dialed)
 
-    def _links_requested(self, count: int) -> None:
-        self.pool.requested(count)
+    def idle_links(self) -> int:
+        return len(self.links)
 
-    def _lost(self, reason: str, _goodbye: bool) -> None:
-        self.close(reason, notify=False)
+    def open_links(self) -> int:
+        return len(self.links)
 
-    def _dial_link(self) -> None:
-        dial(self.reactor, self.core.resolver, self.server_addr[0], self.server_addr[1], self.config.dial_timeout,
-             self._link_dialed, self.config.local_addr)
+    def close_links(self) -> None:
+        for sock in self.links:
+            self.reactor.close_socket(sock)
+        self.links.clear()
 
-    def _link_dialed(self, sock: socket.socket | None, error: str) -> None:
+    def _link_dialed(self, sock: socket.socket | None, error: str, _first: bytes) -> None:
         self.pool.opened(error)
         if sock is None:
             return
@@ -201,9 +190,6 @@ class TcpSession:
         cfg = self.config
         tune(sock, nodelay=cfg.nodelay, keepalive=cfg.keepalive_period, mss=cfg.mss,
              rcvbuf=cfg.so_rcvbuf, sndbuf=cfg.so_sndbuf, congestion=cfg.congestion)
-        if self.signer is not None and not send_link_proof(sock, self.signer):
-            self.reactor.close_socket(sock)
-            return
         self.links[sock] = FrameReader(typed=True)
         self.reactor.watch(sock, READ, lambda _m: self._link_event(sock))
 
@@ -238,17 +224,6 @@ class TcpSession:
         else:
             log.warning("dropped a data connection: unknown header type 0x%02x", reader.kind or 0)
             sock.close()
-
-    def close(self, reason: str, *, notify: bool) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.channel.close(notify=notify)
-        self.pool.stop()
-        for sock in self.links:
-            self.reactor.close_socket(sock)
-        self.links.clear()
-        self.core.session_ended(self, reason)
 
 
 SERVER = server

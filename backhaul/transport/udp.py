@@ -21,7 +21,6 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import cast
 
 from backhaul.errors import ProtocolError, TransportError
 from backhaul.flows import EVICTED, Flow
@@ -32,12 +31,11 @@ from backhaul.protocol.handshake import hello_reader
 from backhaul.reactor import READ, Reactor, Timer
 from backhaul.relay.datagram import PairRelay
 from backhaul.tunnel.carrier import SocketCarrier
-from backhaul.tunnel.control import ClientChannel
-from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
+from backhaul.tunnel.core import Arrival, ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import handshake
 from backhaul.tunnel.links import IdleLinks
-from backhaul.tunnel.pool import ClientPool
 from backhaul.tunnel.port import TunnelPort
+from backhaul.tunnel.session import TunnelSession
 from backhaul.udp import (
     DROPPED,
     WARN,
@@ -128,8 +126,8 @@ class UdpLinks(IdleLinks[UdpLink]):
             for relay in flows:
                 relay.close()
 
-    def add(self, sock: socket.socket) -> None:
-        self.talking(sock)
+    def add(self, arrival: Arrival) -> None:
+        self.talking(arrival.sock)   # a TCP connection here is a handshake (a client that restarted)
 
     def add_datagrams(self, addr: tuple) -> None:
         """``addr`` sent the token or a link proof to the UDP tunnel port: a new link."""
@@ -150,7 +148,7 @@ class UdpLinks(IdleLinks[UdpLink]):
             link.close()
 
 
-class UdpTunnelPort(TunnelPort):
+class UdpTunnelPort(TunnelPort[UdpLinks]):
     """The tcp family's port, with the UDP socket of the same address beside it: datagrams from
     an address that is no link yet must be the token, and make a link of the client there."""
 
@@ -197,7 +195,7 @@ class UdpTunnelPort(TunnelPort):
             else:
                 drop(kind, line, show(addr), why)
             return
-        cast(UdpLinks, owner.links).add_datagrams(addr)
+        owner.links.add_datagrams(addr)
 
     def _refusal(self, ip: str, data: bytes) -> tuple[str, str] | None:
         """Why ``data`` from ``ip`` opens no link (kind, why), or None: the token (v0.7.2), or
@@ -262,46 +260,36 @@ def connect(core: ClientCore) -> UdpSession:
     return UdpSession(core, sock, addr, signer)
 
 
-class UdpSession:
+class UdpSession(TunnelSession):
     """The client's end of one control channel and the UDP links it opened. With ``signer``
     (auth = "challenge") each link opens with its LINK frame, never the token."""
 
     def __init__(self, core: ClientCore, sock: socket.socket, server_addr: tuple[str, int],
                  signer: LinkSigner | None = None) -> None:
-        self.core = core
-        self.config = core.config
-        self.reactor = core.reactor
+        super().__init__(core, SocketCarrier(core.reactor, sock, "the server"), what="UDP link",
+                         most=MAX_CLIENT_LINKS, rtt_echo=True)
         self.server_addr = server_addr
         self.signer = signer
         self.family = sock.family
-        self.channel = ClientChannel(self.reactor, SocketCarrier(self.reactor, sock, "the server"), rtt_echo=True,
-                                     on_links=self._links_requested, on_lost=self._lost)
         self.links: dict[socket.socket, float] = {}    # idle links: when the server was last heard on each
         # Flows carried on this session's links. The server never says that it dropped one (it
         # may have, to make room), so they end when idle (a cap keeps them bounded) or with the
         # control channel, which ends them on the server too (and in the Go client).
         self.flows: set[PairRelay] = set()
-        self.closed = False
-        self.pool = ClientPool(self.reactor, self.config.connection_pool, self.config.aggressive_pool,
-                               MAX_CLIENT_LINKS, "UDP link", self._open_link,
-                               idle=lambda: len(self.links), open_now=lambda: len(self.links))
         self._timer: Timer | None = None
 
     def start(self) -> None:
-        if self.closed:
-            return
-        self.channel.start()
+        super().start()
         if not self.closed:
-            self.pool.start(self.config.connection_pool)
             self._timer = self.reactor.call_later(REAP_EVERY, self._reap)
 
-    def _links_requested(self, count: int) -> None:
-        self.pool.requested(count)
+    def idle_links(self) -> int:
+        return len(self.links)
 
-    def _lost(self, reason: str, _goodbye: bool) -> None:
-        self.close(reason, notify=False)
+    def open_links(self) -> int:
+        return len(self.links)
 
-    def _open_link(self) -> None:
+    def dial_link(self) -> None:
         """A new UDP socket to the server's port, announced by the token or the LINK frame (no
         answer comes). Out of descriptors, flows that carried one datagram make room as at the
         cap: a flood of new sources must not keep the links out until its flows idle out."""
@@ -387,12 +375,7 @@ class UdpSession:
         del self.links[sock]
         self.reactor.close_socket(sock)
 
-    def close(self, reason: str, *, notify: bool) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.channel.close(notify=notify)
-        self.pool.stop()
+    def close_links(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         for sock in self.links:
@@ -402,7 +385,6 @@ class UdpSession:
             log.info("ended %d UDP flows with the control channel", len(self.flows))
             for relay in list(self.flows):
                 relay.close()
-        self.core.session_ended(self, reason)
 
 
 SERVER = UdpTunnelPort

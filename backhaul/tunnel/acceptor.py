@@ -33,7 +33,7 @@ log = logging.getLogger("backhaul.acceptor")
 # on_control(sock, peer, ip, reply, links): a valid handshake; the socket now belongs to the
 # callee, which sends ``reply`` first; ``links`` checks the new session's links (challenge only)
 OnControl = Callable[[socket.socket, str, str, bytes, LinkChecker | None], None]
-OnLink = Callable[[socket.socket, str], None]   # on_link(sock, ip)
+OnLink = Callable[[socket.socket, str, str], None]   # on_link(sock, peer, ip): not watched by the reactor
 CheckersOf = Callable[[str], Iterable[LinkChecker]]   # the link checkers of an address's sessions
 
 # the frame types a connection may start with, by mode (anything else is rejected at its third byte)
@@ -87,14 +87,14 @@ class HandshakeAcceptor:
 
     def __init__(self, reactor: Reactor, token: str, on_control: OnControl, on_link: OnLink,
                  max_pending: int = MAX_PENDING, per_source: int = PENDING_PER_SOURCE, *,
-                 challenge: bool = False) -> None:
+                 challenge: bool = False, checkers_of: CheckersOf = lambda _ip: ()) -> None:
         self.reactor = reactor
         self.token = token
         self.on_control = on_control
         self.on_link = on_link
         self.challenge = challenge
         self.control_ips: frozenset[str] = frozenset()   # set by the owner: the addresses with a control channel
-        self.checkers_of: CheckersOf = lambda _ip: ()   # challenge: set by the owner
+        self.checkers_of = checkers_of   # challenge: the link checkers of the sessions of an address
         self.gate = Gate(lambda ip: ip in self.control_ips)
         self.pending: PendingSet[Handshake] = PendingSet(reactor, "handshakes", HANDSHAKE_TIMEOUT, self._expired,
                                                          max_pending, per_source, gate=self.gate)
@@ -107,7 +107,7 @@ class HandshakeAcceptor:
             return
         sock.setblocking(False)
         if not self.challenge and ip in self.control_ips and not has_bytes(sock):
-            self.on_link(sock, ip)
+            self.on_link(sock, f"{ip}:{addr[1]}", ip)
         else:
             self.begin(sock, f"{ip}:{addr[1]}", ip)
 
@@ -154,7 +154,7 @@ class HandshakeAcceptor:
             self.on_control(entry.sock, entry.peer, entry.ip, reply, links)
         elif kind == "linked":
             self._end(entry, close=False)
-            self.on_link(entry.sock, entry.ip)
+            self.on_link(entry.sock, entry.peer, entry.ip)
         else:
             self._failed(entry, kind, verdict)
 

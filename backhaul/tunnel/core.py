@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -34,6 +35,19 @@ class Relaying(Protocol):
 
 
 OnRelayClosed = Callable[[Relaying], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A link connection from a client, past its handshake, for the transport's links on the
+    server: the socket (non-blocking; still watched by the reactor after an HTTP upgrade, where a
+    WebSocket takes the registration over: links that read it otherwise forget it first), the
+    peer as the handshake named it ("ip:port"), and ``first``, the bytes read from it behind its
+    handshake (the rest of an upgrade head)."""
+
+    sock: socket.socket
+    peer: str
+    first: bytes = b""
 
 
 class ServerLink(Protocol):

@@ -1,6 +1,7 @@
 """The client's side of the tcp family's handshake (PROTOCOL.md 1.2, or docs/auth.md with
 ``auth = "challenge"``): dial the tunnel port, prove the token, check the server's answer.
-Blocking, on the client's own supervising thread.
+Blocking, on the client's own supervising thread. And the tcp family's link connections, dialed
+on the reactor (with a LINK proof first under ``auth = "challenge"``).
 """
 
 from __future__ import annotations
@@ -8,10 +9,11 @@ from __future__ import annotations
 import secrets
 import socket
 import time
+from collections.abc import Callable
 
 from backhaul.config import ClientConfig
 from backhaul.errors import ProtocolError, TransportError
-from backhaul.net import bind_source, reason, tune
+from backhaul.net import bind_source, dial, reason, tune
 from backhaul.protocol import auth
 from backhaul.protocol.auth import ClientHandshake, LinkSigner
 from backhaul.protocol.framing import FrameReader
@@ -25,6 +27,11 @@ CLOSED = {
     "challenge": "the server closed the connection during the handshake: a wrong token, a server without "
                  'auth = "challenge", or a server busy with too many pending handshakes',
 }
+
+# done(sock, error, first): a link connection is dialed (and still watched by the reactor: the
+# callee watches it anew, forgets it or closes it with ``reactor.close_socket``), or ``error``
+# says why not; ``first``: bytes read from it past what the dial needed (an upgrade's answer)
+LinkDialed = Callable[[socket.socket | None, str, bytes], None]
 
 
 def control_connection(cfg: ClientConfig, host: str, port: int) -> tuple[socket.socket, tuple[str, int]]:
@@ -106,3 +113,17 @@ def send_link_proof(sock: socket.socket, signer: LinkSigner) -> bool:
         return sock.send(frame) == len(frame)
     except OSError:
         return False
+
+
+def dial_link(core: ClientCore, server_addr: tuple[str, int], signer: LinkSigner | None, done: LinkDialed) -> None:
+    """Dial one link connection of the tcp family on the reactor; with ``signer`` its LINK proof
+    goes first. ``done`` is called once."""
+
+    def dialed(sock: socket.socket | None, error: str) -> None:
+        if sock is not None and signer is not None and not send_link_proof(sock, signer):
+            core.reactor.close_socket(sock)
+            sock, error = None, "the connection closed before its link proof went"
+        done(sock, error, b"")
+
+    cfg = core.config
+    dial(core.reactor, core.resolver, server_addr[0], server_addr[1], cfg.dial_timeout, dialed, cfg.local_addr)

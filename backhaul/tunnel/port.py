@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from backhaul.listener import Listener
 from backhaul.log import Throttles
@@ -25,7 +25,7 @@ from backhaul.protocol.auth import LinkChecker
 from backhaul.tunnel.acceptor import HandshakeAcceptor
 from backhaul.tunnel.carrier import Carrier, SocketCarrier
 from backhaul.tunnel.control import ServerChannel
-from backhaul.tunnel.core import ServerCore, ServerLink
+from backhaul.tunnel.core import Arrival, ServerCore, ServerLink
 
 log = logging.getLogger("backhaul.server")
 
@@ -43,8 +43,8 @@ CLIENT_IDLE = METRICS.gauge("backhaul_client_idle_links", "Tunnel links ready fo
 class Links(Protocol):
     """A transport's policy for the connections one client opens after its control channel."""
 
-    def add(self, sock: socket.socket) -> None:
-        """A new link connection from the client's address."""
+    def add(self, arrival: Arrival) -> None:
+        """A new link connection from the client."""
 
     def take(self) -> ServerLink | None:
         """A link for one user, or None (then ask for more)."""
@@ -67,10 +67,11 @@ class Links(Protocol):
 
 # Links are made with: the core, a way to ask the client for more (count), and a way to read a
 # handshake from a link connection that starts talking (a client restarted from the same address).
-LinksFactory = Callable[[ServerCore, Callable[[int], None], Callable[[socket.socket], None]], Links]
+LinksT = TypeVar("LinksT", bound=Links)
+LinksFactory = Callable[[ServerCore, Callable[[int], None], Callable[[socket.socket], None]], LinksT]
 
 
-class ClientEntry:
+class ClientEntry(Generic[LinksT]):
     """One client address: its control channels (more than one only in balance mode, when
     clients share an address) and the links that come from it."""
 
@@ -79,7 +80,7 @@ class ClientEntry:
     def __init__(self, ip: str) -> None:
         self.ip = ip
         self.channels: list[ServerChannel] = []
-        self.links: Links
+        self.links: LinksT
         self.checkers: dict[ServerChannel, LinkChecker] = {}   # auth = "challenge": each session's
 
     def ask(self, count: int) -> None:
@@ -96,12 +97,12 @@ class ClientEntry:
         return [channel.peer.removeprefix("client ") for channel in self.channels]
 
 
-class Port:
+class Port(Generic[LinksT]):
     """What every tunnel port shares: the listener, the life of the control channels, and the
     links of each client. A subclass says how a connection is read (``_arrived``), whom it
     trusts for links (``_trust``) and what else it closes (``_close_pending``)."""
 
-    def __init__(self, core: ServerCore, name: str, make_links: LinksFactory) -> None:
+    def __init__(self, core: ServerCore, name: str, make_links: LinksFactory[LinksT]) -> None:
         self.core = core
         self.name = name
         self.config = core.config
@@ -109,8 +110,8 @@ class Port:
         self.balance = core.config.clients == "balance"
         self.make_links = make_links
         self.listener: Listener | None = None
-        self.clients: dict[str, ClientEntry] = {}   # by address; at most one unless balance
-        self.taken: ClientEntry | None = None       # whose link take_link handed out last
+        self.clients: dict[str, ClientEntry[LinksT]] = {}   # by address; at most one unless balance
+        self.taken: ClientEntry[LinksT] | None = None       # whose link take_link handed out last
         self._turn = 0                              # round robin among clients with as many idle links
         self._ask_turn = 0
         self._had_channel = False
@@ -155,7 +156,7 @@ class Port:
     def client(self) -> str:
         return self.taken.ip if self.taken is not None else ""
 
-    def _ranked(self, turn: int, *, most: bool = True) -> list[ClientEntry]:
+    def _ranked(self, turn: int, *, most: bool = True) -> list[ClientEntry[LinksT]]:
         """The clients, most idle links first (fewest first unless ``most``); among equals,
         round robin from ``turn``. Idle links count up to the pool the server keeps ready: past
         it a client is as ready as another, however far its own pool grew under load (smux
@@ -168,7 +169,7 @@ class Port:
         entries.sort(key=lambda entry: sign * min(entry.links.idle(), entry.links.enough()))
         return entries
 
-    def _next_turn(self, entry: ClientEntry) -> int:
+    def _next_turn(self, entry: ClientEntry[LinksT]) -> int:
         return list(self.clients.values()).index(entry) + 1
 
     def user_arrived(self) -> None:
@@ -227,7 +228,7 @@ class Port:
         entry = self.clients.get(ip)
         return list(entry.checkers.values()) if entry is not None else []
 
-    def entry_of(self, ip: str) -> ClientEntry | None:
+    def entry_of(self, ip: str) -> ClientEntry[LinksT] | None:
         """The client that owns a link from ``ip``: the one client in replace mode, where the
         transport checks the address (or, on the WebSocket and UDP transports, does not)."""
         if self.balance:
@@ -285,7 +286,7 @@ class Port:
         if cfg.token_is_default:
             log.warning("the default token is in use; set token on both sides")
 
-    def _lost(self, entry: ClientEntry, channel: ServerChannel, reason: str, goodbye: bool) -> None:
+    def _lost(self, entry: ClientEntry[LinksT], channel: ServerChannel, reason: str, goodbye: bool) -> None:
         self._remove(entry, channel)
         level = logging.INFO if goodbye else logging.WARNING
         if not self.balance:
@@ -296,7 +297,7 @@ class Port:
         else:
             log.log(level, "%s; its links are closed; %d clients remain", reason, len(self.clients))
 
-    def _remove(self, entry: ClientEntry, channel: ServerChannel) -> None:
+    def _remove(self, entry: ClientEntry[LinksT], channel: ServerChannel) -> None:
         """``channel`` ended; the last channel of an address takes that address's links with it."""
         if channel in entry.channels:
             entry.channels.remove(channel)
@@ -310,15 +311,14 @@ class Port:
         entry.links.stop()
 
 
-class TunnelPort(Port):
+class TunnelPort(Port[LinksT]):
     """The tcp family's port: token handshakes, then links told apart by the clients' addresses."""
 
-    def __init__(self, core: ServerCore, name: str, make_links: LinksFactory, *, rtt_probe: bool) -> None:
+    def __init__(self, core: ServerCore, name: str, make_links: LinksFactory[LinksT], *, rtt_probe: bool) -> None:
         super().__init__(core, name, make_links)
         self.rtt_probe = rtt_probe
         self.acceptor = HandshakeAcceptor(self.reactor, self.config.token, self._control_up, self.links_add,
-                                          challenge=self.config.auth == "challenge")
-        self.acceptor.checkers_of = self.checkers_of
+                                          challenge=self.config.auth == "challenge", checkers_of=self.checkers_of)
 
     def _arrived(self, sock: socket.socket, addr: tuple) -> None:
         self.acceptor.arrived(sock, addr)
@@ -337,12 +337,12 @@ class TunnelPort(Port):
         self._install(SocketCarrier(self.reactor, sock, f"client {peer}"), peer, ip, rtt_probe=self.rtt_probe,
                       first=reply, links=links)
 
-    def links_add(self, sock: socket.socket, ip: str) -> None:
+    def links_add(self, sock: socket.socket, peer: str, ip: str) -> None:
         entry = self.entry_of(ip)
         if entry is None:
             sock.close()
             return
-        entry.links.add(sock)
+        entry.links.add(Arrival(sock, peer))
 
     def _talking(self, sock: socket.socket) -> None:
         try:
