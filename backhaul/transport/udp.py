@@ -24,13 +24,11 @@ from collections.abc import Callable
 from typing import cast
 
 from backhaul.errors import ProtocolError, TransportError
-from backhaul.flows import EVICTED, Flow
 from backhaul.net import reason
 from backhaul.protocol.auth import AuthError, LinkSigner, check_any
 from backhaul.protocol.framing import SG_PING
 from backhaul.protocol.handshake import hello_reader
 from backhaul.reactor import READ, Reactor, Timer
-from backhaul.relay.datagram import PairRelay
 from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.control import ClientChannel
 from backhaul.tunnel.core import ClientCore, OnRelayClosed, ServerCore
@@ -38,7 +36,9 @@ from backhaul.tunnel.dialer import handshake
 from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.pool import ClientPool
 from backhaul.tunnel.port import TunnelPort
-from backhaul.udp import (
+from backhaul.udp.ports import EVICTED, Flow
+from backhaul.udp.relay import PairRelay
+from backhaul.udp.sockets import (
     DROPPED,
     WARN,
     AddressPeer,
