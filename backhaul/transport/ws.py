@@ -4,7 +4,7 @@ upgrade with ``Authorization: Bearer <token>``: ``/channel`` for the control cha
 messages), ``/tunnel/<N>`` for a link or an smux session. ``wss`` adds TLS (stdlib ``ssl``).
 
 The heads are read and answered by our own codec (protocol/http_upgrade.py), the frames by wsproto
-(backhaul/ws.py), the smux sessions by backhaul/mux.py, the control channel by the shared machines.
+(backhaul/links/websocket.py), the smux sessions by backhaul/mux.py, the control channel by the shared machines.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from backhaul.config import ClientConfig, ServerConfig
 from backhaul.errors import ProtocolError, TransportError
+from backhaul.links.websocket import WebSocket, WebSocketCarrier, WebSocketStream
 from backhaul.net import dial, reason, tune
 from backhaul.protocol import auth
 from backhaul.protocol import http_upgrade as http
@@ -39,7 +40,6 @@ from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.pending import Pending, PendingSet
 from backhaul.tunnel.pool import ClientPool
 from backhaul.tunnel.port import Port
-from backhaul.ws import WebSocket, WebSocketCarrier, WebSocketStream
 
 log = logging.getLogger("backhaul.ws")
 

@@ -80,7 +80,7 @@ from backhaul.reactor import READ, WRITE, Reactor, Timer
 from backhaul.relay.stream import StreamListener
 from backhaul.tunnel.carrier import CONTROL_BACKLOG, OnData, OnLost
 
-log = logging.getLogger("backhaul.ws")
+log = logging.getLogger("backhaul.links.websocket")
 VIOLATIONS = Throttle(log)      # peers that break the protocol: a line a second however many do
 
 # A stream's binary messages are one frame each of FRAME_SIZE bytes, head included: three whole
@@ -120,9 +120,10 @@ class WebSocket:
     __slots__ = ("reactor", "sock", "client", "peer", "max_message", "read_size", "out_limit", "in_limit",
                  "_tls", "_proto", "_mode", "_mask", "_unparsed", "_out", "_out_size", "_parts", "_part_size", "_inbox",
                  "_eof", "_eof_final", "_paused", "_closed", "_failure", "_ended_why",
-                 "_on_message", "_on_lost", "_stream", "_read_wants_write", "_write_wants_read",
+                 "_on_message", "_on_lost", "_read_wants_write", "_write_wants_read",
                  "_resume_posted", "_lingering", "_linger_timer", "_linger_left", "_goodbye_waits",
-                 "_dispatching", "_due")
+                 "_dispatching", "_due", "_listener", "_want_read", "_want_write", "_shut", "_saw_eof",
+                 "_stream_closed", "_told_failure")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, *, client: bool, peer: str, first: bytes = b"",
                  max_message: int = 1 << 20, read_size: int = 256 * 1024, out_limit: int = 1 << 20,
@@ -161,7 +162,14 @@ class WebSocket:
         self._ended_why = ""                  # why we can no longer send (the peer closed)
         self._on_message: OnMessage | None = None
         self._on_lost: Callable[[str], None] | None = None
-        self._stream: WebSocketStream | None = None
+        # Stream mode (the Stream contract, through WebSocketStream):
+        self._listener: StreamListener | None = None
+        self._want_read = True                # the listener waits to hear of data or EOF
+        self._want_write = False              # ... of room, after a write was refused bytes
+        self._shut = False                    # our FIN_PING is sent (or the peer had ended)
+        self._saw_eof = False                 # the reader was handed the peer's EOF
+        self._stream_closed = False           # the stream's user closed it
+        self._told_failure = False
         self._read_wants_write = False        # TLS: a read needs the socket writable first
         self._write_wants_read = False        # TLS: a write needs the socket readable first
         self._resume_posted = False
@@ -317,10 +325,8 @@ class WebSocket:
             if not self._out:
                 self._goodbye()
                 return
-        else:
-            stream = self._stream
-            if stream is not None and stream._want_write and self._out_size <= self.out_limit // 2:
-                stream._notify_writable()
+        elif self._want_write and self._out_size <= self.out_limit // 2:
+            self._notify_writable()
         self._update()
 
     def _flush_checked(self) -> None:
@@ -380,12 +386,10 @@ class WebSocket:
         """Tell the stream's listener what a socket event brought, now that this websocket is
         done with it (not from inside a stream method: the reactor called us)."""
         due, self._due = self._due, 0
-        stream = self._stream
-        if stream is not None:
-            if due & READ:
-                stream._deliver_readable()
-            if due & WRITE:
-                stream._deliver_writable()
+        if due & READ:
+            self._deliver_readable()
+        if due & WRITE:
+            self._deliver_writable()
 
     def _read(self) -> None:
         """Read up to ROUNDS batches of ``read_size`` bytes, each fed to wsproto and handled."""
@@ -449,8 +453,7 @@ class WebSocket:
                 if opcode is _BINARY and self._mode == _STREAM:  # the bulk of the traffic
                     if frame.payload:
                         self._inbox.append(frame.payload)  # type: ignore[arg-type]
-                        if self._stream is not None:
-                            self._stream._notify_readable()
+                        self._notify_readable()
                     continue
                 if opcode is _BINARY or opcode is _TEXT:
                     self._data(frame.payload, frame.message_finished)  # type: ignore[arg-type]
@@ -478,8 +481,7 @@ class WebSocket:
                 data = data.encode()
             if data:
                 self._inbox.append(data)
-                if self._stream is not None:
-                    self._stream._notify_readable()
+                self._notify_readable()
             return
         if data:
             self._parts.append(data)
@@ -508,8 +510,7 @@ class WebSocket:
             self._ended_why = why
             self._eof = self._eof_final = True
             self._close_socket()
-            if self._stream is not None:
-                self._stream._notify_readable()  # what is buffered is read, then EOF
+            self._notify_readable()  # what is buffered is read, then EOF
         else:
             self._fail(why)
 
@@ -521,8 +522,7 @@ class WebSocket:
             return
         self._eof = True
         self._eof_final = final
-        if self._stream is not None:
-            self._stream._notify_readable()
+        self._notify_readable()
 
     def _take(self, limit: int) -> bytes | memoryview:
         """Up to ``limit`` bytes of the inbox; reading resumes when it has room again."""
@@ -569,8 +569,8 @@ class WebSocket:
         self._close_socket()
         if self._mode == _MESSAGES:
             self._tell_lost()
-        elif self._stream is not None:
-            self._stream._notify_failed()
+        elif self._mode == _STREAM:
+            self._notify_failed()
 
     def _tell_lost(self) -> None:
         on_lost = self._on_lost
@@ -655,169 +655,182 @@ class WebSocket:
             self.reactor.watch(self.sock, mask, self._event)
             self._mask = mask
 
-
-class WebSocketStream:
-    """A websocket in stream mode: the ``Stream`` of backhaul/relay/stream.py.
-
-    Made from a websocket in messages mode (or fresh), it takes over at once: a message being
-    received and everything behind it become stream bytes. Until ``listen`` they wait in the
-    inbox, which stops the socket's reading when full. ``shutdown_write`` sends FIN_PING (see the
-    module text); ``close`` after both directions ended sends what is queued and closes, any
-    other ``close`` resets the connection.
-    """
-
-    __slots__ = ("ws", "listener", "_want_read", "_want_write", "_shut", "_saw_eof", "_closed", "_told_failure")
-
-    def __init__(self, ws: WebSocket) -> None:
-        if ws._mode == _STREAM:
+    # --- stream mode: the Stream contract, called through WebSocketStream ------------------------
+    def start_stream(self) -> None:
+        """Go to stream mode at once: a message being received and everything behind it become
+        stream bytes, which wait in the inbox until ``stream_listen`` (a full inbox stops the
+        socket's reading). Once per websocket."""
+        if self._mode == _STREAM:
             raise RuntimeError("this websocket is a stream already")
-        self.ws = ws
-        self.listener: StreamListener | None = None
-        self._want_read = True
-        self._want_write = False
-        self._shut = False
-        self._saw_eof = False
-        self._closed = False
-        self._told_failure = False
-        ws._stream = self
-        ws._on_message = ws._on_lost = None
-        ws._mode = _STREAM
-        for part in ws._parts:  # a message half received: its bytes so far start the stream
+        self._on_message = self._on_lost = None
+        self._mode = _STREAM
+        for part in self._parts:  # a message half received: its bytes so far start the stream
             data = part.encode() if isinstance(part, str) else part
             if data:
-                ws._inbox.append(data)
-        ws._parts = []
-        ws._part_size = 0
-        if not ws._closed:
+                self._inbox.append(data)
+        self._parts = []
+        self._part_size = 0
+        if not self._closed:
             # Only a websocket fresh from its upgrade holds bytes nobody parsed: in messages
             # mode every read is parsed at once, and what follows the message at hand in the
             # same read is parsed by the loop that runs this (the stream's now).
-            if ws._unparsed or (ws._tls and ws.sock.pending()):
-                ws._post_resume()
-            ws._update()
+            if self._unparsed or (self._tls and self.sock.pending()):
+                self._post_resume()
+            self._update()
 
     @property
-    def closed(self) -> bool:
-        return self._closed
+    def stream_closed(self) -> bool:
+        return self._stream_closed
 
-    @property
-    def buffered_in(self) -> int:
-        return self.ws._inbox.size
-
-    @property
-    def buffered_out(self) -> int:
-        return self.ws._out_size
-
-    # --- the Stream contract ----------------------------------------------------------------------
-    def listen(self, listener: StreamListener) -> None:
-        self.listener = listener
+    def stream_listen(self, listener: StreamListener) -> None:
+        self._listener = listener
         self._want_read = True
-        ws = self.ws
-        if ws._failure:
-            ws.reactor.call_soon(self._deliver_failed)
-        elif ws._inbox or ws._eof or ws._closed:
-            ws.reactor.call_soon(self._deliver_readable)
+        if self._failure:
+            self.reactor.call_soon(self._deliver_failed)
+        elif self._inbox or self._eof or self._closed:
+            self.reactor.call_soon(self._deliver_readable)
         # Otherwise the first data or EOF to arrive notifies (``_want_read`` is set).
 
-    def read(self, limit: int) -> bytes | None:
-        ws = self.ws
-        if ws._failure:
-            raise ConnectionResetError(errno.ECONNRESET, ws._failure)
-        if ws._inbox:
-            return ws._take(limit)
-        if ws._eof:
+    def stream_read(self, limit: int) -> bytes | None:
+        if self._failure:
+            raise ConnectionResetError(errno.ECONNRESET, self._failure)
+        if self._inbox:
+            return self._take(limit)
+        if self._eof:
             self._saw_eof = True
             return None
         self._want_read = True
         return b""
 
-    def eof_is_final(self) -> bool:
-        return self.ws._eof_final
+    @property
+    def eof_final(self) -> bool:
+        """The peer's end of data was TCP EOF or a Close frame (it reads nothing more either)."""
+        return self._eof_final
 
-    def write(self, data: bytes | memoryview) -> int:
-        ws = self.ws
-        if ws._failure:
-            raise ConnectionResetError(errno.ECONNRESET, ws._failure)
+    def stream_write(self, data: bytes | memoryview) -> int:
+        if self._failure:
+            raise ConnectionResetError(errno.ECONNRESET, self._failure)
         if self._shut:
             raise BrokenPipeError(errno.EPIPE, "write after shutdown_write")
-        if ws._closed:
-            raise BrokenPipeError(errno.EPIPE, ws._ended_why or "the websocket is closed")
+        if self._closed:
+            raise BrokenPipeError(errno.EPIPE, self._ended_why or "the websocket is closed")
         size = len(data)
-        count = min(size, max(0, ws.out_limit - ws._out_size))
+        count = min(size, max(0, self.out_limit - self._out_size))
         if count:
-            ws._send_stream(data, count)
+            self._send_stream(data, count)
         if count < size:
             self._want_write = True
-        ws._flush()
+        self._flush()
         return count
 
-    def shutdown_write(self) -> None:
-        ws = self.ws
-        if ws._failure:
-            raise ConnectionResetError(errno.ECONNRESET, ws._failure)
+    def stream_shutdown_write(self) -> None:
+        if self._failure:
+            raise ConnectionResetError(errno.ECONNRESET, self._failure)
         if self._shut:
             return
         self._shut = True
-        if ws._closed or ws._eof:
+        if self._closed or self._eof:
             return  # the peer has ended: our close is all it needs (the relay's is next)
-        ws._queue(ws._proto.ping(FIN_PING))
-        ws._flush()
+        self._queue(self._proto.ping(FIN_PING))
+        self._flush()
 
-    def close(self) -> None:
-        if self._closed:
+    def stream_close(self) -> None:
+        if self._stream_closed:
             return
-        self._closed = True
-        self.listener = None
-        ws = self.ws
-        if self._shut and self._saw_eof and not ws._failure and not ws._inbox:
-            ws._close_after_flush()
+        self._stream_closed = True
+        # The listener (a relay) holds the stream, which holds this websocket: a cycle, which
+        # only the garbage collector's full pass frees, and a quiet server may not run one for
+        # hours. Broken here, they go with their last reference, and whatever a closed websocket
+        # still holds goes with them.
+        self._listener = None
+        if self._shut and self._saw_eof and not self._failure and not self._inbox:
+            self._close_after_flush()
         else:
-            ws.abort()
-        # The websocket points back at its stream: a cycle, which only the garbage collector's
-        # full pass frees, and a quiet server may not run one for hours. Broken here, the two go
-        # with their last reference, and whatever a closed websocket still holds goes with them.
-        ws._stream = None
+            self.abort()
 
-    # --- from the websocket -----------------------------------------------------------------------
     # Inside the websocket's own socket event (or resume) a notification is delivered when that
     # is done with (``_deliver_due``); from anywhere else, such as a write, it is posted.
     def _notify_readable(self) -> None:
-        if self._want_read and self.listener is not None:
+        if self._want_read and self._listener is not None:
             self._want_read = False
-            ws = self.ws
-            if ws._dispatching:
-                ws._due |= READ
+            if self._dispatching:
+                self._due |= READ
             else:
-                ws.reactor.call_soon(self._deliver_readable)
+                self.reactor.call_soon(self._deliver_readable)
 
     def _notify_writable(self) -> None:
-        if self.listener is not None:
+        if self._listener is not None:
             self._want_write = False
-            ws = self.ws
-            if ws._dispatching:
-                ws._due |= WRITE
+            if self._dispatching:
+                self._due |= WRITE
             else:
-                ws.reactor.call_soon(self._deliver_writable)
+                self.reactor.call_soon(self._deliver_writable)
 
     def _notify_failed(self) -> None:
-        if self.listener is not None:
-            self.ws.reactor.call_soon(self._deliver_failed)
+        if self._listener is not None:
+            self.reactor.call_soon(self._deliver_failed)
 
     def _deliver_readable(self) -> None:
-        if self.listener is not None and not self._told_failure:
-            self.listener.stream_readable()
+        if self._listener is not None and not self._told_failure:
+            self._listener.stream_readable()
 
     def _deliver_writable(self) -> None:
-        if self.listener is not None and not self._told_failure:
-            self.listener.stream_writable()
+        if self._listener is not None and not self._told_failure:
+            self._listener.stream_writable()
 
     def _deliver_failed(self) -> None:
-        listener = self.listener
+        listener = self._listener
         if listener is None or self._told_failure:
             return
         self._told_failure = True
-        self.listener = None
-        listener.stream_failed(self.ws._failure)
+        self._listener = None
+        listener.stream_failed(self._failure)
+
+
+class WebSocketStream:
+    """A websocket in stream mode: the ``Stream`` of backhaul/relay/stream.py, named apart from
+    the websocket's own ``close`` (which ends a websocket in messages mode).
+
+    Made from a websocket in messages mode (or fresh), it takes over at once (``start_stream``).
+    ``shutdown_write`` sends FIN_PING (see the module text); ``close`` after both directions
+    ended sends what is queued and closes, any other ``close`` resets the connection.
+    """
+
+    __slots__ = ("ws",)
+
+    def __init__(self, ws: WebSocket) -> None:
+        ws.start_stream()
+        self.ws = ws
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.stream_closed
+
+    @property
+    def buffered_in(self) -> int:
+        return self.ws.buffered_in
+
+    @property
+    def buffered_out(self) -> int:
+        return self.ws.buffered_out
+
+    def listen(self, listener: StreamListener) -> None:
+        self.ws.stream_listen(listener)
+
+    def read(self, limit: int) -> bytes | None:
+        return self.ws.stream_read(limit)
+
+    def eof_is_final(self) -> bool:
+        return self.ws.eof_final
+
+    def write(self, data: bytes | memoryview) -> int:
+        return self.ws.stream_write(data)
+
+    def shutdown_write(self) -> None:
+        self.ws.stream_shutdown_write()
+
+    def close(self) -> None:
+        self.ws.stream_close()
 
 
 class WebSocketCarrier:
