@@ -1,6 +1,6 @@
-"""One established WebSocket on a non-blocking socket, driven by the reactor with wsproto
-(PROTOCOL.md 3.2-3.3). Our own HTTP upgrade code does the handshake; what it read past the head
-is handed in as ``first``.
+"""One established WebSocket on a non-blocking socket, driven by the reactor, its frames read
+and written by protocol/ws_frame.py (PROTOCOL.md 3.2-3.3). Our own HTTP upgrade code does the
+handshake; what it read past the head is handed in as ``first``.
 
 A ``WebSocket`` runs in one of two modes, chosen by its user:
 
@@ -23,7 +23,7 @@ Ping frames are answered with Pong, a Close frame with a Close, then the socket 
 never start a close handshake ourselves (neither does Backhaul in Go). An error or a protocol
 violation simply closes the socket.
 
-Half-close. WebSocket has none, and a Close frame ends both directions (wsproto refuses data after
+Half-close. WebSocket has none, and a Close frame ends both directions (our reader reads nothing after
 it; gorilla's reader returns an error and Backhaul closes both sockets). Go's Backhaul closes
 everything at the first EOF either way, which loses the answer to a request whose sender
 half-closed. We do better without leaving the protocol: ``shutdown_write`` sends a Ping frame
@@ -69,13 +69,22 @@ import socket
 import ssl
 from collections.abc import Callable
 
-from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
-
 from backhaul.buffers import scratch
 from backhaul.log import Throttle
 from backhaul.net import reason, reset_on_close
 from backhaul.protocol.chunks import ChunkQueue, advance
-from backhaul.protocol.ws_frame import frame_head
+from backhaul.protocol.ws_frame import (
+    BINARY,
+    CLOSE,
+    PING,
+    PONG,
+    TEXT,
+    FrameError,
+    FrameReader,
+    close_frame,
+    frame,
+    frame_head,
+)
 from backhaul.reactor import READ, WRITE, Reactor, Timer
 from backhaul.relay.stream import StreamListener
 from backhaul.tunnel.carrier import CONTROL_BACKLOG, OnData, OnLost
@@ -98,14 +107,10 @@ IOV_MAX = 1024                  # buffers one sendmsg may take (Linux)
 LINGER = 30.0                   # seconds a clean close waits for the socket to take more of the rest
 PONG_SLACK = 64 * 1024          # pongs may queue this far past out_limit (a full stream's)
 TLS_READ = 64 * 1024            # one TLS recv (it returns at most one 16 KiB record anyway)
-CACHED_FRAME = 125              # messages up to this size (a control frame's limit) ...
-CACHED_FRAMES = 256             # ... and this many of them are framed once (see _message_frame)
-_SERVER_FRAMES: dict[bytes | str, bytes] = {}
 
 OnMessage = Callable[[bytes | str], None]
 
 _IDLE, _MESSAGES, _STREAM = 0, 1, 2
-_BINARY, _TEXT, _PING, _PONG, _CLOSE = Opcode.BINARY, Opcode.TEXT, Opcode.PING, Opcode.PONG, Opcode.CLOSE
 
 
 class WebSocket:
@@ -118,7 +123,8 @@ class WebSocket:
     """
 
     __slots__ = ("reactor", "sock", "client", "peer", "max_message", "read_size", "out_limit", "in_limit",
-                 "_tls", "_proto", "_mode", "_mask", "_unparsed", "_out", "_out_size", "_parts", "_part_size", "_inbox",
+                 "_tls", "_reader", "_mode", "_mask", "_unparsed", "_out", "_out_size", "_parts", "_part_size",
+                 "_inbox",
                  "_eof", "_eof_final", "_paused", "_closed", "_failure", "_ended_why",
                  "_on_message", "_on_lost", "_read_wants_write", "_write_wants_read",
                  "_resume_posted", "_lingering", "_linger_timer", "_linger_left", "_goodbye_waits",
@@ -137,12 +143,11 @@ class WebSocket:
         self.out_limit = out_limit
         self.in_limit = in_limit
         self._tls = isinstance(sock, ssl.SSLSocket)
-        # wsproto's frame engine itself: its Connection only wraps each frame in an event object
-        # and each send in a state check, which the states of this class make redundant (we
-        # never start a close; a Close frame received ends the websocket at once).
-        self._proto = FrameProtocol(client, [])
-        self._proto.receive_bytes(first)      # only buffered: parsed once a mode is chosen
-        self._unparsed = bool(first)          # wsproto holds bytes not parsed yet
+        # Frames only: no connection state machine, which the states of this class make
+        # redundant (we never start a close; a Close frame received ends the websocket at once).
+        self._reader = FrameReader(client)
+        self._reader.feed(first)              # only buffered: parsed once a mode is chosen
+        self._unparsed = bool(first)          # the reader holds bytes not parsed yet
         self._mode = _IDLE
         # A socket still watched (from its upgrade) is taken over as it is: _update changes the
         # events only if they must change, and an idle websocket's first event drops them.
@@ -226,14 +231,14 @@ class WebSocket:
         if self._closed:
             return
         for payload in payloads:
-            self._queue(self._message_frame(payload))
+            self._queue(frame(payload, masked=self.client))
         self._flush_checked()
 
     def send_text(self, text: str) -> None:
         """Send one text message (the target, on a data websocket); ignored once closed."""
         if self._closed:
             return
-        self._queue(self._message_frame(text))
+        self._queue(frame(text, masked=self.client))
         self._flush_checked()
 
     def fail(self, why: str) -> None:
@@ -265,21 +270,6 @@ class WebSocket:
         self._inbox.clear()
 
     # --- sending --------------------------------------------------------------------------------
-    def _message_frame(self, payload: bytes | bytearray | memoryview | str) -> bytes | bytearray:
-        """One whole message as wsproto frames it. A server's frame is the same bytes whenever
-        the payload is (it is not masked): small ones are framed once per process, since the
-        same few (a link request, a target) go out on every connection."""
-        if self.client or len(payload) > CACHED_FRAME:
-            return self._proto.send_data(payload, True)
-        key = payload if isinstance(payload, str | bytes) else bytes(payload)
-        frame = _SERVER_FRAMES.get(key)
-        if frame is None:
-            frame = bytes(self._proto.send_data(payload, True))
-            if len(_SERVER_FRAMES) >= CACHED_FRAMES:
-                _SERVER_FRAMES.clear()  # many different messages: not the usual few
-            _SERVER_FRAMES[key] = frame
-        return frame
-
     def _queue(self, frame: bytes | bytearray) -> None:
         self._out.append(frame)
         self._out_size += len(frame)
@@ -336,15 +326,14 @@ class WebSocket:
             self._fail(f"{self.peer} does not read its websocket ({self._out_size} bytes waiting)")
 
     def _send_stream(self, data: bytes | memoryview, count: int) -> None:
-        """``data[:count]`` as binary messages of one frame each. A client's go through wsproto,
-        which copies and masks each one. A server's frame is a head and the payload unchanged:
+        """``data[:count]`` as binary messages of one frame each. A client's are copied, masked.
+        A server's frame is a head and the payload unchanged:
         on TCP both go to the gathered write as they are, on TLS joined into one write (a head
         alone would be a record of its own)."""
         view = memoryview(data)
         if self.client:
-            send_data = self._proto.send_data
             for offset in range(0, count, MESSAGE_SIZE):
-                self._queue(send_data(view[offset:min(count, offset + MESSAGE_SIZE)], True))
+                self._queue(frame(view[offset:min(count, offset + MESSAGE_SIZE)], masked=True))
             return
         if not (view.readonly and isinstance(view.obj, bytes)):
             view = memoryview(view[:count].tobytes())  # kept until sent: it must not change
@@ -392,14 +381,14 @@ class WebSocket:
             self._deliver_writable()
 
     def _read(self) -> None:
-        """Read up to ROUNDS batches of ``read_size`` bytes, each fed to wsproto and handled."""
+        """Read up to ROUNDS batches of ``read_size`` bytes, each fed to the reader and handled."""
         for _ in range(ROUNDS):
             if self._mode == _STREAM and self._inbox.size >= self.in_limit:
                 self._paused = True
                 return
             got, status = self._recv_batch()
             if got or status == "eof":
-                self._process()  # at EOF too: ``first`` may still be waiting in wsproto
+                self._process()  # at EOF too: ``first`` may still be waiting in the reader
                 if self._closed:
                     return
             if status == "eof":
@@ -412,11 +401,11 @@ class WebSocket:
             self._post_resume()
 
     def _recv_batch(self) -> tuple[int, str]:
-        """Feed wsproto up to ``read_size`` bytes: one recv (TCP), or records until that many
+        """Feed the frame reader up to ``read_size`` bytes: one recv (TCP), or records until that many
         (TLS: each recv returns at most one record). Status: "more", "drained", "eof" or "error"
-        (the websocket is lost then). Reads go into the thread's scratch buffer, which wsproto
+        (the websocket is lost then). Reads go into the thread's scratch buffer, which the reader
         copies from at once."""
-        sock, proto, size = self.sock, self._proto, self.read_size
+        sock, reader, size = self.sock, self._reader, self.read_size
         view = scratch(min(size, TLS_READ) if self._tls else size)
         got = 0
         self._read_wants_write = False
@@ -434,40 +423,40 @@ class WebSocket:
                 return 0, "error"
             if not count:
                 return got, "eof"
-            proto.receive_bytes(view[:count])  # type: ignore[arg-type]  # copied into its buffer
+            reader.feed(view[:count])  # copied into its buffer
             got += count
             if not self._tls:
                 return got, ("drained" if count < len(view) else "more")
         return got, "more"
 
     def _process(self) -> None:
-        """Handle the frames wsproto parsed. The mode is looked up per frame: ``on_message`` may
+        """Handle the frames read so far. The mode is looked up per frame: ``on_message`` may
         switch to stream mode, and the rest of this batch then belongs to the stream. A data
-        frame's opcode is its message's (wsproto tracks continuations), its payload ``bytes``
+        frame's opcode is its message's (the reader tracks continuations), its payload ``bytes``
         for a binary message and ``str`` for a text one; a frame may be part of one."""
-        proto = self._proto
+        next_frame = self._reader.next_frame
         self._unparsed = False
         try:
-            for frame in proto.received_frames():
-                opcode = frame.opcode
-                if opcode is _BINARY and self._mode == _STREAM:  # the bulk of the traffic
-                    if frame.payload:
-                        self._inbox.append(frame.payload)  # type: ignore[arg-type]
+            while (got := next_frame()) is not None:
+                opcode, payload, finished = got
+                if opcode == BINARY and self._mode == _STREAM:  # the bulk of the traffic
+                    if payload:
+                        self._inbox.append(payload)  # type: ignore[arg-type]
                         self._notify_readable()
                     continue
-                if opcode is _BINARY or opcode is _TEXT:
-                    self._data(frame.payload, frame.message_finished)  # type: ignore[arg-type]
-                elif opcode is _PING:
-                    if frame.payload == FIN_PING and self._mode == _STREAM:
+                if opcode == BINARY or opcode == TEXT:
+                    self._data(payload, finished)  # type: ignore[arg-type]
+                elif opcode == PING:
+                    if payload == FIN_PING and self._mode == _STREAM:
                         self._peer_eof(final=False)
                     else:
-                        self._queue(proto.pong(frame.payload))  # type: ignore[arg-type]
-                elif opcode is _CLOSE:
-                    self._close_frame(*frame.payload)  # type: ignore[misc]
+                        self._queue(frame(payload, PONG, masked=self.client))  # type: ignore[arg-type]
+                elif opcode == CLOSE:
+                    self._close_frame(*payload)  # type: ignore[misc]
                     return
                 if self._closed:
                     return
-        except ParseFailed as exc:
+        except FrameError as exc:
             self._violated(f"broke the websocket protocol: {exc}")
             return
         if self._out:
@@ -501,7 +490,7 @@ class WebSocket:
     def _close_frame(self, code: int, why: str) -> None:
         """The peer's Close frame: answered with the same code and reason, as RFC 6455 asks."""
         try:
-            self._queue(self._proto.close(code, why))
+            self._queue(close_frame(code, why, masked=self.client))
             self._write_out()
         except OSError:
             pass
@@ -538,7 +527,7 @@ class WebSocket:
             self.reactor.call_soon(self._resume)
 
     def _resume(self) -> None:
-        """Handle what wsproto holds already, then read on (bytes inside an SSL object or the
+        """Handle what the reader holds already, then read on (bytes inside an SSL object or the
         kernel's, after the inbox had been full)."""
         self._resume_posted = False
         if self._closed or self._mode == _IDLE:
@@ -731,7 +720,7 @@ class WebSocket:
         self._shut = True
         if self._closed or self._eof:
             return  # the peer has ended: our close is all it needs (the relay's is next)
-        self._queue(self._proto.ping(FIN_PING))
+        self._queue(frame(FIN_PING, PING, masked=self.client))
         self._flush()
 
     def stream_close(self) -> None:
