@@ -3,8 +3,8 @@ WebSocket), ``wsmux`` (smux on the raw socket after the HTTP upgrade). Every con
 upgrade with ``Authorization: Bearer <token>``: ``/channel`` for the control channel (1-byte binary
 messages), ``/tunnel/<N>`` for a link or an smux session. ``wss`` adds TLS (stdlib ``ssl``).
 
-The heads are read and answered by our own codec (protocol/http_upgrade.py), the frames by wsproto
-(backhaul/links/websocket.py), the smux sessions by backhaul/mux.py, the control channel by the shared machines.
+The heads are read and answered by our own codec (protocol/http_upgrade.py), the frames by
+backhaul/links/websocket.py, the smux sessions by backhaul/mux.py, the control channel by the shared machines.
 """
 
 from __future__ import annotations
