@@ -30,6 +30,7 @@ _NAMES = {TEXT: "TEXT", BINARY: "BINARY", CLOSE: "CLOSE", PING: "PING", PONG: "P
 _SHORT = struct.Struct("!BB")      # fin/opcode, length up to 125
 _MEDIUM = struct.Struct("!BBH")    # fin/opcode, 126, length up to 65535
 _LONG = struct.Struct("!BBQ")      # fin/opcode, 127, length up to 2**63 - 1
+_XOR = [bytes(byte ^ key for byte in range(256)) for key in range(256)]   # byte -> byte XOR key, per key
 
 Payload = bytes | str | tuple[int, str]
 Frame = tuple[int, Payload, bool]   # opcode (a data frame's: its message's), payload, message finished
@@ -53,14 +54,14 @@ def frame_head(length: int, opcode: int = BINARY, fin: bool = True) -> bytes:
 
 def mask(data: bytes | bytearray | memoryview, key: bytes, offset: int = 0) -> bytes:
     """``data`` XORed with the 4-byte ``key``, starting at byte ``offset`` of the key (the
-    payload's position in its frame): masking and unmasking are the same."""
-    size = len(data)
-    if not size:
-        return b""
+    payload's position in its frame): masking and unmasking are the same. Every fourth byte
+    is mapped through one table in C: a few times faster than Python integers on a frame."""
+    out = bytearray(data)
     if offset & 3:
         key = key[offset & 3:] + key[:offset & 3]
-    stream = key * (size // 4 + 1)
-    return (int.from_bytes(data, "little") ^ int.from_bytes(stream[:size], "little")).to_bytes(size, "little")
+    for lane in range(4):
+        out[lane::4] = out[lane::4].translate(_XOR[key[lane]])
+    return bytes(out)
 
 
 def frame(payload: bytes | bytearray | memoryview | str, opcode: int = BINARY, *, masked: bool = False) -> bytes:
@@ -134,13 +135,12 @@ class FrameReader:
             if not count and left:
                 return None
         if count == len(buffer):
-            payload = bytes(buffer)
-            buffer.clear()
+            piece = buffer             # all of it: handed over, not copied
+            self._buffer = bytearray()
         else:
-            payload = bytes(buffer[:count])
+            piece = buffer[:count]
             del buffer[:count]
-        if self._key:
-            payload = mask(payload, self._key, self._done)
+        payload = mask(piece, self._key, self._done) if self._key else bytes(piece)
         self._done += count
         self._left = left = left - count
         if self._control:
