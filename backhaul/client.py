@@ -22,7 +22,7 @@ from backhaul.resolver import Resolver
 from backhaul.transport import client_connect
 from backhaul.tunnel.core import ClientLink, ClientSession, Relaying
 from backhaul.tunnel.port import RECONNECTS
-from backhaul.udp import FLOWS, ConnectedPeer, open_udp
+from backhaul.udp.sockets import FLOWS, ConnectedPeer, open_udp
 from backhaul.usage import Usage
 
 log = logging.getLogger("backhaul.client")

@@ -85,12 +85,52 @@ def setting(default: Any, doc: str, *, secret: bool = False) -> Any:
 
 
 REQUIRED: Any = MISSING
-_TRANSPORT_DOC = f"tunnel transport, the same on both sides: {', '.join(TRANSPORTS)}"
-_TOKEN_DOC = f'shared secret, the same on both sides (see TOKEN); unset anywhere: "{DEFAULT_TOKEN}", with a warning'
-_TOKEN_FILE_DOC = "a file holding the token (one line), instead of token; relative to this file's directory (ours)"
-_LOG_LEVEL_DOC = f"least severe level logged: {', '.join(LOG_LEVELS)}"
-_CONGESTION_DOC = 'TCP congestion control of tunnel connections, e.g. "bbr" (empty: the host\'s) (ours)'
-_AUTH_DOC = '"token" (v0.7.2) or "challenge": HMAC proofs, the token never sent; the same on both sides (ours)'
+
+# The keys both sides have: default and description, declared once (a description of "" is each
+# side's own, given where it names the key). Each side's class names them where its man page
+# section lists them; ``_common`` reads and checks them for both.
+_SHARED: dict[str, tuple[Any, str]] = {
+    "nodelay": (False, ""),
+    "keepalive_period": (75, ""),
+    "connection_pool": (8, ""),
+    "mux_session": (1, ""),
+    "heartbeat": (DEFAULT_HEARTBEAT, ""),
+    "mss": (0, ""),
+    "so_rcvbuf": (0, ""),
+    "so_sndbuf": (0, ""),
+    "transport": ("tcp", f"tunnel transport, the same on both sides: {', '.join(TRANSPORTS)}"),
+    "token": (DEFAULT_TOKEN, f'shared secret, the same on both sides (see TOKEN); unset anywhere: '
+              f'"{DEFAULT_TOKEN}", with a warning'),
+    "token_file": ("", "a file holding the token (one line), instead of token; relative to this file's "
+                   "directory (ours)"),
+    "log_level": ("info", f"least severe level logged: {', '.join(LOG_LEVELS)}"),
+    "pprof": (False, "accepted for compatibility; logs that it has no effect"),
+    "mux_version": (1, "smux protocol version, 1 or 2, the same on both sides (2: per-stream windows)"),
+    "mux_framesize": (32768, "largest smux frame sent, in bytes (any up to 65535 is accepted, as Go does)"),
+    "mux_recievebuffer": (4194304, "unread bytes per smux session before its socket is no longer read"),
+    "mux_streambuffer": (65536, "smux version 2: a stream's first window, in bytes; it grows with the path"),
+    "sniffer": (False, "write the per-port usage to sniffer_log every few seconds"),
+    "web_port": (0, "port of the status page, /metrics and /healthz (0: off)"),
+    "sniffer_log": ("backhaul.json", "file the per-port usage is written to (JSON) when sniffer is on"),
+    "web_addr": (DEFAULT_WEB_ADDR, "address the status page listens on (ours)"),
+    "drain_timeout": (DEFAULT_DRAIN, "seconds open connections may take to finish after SIGTERM (ours)"),
+    "skip_optz": (False, "accepted for compatibility; the host's settings are never changed"),
+    "congestion": ("", 'TCP congestion control of tunnel connections, e.g. "bbr" (empty: the host\'s) (ours)'),
+    "auth": ("token", '"token" (v0.7.2) or "challenge": HMAC proofs, the token never sent; the same on both '
+             "sides (ours)"),
+}
+
+
+def shared(name: str, doc: str = "") -> Any:
+    """The key ``name`` of ``_SHARED`` as a field of either side; ``doc``: this side's description
+    of a key the sides describe each in their own words."""
+    default, common_doc = _SHARED[name]
+    assert bool(doc) != bool(common_doc), f"{name}: one description, the shared one or the side's"
+    return setting(default, doc or common_doc, secret=name == "token")
+
+
+def _default(name: str) -> Any:
+    return _SHARED[name][0]
 
 
 @dataclass(frozen=True)
@@ -102,41 +142,43 @@ class ServerConfig:
                            "go to the most idle (ours)")
     bind_host: str = ""
     bind_port: int = 0
-    transport: str = setting("tcp", _TRANSPORT_DOC)
-    token: str = setting(DEFAULT_TOKEN, _TOKEN_DOC, secret=True)
-    token_file: str = setting("", _TOKEN_FILE_DOC)
+    transport: str = shared("transport")
+    token: str = shared("token")
+    token_file: str = shared("token_file")
     token_is_default: bool = True
     token_source: str = ""   # where the token came from, said by check: never the token itself
-    nodelay: bool = setting(False, "TCP_NODELAY on tunnel and user connections")
-    keepalive_period: int = setting(75, "seconds between TCP keepalive probes on tunnel connections")
+    nodelay: bool = shared("nodelay", "TCP_NODELAY on tunnel and user connections")
+    keepalive_period: int = shared("keepalive_period", "seconds between TCP keepalive probes on tunnel connections")
     channel_size: int = setting(2048, "bound of the queues of waiting user connections and of idle data connections")
-    connection_pool: int = setting(8, "idle data connections kept ready at least (tcp, ws, wss: more under load)")
-    mux_session: int = setting(1, "accepted for compatibility; the client decides how many sessions it opens")
-    log_level: str = setting("info", _LOG_LEVEL_DOC)
+    connection_pool: int = shared("connection_pool", "idle data connections kept ready at least (tcp, ws, wss: more "
+                                                     "under load)")
+    mux_session: int = shared("mux_session", "accepted for compatibility; the client decides how many sessions it "
+                                             "opens")
+    log_level: str = shared("log_level")
     ports: tuple[PortMapping, ...] = setting((), "public listeners and the target each sends to the client (see PORTS)")
-    heartbeat: int = setting(DEFAULT_HEARTBEAT, "seconds between heartbeats on the control channel (0: the default)")
+    heartbeat: int = shared("heartbeat", "seconds between heartbeats on the control channel (0: the default)")
     mux_con: int = setting(8, "tcpmux, wsmux: streams per smux session before the client is asked for another")
-    mux_version: int = setting(1, "smux protocol version, 1 or 2, the same on both sides (2: per-stream windows)")
-    mux_framesize: int = setting(32768, "largest smux frame sent, in bytes (any up to 65535 is accepted, as Go does)")
-    mux_recievebuffer: int = setting(4194304, "unread bytes per smux session before its socket is no longer read")
-    mux_streambuffer: int = setting(65536, "smux version 2: a stream's first window, in bytes; it grows with the path")
+    mux_version: int = shared("mux_version")
+    mux_framesize: int = shared("mux_framesize")
+    mux_recievebuffer: int = shared("mux_recievebuffer")
+    mux_streambuffer: int = shared("mux_streambuffer")
     accept_udp: bool = setting(False, "tcp transport: the public ports also carry UDP, one flow per user address")
     udp_max_flows: int = setting(4096, "UDP flows kept at once, all ports together; past it one makes room (ours)")
     proxy_protocol: bool = setting(False, "send a PROXY v2 header to the target before the user's bytes")
     tls_cert: str = setting("", "wss, wssmux: the server certificate, a PEM file (required by those transports)")
     tls_key: str = setting("", "wss, wssmux: the certificate's private key, a PEM file (required by those transports)")
-    sniffer: bool = setting(False, "write the per-port usage to sniffer_log every few seconds")
-    web_port: int = setting(0, "port of the status page, /metrics and /healthz (0: off)")
-    sniffer_log: str = setting("backhaul.json", "file the per-port usage is written to (JSON) when sniffer is on")
-    web_addr: str = setting(DEFAULT_WEB_ADDR, "address the status page listens on (ours)")
-    drain_timeout: int = setting(DEFAULT_DRAIN, "seconds open connections may take to finish after SIGTERM (ours)")
-    skip_optz: bool = setting(False, "accepted for compatibility; the host's settings are never changed")
-    pprof: bool = setting(False, "accepted for compatibility; logs that it has no effect")
-    mss: int = setting(0, "TCP maximum segment size on tunnel and user sockets (0: the OS default)")
-    so_rcvbuf: int = setting(0, "SO_RCVBUF on tunnel and user sockets, in bytes (0: the OS default)")
-    so_sndbuf: int = setting(0, "SO_SNDBUF on tunnel sockets, in bytes (0: the OS default)")
-    congestion: str = setting("", _CONGESTION_DOC)
-    auth: str = setting("token", _AUTH_DOC)
+    sniffer: bool = shared("sniffer")
+    web_port: int = shared("web_port")
+    sniffer_log: str = shared("sniffer_log")
+    web_addr: str = shared("web_addr")
+    drain_timeout: int = shared("drain_timeout")
+    skip_optz: bool = shared("skip_optz")
+    pprof: bool = shared("pprof")
+    mss: int = shared("mss", "TCP maximum segment size on tunnel and user sockets (0: the OS default)")
+    so_rcvbuf: int = shared("so_rcvbuf", "SO_RCVBUF on tunnel and user sockets, in bytes (0: the OS default)")
+    so_sndbuf: int = shared("so_sndbuf", "SO_SNDBUF on tunnel sockets, in bytes (0: the OS default)")
+    congestion: str = shared("congestion")
+    auth: str = shared("auth")
 
 
 @dataclass(frozen=True)
@@ -151,40 +193,43 @@ class ClientConfig:
     failback_idle: int = setting(DEFAULT_FAILBACK_IDLE, "seconds without users before going back to an earlier "
                                  "remote_addr (0: never) (ours)")
     local_addr: str = setting("", "local IP address the connections to the server leave from (empty: any) (ours)")
-    transport: str = setting("tcp", _TRANSPORT_DOC)
-    token: str = setting(DEFAULT_TOKEN, _TOKEN_DOC, secret=True)
-    token_file: str = setting("", _TOKEN_FILE_DOC)
+    transport: str = shared("transport")
+    token: str = shared("token")
+    token_file: str = shared("token_file")
     token_is_default: bool = True
     token_source: str = ""   # where the token came from, said by check: never the token itself
-    connection_pool: int = setting(8, "data connections (mux: sessions) opened right after the handshake")
+    connection_pool: int = shared("connection_pool", "data connections (mux: sessions) opened right after the "
+                                                     "handshake")
     aggressive_pool: bool = setting(False, "grow the pool of data connections faster under load")
     retry_interval: int = setting(1, "seconds between attempts to reach the server, forever")
     dial_timeout: int = setting(10, "seconds allowed for a connection to the server or to a target")
-    nodelay: bool = setting(False, "TCP_NODELAY on data connections (the control channel and targets always have it)")
-    keepalive_period: int = setting(75, "seconds between TCP keepalive probes on tunnel and target connections")
-    log_level: str = setting("info", _LOG_LEVEL_DOC)
-    pprof: bool = setting(False, "accepted for compatibility; logs that it has no effect")
-    mux_version: int = setting(1, "smux protocol version, 1 or 2, the same on both sides (2: per-stream windows)")
-    mux_framesize: int = setting(32768, "largest smux frame sent, in bytes (any up to 65535 is accepted, as Go does)")
-    mux_recievebuffer: int = setting(4194304, "unread bytes per smux session before its socket is no longer read")
-    mux_streambuffer: int = setting(65536, "smux version 2: a stream's first window, in bytes; it grows with the path")
-    mux_session: int = setting(1, "tcpmux, wsmux: smux sessions kept open at least")
+    nodelay: bool = shared("nodelay", "TCP_NODELAY on data connections (the control channel and targets always have "
+                                      "it)")
+    keepalive_period: int = shared("keepalive_period", "seconds between TCP keepalive probes on tunnel and target "
+                                                       "connections")
+    log_level: str = shared("log_level")
+    pprof: bool = shared("pprof")
+    mux_version: int = shared("mux_version")
+    mux_framesize: int = shared("mux_framesize")
+    mux_recievebuffer: int = shared("mux_recievebuffer")
+    mux_streambuffer: int = shared("mux_streambuffer")
+    mux_session: int = shared("mux_session", "tcpmux, wsmux: smux sessions kept open at least")
     edge_ip: str = setting("", "ws transports: connect to this IP address (a CDN edge); Host and SNI stay remote_addr")
     tls_verify: bool = setting(False, "wss, wssmux: check the server's certificate against tls_ca or the system's CAs")
     tls_ca: str = setting("", "wss, wssmux: a PEM file of the certificate authorities to trust")
     tls_pin: str = setting("", "wss, wssmux: sha256 fingerprint of the server's certificate (64 hex digits)")
-    sniffer: bool = setting(False, "write the per-port usage to sniffer_log every few seconds")
-    web_port: int = setting(0, "port of the status page, /metrics and /healthz (0: off)")
-    sniffer_log: str = setting("backhaul.json", "file the per-port usage is written to (JSON) when sniffer is on")
-    web_addr: str = setting(DEFAULT_WEB_ADDR, "address the status page listens on (ours)")
-    drain_timeout: int = setting(DEFAULT_DRAIN, "seconds open connections may take to finish after SIGTERM (ours)")
-    skip_optz: bool = setting(False, "accepted for compatibility; the host's settings are never changed")
-    mss: int = setting(0, "TCP maximum segment size on tunnel sockets (0: the OS default)")
-    so_rcvbuf: int = setting(0, "SO_RCVBUF on tunnel sockets, in bytes (0: the OS default)")
-    so_sndbuf: int = setting(0, "SO_SNDBUF on tunnel sockets, in bytes (0: the OS default)")
-    congestion: str = setting("", _CONGESTION_DOC)
-    auth: str = setting("token", _AUTH_DOC)
-    heartbeat: int = setting(DEFAULT_HEARTBEAT, "accepted; the silence limit follows the server's heartbeats")
+    sniffer: bool = shared("sniffer")
+    web_port: int = shared("web_port")
+    sniffer_log: str = shared("sniffer_log")
+    web_addr: str = shared("web_addr")
+    drain_timeout: int = shared("drain_timeout")
+    skip_optz: bool = shared("skip_optz")
+    mss: int = shared("mss", "TCP maximum segment size on tunnel sockets (0: the OS default)")
+    so_rcvbuf: int = shared("so_rcvbuf", "SO_RCVBUF on tunnel sockets, in bytes (0: the OS default)")
+    so_sndbuf: int = shared("so_sndbuf", "SO_SNDBUF on tunnel sockets, in bytes (0: the OS default)")
+    congestion: str = shared("congestion")
+    auth: str = shared("auth")
+    heartbeat: int = shared("heartbeat", "accepted; the silence limit follows the server's heartbeats")
     forwarder: tuple[tuple[str, str], ...] = setting((), '"TARGET=HOST:PORT": dial HOST:PORT for the target TARGET')
 
     def __post_init__(self) -> None:
@@ -494,32 +539,30 @@ def _common(reader: _Reader) -> dict[str, object]:
     """Keys both sides share."""
     token, token_is_default, token_file, token_source = reader.token()
     heartbeat = (
-        reader.integer("heartbeat", DEFAULT_HEARTBEAT, 0, 86400) or DEFAULT_HEARTBEAT
+        reader.integer("heartbeat", _default("heartbeat"), 0, 86400) or DEFAULT_HEARTBEAT
     )
     values: dict[str, object] = {
-        "transport": reader.choice("transport", "tcp", TRANSPORTS, "transport"),
+        "transport": reader.choice("transport", _default("transport"), TRANSPORTS, "transport"),
         "token": token,
         "token_is_default": token_is_default,
         "token_file": token_file,
         "token_source": token_source,
-        "nodelay": reader.boolean("nodelay"),
-        "keepalive_period": reader.integer("keepalive_period", 75, 1, 86400),
-        "connection_pool": reader.integer("connection_pool", 8, 0, 65535),
-        "mux_session": reader.integer("mux_session", 1, 1, 65535),
-        "log_level": reader.choice(
-            "log_level", "info", LOG_LEVELS, "log level", fold=True
-        ),
+        "nodelay": reader.boolean("nodelay", _default("nodelay")),
+        "keepalive_period": reader.integer("keepalive_period", _default("keepalive_period"), 1, 86400),
+        "connection_pool": reader.integer("connection_pool", _default("connection_pool"), 0, 65535),
+        "mux_session": reader.integer("mux_session", _default("mux_session"), 1, 65535),
+        "log_level": reader.choice("log_level", _default("log_level"), LOG_LEVELS, "log level", fold=True),
         "heartbeat": heartbeat,
-        "sniffer": reader.boolean("sniffer"),
-        "web_port": reader.integer("web_port", 0, 0, 65535),
+        "sniffer": reader.boolean("sniffer", _default("sniffer")),
+        "web_port": reader.integer("web_port", _default("web_port"), 0, 65535),
         "sniffer_log": _sniffer_log(reader),
         "web_addr": _web_addr(reader),
-        "drain_timeout": reader.integer("drain_timeout", DEFAULT_DRAIN, 0, 3600),
-        "skip_optz": reader.boolean("skip_optz"),
-        "pprof": reader.boolean("pprof"),
+        "drain_timeout": reader.integer("drain_timeout", _default("drain_timeout"), 0, 3600),
+        "skip_optz": reader.boolean("skip_optz", _default("skip_optz")),
+        "pprof": reader.boolean("pprof", _default("pprof")),
         "mss": _mss(reader),
-        "so_rcvbuf": reader.integer("so_rcvbuf", 0, 0, _INT_MAX),
-        "so_sndbuf": reader.integer("so_sndbuf", 0, 0, _INT_MAX),
+        "so_rcvbuf": reader.integer("so_rcvbuf", _default("so_rcvbuf"), 0, _INT_MAX),
+        "so_sndbuf": reader.integer("so_sndbuf", _default("so_sndbuf"), 0, _INT_MAX),
         "congestion": _congestion(reader),
         "auth": _auth(reader),
     }
@@ -529,7 +572,7 @@ def _common(reader: _Reader) -> dict[str, object]:
 
 def _auth(reader: _Reader) -> str:
     """Ours: how the handshake proves the token (docs/auth.md)."""
-    value = reader.string("auth", "token")
+    value = reader.string("auth", _default("auth"))
     if value not in AUTH_MODES:
         raise reader.error("auth", 'expected "token" (the handshake of Backhaul v0.7.2, the default) or '
                            '"challenge" (ours, docs/auth.md: this program on both ends)', value)
@@ -538,7 +581,7 @@ def _auth(reader: _Reader) -> str:
 def _congestion(reader: _Reader) -> str:
     """Ours: a TCP congestion control by the kernel's name. Whether this host has it is known only
     where the program runs: the socket that is refused it says so (backhaul.net)."""
-    value = reader.string("congestion", "")
+    value = reader.string("congestion", _default("congestion"))
     if value and not _CONGESTION_NAME.fullmatch(value):
         raise reader.error("congestion", 'expected the kernel\'s name of a TCP congestion control, e.g. "bbr" or '
                            '"cubic" (at most 15 lower-case letters, digits, "_" or "-"; empty: the host\'s)', value)
@@ -547,7 +590,7 @@ def _congestion(reader: _Reader) -> str:
 
 def _web_addr(reader: _Reader) -> str:
     """The address the status page binds: an IP address, never a name (no lookup at start)."""
-    text = reader.string("web_addr", DEFAULT_WEB_ADDR)
+    text = reader.string("web_addr", _default("web_addr"))
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -557,14 +600,14 @@ def _web_addr(reader: _Reader) -> str:
 
 
 def _sniffer_log(reader: _Reader) -> str:
-    text = reader.string("sniffer_log", "backhaul.json")
+    text = reader.string("sniffer_log", _default("sniffer_log"))
     if not text or text.endswith("/"):
         raise reader.error("sniffer_log", "expected the path of a file to write the usage to", text)
     return text
 
 
 def _mss(reader: _Reader) -> int:
-    value = reader.integer("mss", 0, 0, 65535)
+    value = reader.integer("mss", _default("mss"), 0, 65535)
     if 0 < value < 88:
         raise reader.error(
             "mss", "must be 0 (the OS default) or between 88 and 65535", value
@@ -573,10 +616,10 @@ def _mss(reader: _Reader) -> int:
 
 
 def _mux(reader: _Reader) -> dict[str, int]:
-    version = reader.integer("mux_version", 1, 1, 2)
-    framesize = reader.integer("mux_framesize", 32768, 1, 65535)
-    receive = reader.integer("mux_recievebuffer", 4194304, 1, _INT_MAX)
-    stream = reader.integer("mux_streambuffer", 65536, 1, _INT_MAX)
+    version = reader.integer("mux_version", _default("mux_version"), 1, 2)
+    framesize = reader.integer("mux_framesize", _default("mux_framesize"), 1, 65535)
+    receive = reader.integer("mux_recievebuffer", _default("mux_recievebuffer"), 1, _INT_MAX)
+    stream = reader.integer("mux_streambuffer", _default("mux_streambuffer"), 1, _INT_MAX)
     if stream > receive:
         problem = f"must be between 1 and mux_recievebuffer ({receive})"
         raise reader.error("mux_streambuffer", problem, stream)

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 from backhaul.config import PortMapping, ServerConfig, changed_keys
 from backhaul.errors import TransportError
-from backhaul.flows import Flow, UdpPorts, open_ports
 from backhaul.listener import Listener
 from backhaul.log import Throttles
 from backhaul.metrics import METRICS
@@ -23,6 +22,7 @@ from backhaul.protocol.proxy_v2 import encode_proxy_v2
 from backhaul.reactor import Reactor, Timer
 from backhaul.transport import server_transport
 from backhaul.tunnel.core import Relaying
+from backhaul.udp.ports import Flow, UdpPorts, open_ports
 from backhaul.usage import Usage
 
 log = logging.getLogger("backhaul.server")

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from backhaul.history import History
 from backhaul.metrics import METRICS
-from backhaul.relay.datagram import FramedRelay, PairRelay
 from backhaul.tunnel.core import Relaying
 from backhaul.tunnel.port import RECONNECTS
+from backhaul.udp.relay import FramedRelay, PairRelay
 
 ACTIVE = METRICS.gauge("backhaul_connections_active", "User connections being relayed now.", ("side", "port"))
 TOTAL = METRICS.sourced_counter("backhaul_connections_total", "User connections relayed since start.",

@@ -411,17 +411,25 @@ def measure_ab(s: Settings) -> list[Row]:
     rows: list[Row] = []
     with nginx:
         for concurrency in (50, 200):
-            rows.append(_ab_row(tools["ab"], concurrency, nginx.port, s))
+            rows += _ab_rows(tools["ab"], concurrency, nginx.port, s)
     return rows
 
 
-def _ab_row(ab: str, concurrency: int, port: int, s: Settings) -> Row:
+def _ab_rows(ab: str, concurrency: int, port: int, s: Settings) -> list[Row]:
+    """The requests/s row, and the CPU the middle processes spent per connection (user + system
+    of both tunnel processes, or of the relay): what a connection costs, whatever else the
+    machine runs meanwhile."""
     label = f"ab req/s c={concurrency}"
     runs: dict[str, list[AbResult]] = {}
+    cpu: dict[str, list[float]] = {}
 
     def one(ep: Endpoint) -> dict[str, Cell]:
+        before = sum(cpu_seconds(pid) for pid in ep.pids.values())
         result = _ab(ep, ab, concurrency, s)
         runs.setdefault(ep.path, []).append(result)
+        if ep.pids:
+            spent = sum(cpu_seconds(pid) for pid in ep.pids.values()) - before
+            cpu.setdefault(ep.path, []).append(spent / max(1, result.complete) * 1e6)
         return {label: Cell(result.rps)}
 
     rounds = [each_path(label, [label], port, s, one, rotate=turn)[0] for turn in range(s.ab_rounds)]
@@ -429,7 +437,12 @@ def _ab_row(ab: str, concurrency: int, port: int, s: Settings) -> Row:
         s.notes.append(f"{label}, each round to its own direct: " + "; ".join(map(_round_ratios, rounds)))
     row = _median_row(rounds, runs)
     row.kind = "higher"
-    return row
+    cost = Row(f"CPU µs per ab connection c={concurrency}", "cost")
+    for path in row.cells:
+        spent = cpu.get(path)
+        cost.cells[path] = Cell(statistics.median(spent), extra=f"{min(spent):,.0f}-{max(spent):,.0f}"
+                                if len(spent) > 1 else "") if spent else Cell.missing("-")
+    return [row, cost]
 
 
 def _ab(ep: Endpoint, ab: str, concurrency: int, s: Settings) -> AbResult:

@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from backhaul.config import parse
-from backhaul.flows import EVICTED, Flow, UdpPorts
 from backhaul.reactor import Reactor
-from backhaul.relay.datagram import idle_seconds
-from backhaul.udp import DROPPED, FLOWS
+from backhaul.udp.ports import EVICTED, Flow, UdpPorts
+from backhaul.udp.relay import idle_seconds
+from backhaul.udp.sockets import DROPPED, FLOWS
 from tests.harness import HOST, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(20)
@@ -123,7 +123,7 @@ def test_flows_end_after_60_idle_seconds_unless_the_environment_says(caplog, val
     """Catches: a default other than PROTOCOL.md's 60 s (the end-to-end test runs with a shorter
     BACKHAUL_UDP_IDLE), or a bad value used, or refused without a line naming it."""
     environ = {} if value is None else {"BACKHAUL_UDP_IDLE": value}
-    with caplog.at_level(logging.WARNING, logger="backhaul.udp"):
+    with caplog.at_level(logging.WARNING, logger="backhaul.udp.relay"):
         assert idle_seconds(environ) == (60.0 if idle is None else idle)
     said = [record.getMessage() for record in caplog.records]
     if idle is None:

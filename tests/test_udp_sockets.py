@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from backhaul.udp import GSO_BYTES, GSO_SEGMENTS, Sender, runs
+from backhaul.udp.sockets import GSO_BYTES, GSO_SEGMENTS, Sender, runs
 
 pytestmark = pytest.mark.timeout(10)
 

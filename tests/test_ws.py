@@ -1,4 +1,4 @@
-"""The WebSocket link (backhaul/ws.py) on real loopback sockets, with the reactor in this process.
+"""The WebSocket link (backhaul/links/websocket.py) on real loopback sockets, with the reactor in this process.
 
 Messages mode and the control carrier against a raw wsproto peer (a blocking socket in the test
 thread, standing in for gorilla); stream mode through the relay conformance cases of
@@ -29,12 +29,20 @@ import pytest
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
-from backhaul import ws as ws_module
+from backhaul.links import websocket as ws_module
+from backhaul.links.websocket import (
+    FIN_PING,
+    FRAME_SIZE,
+    MESSAGE_SIZE,
+    SERVER_MESSAGE,
+    WebSocket,
+    WebSocketCarrier,
+    WebSocketStream,
+)
 from backhaul.log import Throttle
 from backhaul.protocol.ws_frame import frame_head
 from backhaul.reactor import Reactor, Timer
 from backhaul.relay.stream import READ_CHUNK, Stream, StreamListener, StreamRelay
-from backhaul.ws import FIN_PING, FRAME_SIZE, MESSAGE_SIZE, SERVER_MESSAGE, WebSocket, WebSocketCarrier, WebSocketStream
 from tests import conformance
 from tests.conformance import read_all, read_until_closed, send_and_finish, send_until_broken, tcp_pair, wait_until
 
@@ -874,14 +882,14 @@ def test_bad_frames_on_a_data_link_end_it_with_one_line(reactor, listener, monke
         on_reactor(reactor, build)
         links.append((target, client_sock))
     try:
-        with caplog.at_level(logging.WARNING, logger="backhaul.ws"):
+        with caplog.at_level(logging.WARNING, logger="backhaul.links.websocket"):
             for _target, client_sock in links:
                 client_sock.sendall(b"\x82\x01\x00")               # unmasked frame from a client
             for target, _client_sock in links:
                 assert closed.acquire(timeout=5), "a data link stayed up after a bad frame"
                 target.settimeout(5)
                 read_until_closed(target)
-        lines = [r.getMessage() for r in caplog.records if r.name == "backhaul.ws"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "backhaul.links.websocket"]
         assert len(lines) == 1, lines
         assert lines[0].startswith("closed the websocket of client 0: it broke the websocket protocol: "), lines
         assert "unmasked" in lines[0], lines

@@ -19,7 +19,6 @@ from backhaul.net import peer_of, tune
 from backhaul.protocol.auth import LinkSigner
 from backhaul.protocol.framing import SG_TCP, SG_UDP, FrameReader, encode_ltv
 from backhaul.reactor import READ, Reactor
-from backhaul.relay.datagram import FramedRelay
 from backhaul.relay.splice import Relay
 from backhaul.tunnel.acceptor import has_bytes
 from backhaul.tunnel.carrier import SocketCarrier
@@ -28,10 +27,11 @@ from backhaul.tunnel.dialer import dial_link, handshake
 from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.port import TunnelPort
 from backhaul.tunnel.session import TunnelSession
+from backhaul.udp.relay import FramedRelay
 
 if TYPE_CHECKING:
-    from backhaul.flows import Flow
-    from backhaul.udp import Peer
+    from backhaul.udp.ports import Flow
+    from backhaul.udp.sockets import Peer
 
 log = logging.getLogger("backhaul.tcp")
 

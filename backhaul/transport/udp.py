@@ -23,20 +23,20 @@ import time
 from collections.abc import Callable
 
 from backhaul.errors import ProtocolError, TransportError
-from backhaul.flows import EVICTED, Flow
 from backhaul.net import reason
 from backhaul.protocol.auth import AuthError, LinkSigner, check_any
 from backhaul.protocol.framing import SG_PING
 from backhaul.protocol.handshake import hello_reader
 from backhaul.reactor import READ, Reactor, Timer
-from backhaul.relay.datagram import PairRelay
 from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.core import Arrival, ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.dialer import handshake
 from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.port import TunnelPort
 from backhaul.tunnel.session import TunnelSession
-from backhaul.udp import (
+from backhaul.udp.ports import EVICTED, Flow
+from backhaul.udp.relay import PairRelay
+from backhaul.udp.sockets import (
     DROPPED,
     WARN,
     AddressPeer,

@@ -1,6 +1,6 @@
 """The ``ws`` and ``wss`` transports (PROTOCOL.md 3): the HTTP-upgrade handshake (± TLS,
 tunnel/upgrade.py), then every ``/tunnel/<N>`` is one pooled WebSocket that carries one user
-connection: the target as a text message, then the user's bytes (backhaul/ws.py).
+connection: the target as a text message, then the user's bytes (backhaul/links/websocket.py).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import logging
 import socket
 from collections.abc import Callable
 
+from backhaul.links.websocket import WebSocket, WebSocketCarrier, WebSocketStream
 from backhaul.protocol.framing import SG_PING
 from backhaul.reactor import Reactor
 from backhaul.relay.stream import StreamRelay
@@ -16,7 +17,6 @@ from backhaul.tunnel.core import Arrival, ClientCore, OnRelayClosed, ServerCore
 from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.session import TunnelSession
 from backhaul.tunnel.upgrade import Upgraded, UpgradeDial, UpgradePort, connect_control
-from backhaul.ws import WebSocket, WebSocketCarrier, WebSocketStream
 
 log = logging.getLogger("backhaul.ws")
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import functools
 
+from backhaul.links.websocket import WebSocket, WebSocketCarrier
 from backhaul.tunnel.core import ClientCore, ServerCore
 from backhaul.tunnel.mux_sessions import MuxClientSession, SessionLinks
 from backhaul.tunnel.upgrade import UpgradeDial, UpgradePort, connect_control
-from backhaul.ws import WebSocket, WebSocketCarrier
 
 
 def server(core: ServerCore) -> UpgradePort[SessionLinks]:

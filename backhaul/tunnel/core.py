@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from backhaul.config import ClientConfig, ServerConfig
-    from backhaul.flows import Flow
     from backhaul.reactor import Reactor
     from backhaul.resolver import Resolver
-    from backhaul.udp import Peer
+    from backhaul.udp.ports import Flow
+    from backhaul.udp.sockets import Peer
 
 
 class Relaying(Protocol):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from backhaul.config import ClientConfig, ServerConfig
 from backhaul.errors import ProtocolError, TransportError
+from backhaul.links.websocket import WebSocket, WebSocketCarrier
 from backhaul.net import dial, reason, tune
 from backhaul.protocol import auth
 from backhaul.protocol import http_upgrade as http
@@ -36,7 +37,6 @@ from backhaul.tunnel.gate import Gate
 from backhaul.tunnel.pending import Pending, PendingSet
 from backhaul.tunnel.port import LinksFactory, LinksT, Port
 from backhaul.tunnel.ws_challenge import challenge
-from backhaul.ws import WebSocket, WebSocketCarrier
 
 log = logging.getLogger("backhaul.ws")
 

@@ -21,7 +21,7 @@ from backhaul.protocol.udp_frames import MAX_DATAGRAM
 from backhaul.reactor import READ, Reactor
 from backhaul.resolver import Address, Resolver
 
-log = logging.getLogger("backhaul.udp")
+log = logging.getLogger("backhaul.udp.sockets")
 
 SOCKET_BUFFER = 4 * 1024 * 1024   # asked for each UDP socket's queues; the kernel caps it (rmem_max)
 READ_BATCH = 64                   # datagrams per readiness event, so one busy socket cannot starve others

@@ -17,9 +17,9 @@ from backhaul.config import PortMapping, ServerConfig
 from backhaul.errors import TransportError
 from backhaul.metrics import METRICS
 from backhaul.reactor import Reactor
-from backhaul.udp import FLOWS, WARN, AddressPeer, DatagramSocket, Peer, bind_udp, show
+from backhaul.udp.sockets import FLOWS, WARN, AddressPeer, DatagramSocket, Peer, bind_udp, show
 
-log = logging.getLogger("backhaul.server")
+log = logging.getLogger("backhaul.udp.ports")
 
 EVICTED = METRICS.counter("backhaul_udp_flows_evicted_total",
                           "UDP flows closed to make room for a new one, by the limit reached", ("limit",))

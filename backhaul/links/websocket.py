@@ -1,6 +1,6 @@
-"""One established WebSocket on a non-blocking socket, driven by the reactor with wsproto
-(PROTOCOL.md 3.2-3.3). Our own HTTP upgrade code does the handshake; what it read past the head
-is handed in as ``first``.
+"""One established WebSocket on a non-blocking socket, driven by the reactor, its frames read
+and written by protocol/ws_frame.py (PROTOCOL.md 3.2-3.3). Our own HTTP upgrade code does the
+handshake; what it read past the head is handed in as ``first``.
 
 A ``WebSocket`` runs in one of two modes, chosen by its user:
 
@@ -23,7 +23,7 @@ Ping frames are answered with Pong, a Close frame with a Close, then the socket 
 never start a close handshake ourselves (neither does Backhaul in Go). An error or a protocol
 violation simply closes the socket.
 
-Half-close. WebSocket has none, and a Close frame ends both directions (wsproto refuses data after
+Half-close. WebSocket has none, and a Close frame ends both directions (our reader reads nothing after
 it; gorilla's reader returns an error and Backhaul closes both sockets). Go's Backhaul closes
 everything at the first EOF either way, which loses the answer to a request whose sender
 half-closed. We do better without leaving the protocol: ``shutdown_write`` sends a Ping frame
@@ -69,18 +69,27 @@ import socket
 import ssl
 from collections.abc import Callable
 
-from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
-
 from backhaul.buffers import scratch
 from backhaul.log import Throttle
 from backhaul.net import reason, reset_on_close
 from backhaul.protocol.chunks import ChunkQueue, advance
-from backhaul.protocol.ws_frame import frame_head
+from backhaul.protocol.ws_frame import (
+    BINARY,
+    CLOSE,
+    PING,
+    PONG,
+    TEXT,
+    FrameError,
+    FrameReader,
+    close_frame,
+    frame,
+    frame_head,
+)
 from backhaul.reactor import READ, WRITE, Reactor, Timer
 from backhaul.relay.stream import StreamListener
 from backhaul.tunnel.carrier import CONTROL_BACKLOG, OnData, OnLost
 
-log = logging.getLogger("backhaul.ws")
+log = logging.getLogger("backhaul.links.websocket")
 VIOLATIONS = Throttle(log)      # peers that break the protocol: a line a second however many do
 
 # A stream's binary messages are one frame each of FRAME_SIZE bytes, head included: three whole
@@ -98,14 +107,10 @@ IOV_MAX = 1024                  # buffers one sendmsg may take (Linux)
 LINGER = 30.0                   # seconds a clean close waits for the socket to take more of the rest
 PONG_SLACK = 64 * 1024          # pongs may queue this far past out_limit (a full stream's)
 TLS_READ = 64 * 1024            # one TLS recv (it returns at most one 16 KiB record anyway)
-CACHED_FRAME = 125              # messages up to this size (a control frame's limit) ...
-CACHED_FRAMES = 256             # ... and this many of them are framed once (see _message_frame)
-_SERVER_FRAMES: dict[bytes | str, bytes] = {}
 
 OnMessage = Callable[[bytes | str], None]
 
 _IDLE, _MESSAGES, _STREAM = 0, 1, 2
-_BINARY, _TEXT, _PING, _PONG, _CLOSE = Opcode.BINARY, Opcode.TEXT, Opcode.PING, Opcode.PONG, Opcode.CLOSE
 
 
 class WebSocket:
@@ -118,11 +123,13 @@ class WebSocket:
     """
 
     __slots__ = ("reactor", "sock", "client", "peer", "max_message", "read_size", "out_limit", "in_limit",
-                 "_tls", "_proto", "_mode", "_mask", "_unparsed", "_out", "_out_size", "_parts", "_part_size", "_inbox",
+                 "_tls", "_reader", "_mode", "_mask", "_unparsed", "_out", "_out_size", "_parts", "_part_size",
+                 "_inbox",
                  "_eof", "_eof_final", "_paused", "_closed", "_failure", "_ended_why",
-                 "_on_message", "_on_lost", "_stream", "_read_wants_write", "_write_wants_read",
+                 "_on_message", "_on_lost", "_read_wants_write", "_write_wants_read",
                  "_resume_posted", "_lingering", "_linger_timer", "_linger_left", "_goodbye_waits",
-                 "_dispatching", "_due")
+                 "_dispatching", "_due", "_listener", "_want_read", "_want_write", "_shut", "_saw_eof",
+                 "_stream_closed", "_told_failure")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, *, client: bool, peer: str, first: bytes = b"",
                  max_message: int = 1 << 20, read_size: int = 256 * 1024, out_limit: int = 1 << 20,
@@ -136,12 +143,11 @@ class WebSocket:
         self.out_limit = out_limit
         self.in_limit = in_limit
         self._tls = isinstance(sock, ssl.SSLSocket)
-        # wsproto's frame engine itself: its Connection only wraps each frame in an event object
-        # and each send in a state check, which the states of this class make redundant (we
-        # never start a close; a Close frame received ends the websocket at once).
-        self._proto = FrameProtocol(client, [])
-        self._proto.receive_bytes(first)      # only buffered: parsed once a mode is chosen
-        self._unparsed = bool(first)          # wsproto holds bytes not parsed yet
+        # Frames only: no connection state machine, which the states of this class make
+        # redundant (we never start a close; a Close frame received ends the websocket at once).
+        self._reader = FrameReader(client)
+        self._reader.feed(first)              # only buffered: parsed once a mode is chosen
+        self._unparsed = bool(first)          # the reader holds bytes not parsed yet
         self._mode = _IDLE
         # A socket still watched (from its upgrade) is taken over as it is: _update changes the
         # events only if they must change, and an idle websocket's first event drops them.
@@ -161,7 +167,14 @@ class WebSocket:
         self._ended_why = ""                  # why we can no longer send (the peer closed)
         self._on_message: OnMessage | None = None
         self._on_lost: Callable[[str], None] | None = None
-        self._stream: WebSocketStream | None = None
+        # Stream mode (the Stream contract, through WebSocketStream):
+        self._listener: StreamListener | None = None
+        self._want_read = True                # the listener waits to hear of data or EOF
+        self._want_write = False              # ... of room, after a write was refused bytes
+        self._shut = False                    # our FIN_PING is sent (or the peer had ended)
+        self._saw_eof = False                 # the reader was handed the peer's EOF
+        self._stream_closed = False           # the stream's user closed it
+        self._told_failure = False
         self._read_wants_write = False        # TLS: a read needs the socket writable first
         self._write_wants_read = False        # TLS: a write needs the socket readable first
         self._resume_posted = False
@@ -218,14 +231,14 @@ class WebSocket:
         if self._closed:
             return
         for payload in payloads:
-            self._queue(self._message_frame(payload))
+            self._queue(frame(payload, masked=self.client))
         self._flush_checked()
 
     def send_text(self, text: str) -> None:
         """Send one text message (the target, on a data websocket); ignored once closed."""
         if self._closed:
             return
-        self._queue(self._message_frame(text))
+        self._queue(frame(text, masked=self.client))
         self._flush_checked()
 
     def fail(self, why: str) -> None:
@@ -257,21 +270,6 @@ class WebSocket:
         self._inbox.clear()
 
     # --- sending --------------------------------------------------------------------------------
-    def _message_frame(self, payload: bytes | bytearray | memoryview | str) -> bytes | bytearray:
-        """One whole message as wsproto frames it. A server's frame is the same bytes whenever
-        the payload is (it is not masked): small ones are framed once per process, since the
-        same few (a link request, a target) go out on every connection."""
-        if self.client or len(payload) > CACHED_FRAME:
-            return self._proto.send_data(payload, True)
-        key = payload if isinstance(payload, str | bytes) else bytes(payload)
-        frame = _SERVER_FRAMES.get(key)
-        if frame is None:
-            frame = bytes(self._proto.send_data(payload, True))
-            if len(_SERVER_FRAMES) >= CACHED_FRAMES:
-                _SERVER_FRAMES.clear()  # many different messages: not the usual few
-            _SERVER_FRAMES[key] = frame
-        return frame
-
     def _queue(self, frame: bytes | bytearray) -> None:
         self._out.append(frame)
         self._out_size += len(frame)
@@ -317,10 +315,8 @@ class WebSocket:
             if not self._out:
                 self._goodbye()
                 return
-        else:
-            stream = self._stream
-            if stream is not None and stream._want_write and self._out_size <= self.out_limit // 2:
-                stream._notify_writable()
+        elif self._want_write and self._out_size <= self.out_limit // 2:
+            self._notify_writable()
         self._update()
 
     def _flush_checked(self) -> None:
@@ -330,15 +326,14 @@ class WebSocket:
             self._fail(f"{self.peer} does not read its websocket ({self._out_size} bytes waiting)")
 
     def _send_stream(self, data: bytes | memoryview, count: int) -> None:
-        """``data[:count]`` as binary messages of one frame each. A client's go through wsproto,
-        which copies and masks each one. A server's frame is a head and the payload unchanged:
+        """``data[:count]`` as binary messages of one frame each. A client's are copied, masked.
+        A server's frame is a head and the payload unchanged:
         on TCP both go to the gathered write as they are, on TLS joined into one write (a head
         alone would be a record of its own)."""
         view = memoryview(data)
         if self.client:
-            send_data = self._proto.send_data
             for offset in range(0, count, MESSAGE_SIZE):
-                self._queue(send_data(view[offset:min(count, offset + MESSAGE_SIZE)], True))
+                self._queue(frame(view[offset:min(count, offset + MESSAGE_SIZE)], masked=True))
             return
         if not (view.readonly and isinstance(view.obj, bytes)):
             view = memoryview(view[:count].tobytes())  # kept until sent: it must not change
@@ -380,22 +375,20 @@ class WebSocket:
         """Tell the stream's listener what a socket event brought, now that this websocket is
         done with it (not from inside a stream method: the reactor called us)."""
         due, self._due = self._due, 0
-        stream = self._stream
-        if stream is not None:
-            if due & READ:
-                stream._deliver_readable()
-            if due & WRITE:
-                stream._deliver_writable()
+        if due & READ:
+            self._deliver_readable()
+        if due & WRITE:
+            self._deliver_writable()
 
     def _read(self) -> None:
-        """Read up to ROUNDS batches of ``read_size`` bytes, each fed to wsproto and handled."""
+        """Read up to ROUNDS batches of ``read_size`` bytes, each fed to the reader and handled."""
         for _ in range(ROUNDS):
             if self._mode == _STREAM and self._inbox.size >= self.in_limit:
                 self._paused = True
                 return
             got, status = self._recv_batch()
             if got or status == "eof":
-                self._process()  # at EOF too: ``first`` may still be waiting in wsproto
+                self._process()  # at EOF too: ``first`` may still be waiting in the reader
                 if self._closed:
                     return
             if status == "eof":
@@ -408,11 +401,11 @@ class WebSocket:
             self._post_resume()
 
     def _recv_batch(self) -> tuple[int, str]:
-        """Feed wsproto up to ``read_size`` bytes: one recv (TCP), or records until that many
+        """Feed the frame reader up to ``read_size`` bytes: one recv (TCP), or records until that many
         (TLS: each recv returns at most one record). Status: "more", "drained", "eof" or "error"
-        (the websocket is lost then). Reads go into the thread's scratch buffer, which wsproto
+        (the websocket is lost then). Reads go into the thread's scratch buffer, which the reader
         copies from at once."""
-        sock, proto, size = self.sock, self._proto, self.read_size
+        sock, reader, size = self.sock, self._reader, self.read_size
         view = scratch(min(size, TLS_READ) if self._tls else size)
         got = 0
         self._read_wants_write = False
@@ -430,41 +423,40 @@ class WebSocket:
                 return 0, "error"
             if not count:
                 return got, "eof"
-            proto.receive_bytes(view[:count])  # type: ignore[arg-type]  # copied into its buffer
+            reader.feed(view[:count])  # copied into its buffer
             got += count
             if not self._tls:
                 return got, ("drained" if count < len(view) else "more")
         return got, "more"
 
     def _process(self) -> None:
-        """Handle the frames wsproto parsed. The mode is looked up per frame: ``on_message`` may
+        """Handle the frames read so far. The mode is looked up per frame: ``on_message`` may
         switch to stream mode, and the rest of this batch then belongs to the stream. A data
-        frame's opcode is its message's (wsproto tracks continuations), its payload ``bytes``
+        frame's opcode is its message's (the reader tracks continuations), its payload ``bytes``
         for a binary message and ``str`` for a text one; a frame may be part of one."""
-        proto = self._proto
+        next_frame = self._reader.next_frame
         self._unparsed = False
         try:
-            for frame in proto.received_frames():
-                opcode = frame.opcode
-                if opcode is _BINARY and self._mode == _STREAM:  # the bulk of the traffic
-                    if frame.payload:
-                        self._inbox.append(frame.payload)  # type: ignore[arg-type]
-                        if self._stream is not None:
-                            self._stream._notify_readable()
+            while (got := next_frame()) is not None:
+                opcode, payload, finished = got
+                if opcode == BINARY and self._mode == _STREAM:  # the bulk of the traffic
+                    if payload:
+                        self._inbox.append(payload)  # type: ignore[arg-type]
+                        self._notify_readable()
                     continue
-                if opcode is _BINARY or opcode is _TEXT:
-                    self._data(frame.payload, frame.message_finished)  # type: ignore[arg-type]
-                elif opcode is _PING:
-                    if frame.payload == FIN_PING and self._mode == _STREAM:
+                if opcode == BINARY or opcode == TEXT:
+                    self._data(payload, finished)  # type: ignore[arg-type]
+                elif opcode == PING:
+                    if payload == FIN_PING and self._mode == _STREAM:
                         self._peer_eof(final=False)
                     else:
-                        self._queue(proto.pong(frame.payload))  # type: ignore[arg-type]
-                elif opcode is _CLOSE:
-                    self._close_frame(*frame.payload)  # type: ignore[misc]
+                        self._queue(frame(payload, PONG, masked=self.client))  # type: ignore[arg-type]
+                elif opcode == CLOSE:
+                    self._close_frame(*payload)  # type: ignore[misc]
                     return
                 if self._closed:
                     return
-        except ParseFailed as exc:
+        except FrameError as exc:
             self._violated(f"broke the websocket protocol: {exc}")
             return
         if self._out:
@@ -478,8 +470,7 @@ class WebSocket:
                 data = data.encode()
             if data:
                 self._inbox.append(data)
-                if self._stream is not None:
-                    self._stream._notify_readable()
+                self._notify_readable()
             return
         if data:
             self._parts.append(data)
@@ -499,7 +490,7 @@ class WebSocket:
     def _close_frame(self, code: int, why: str) -> None:
         """The peer's Close frame: answered with the same code and reason, as RFC 6455 asks."""
         try:
-            self._queue(self._proto.close(code, why))
+            self._queue(close_frame(code, why, masked=self.client))
             self._write_out()
         except OSError:
             pass
@@ -508,8 +499,7 @@ class WebSocket:
             self._ended_why = why
             self._eof = self._eof_final = True
             self._close_socket()
-            if self._stream is not None:
-                self._stream._notify_readable()  # what is buffered is read, then EOF
+            self._notify_readable()  # what is buffered is read, then EOF
         else:
             self._fail(why)
 
@@ -521,8 +511,7 @@ class WebSocket:
             return
         self._eof = True
         self._eof_final = final
-        if self._stream is not None:
-            self._stream._notify_readable()
+        self._notify_readable()
 
     def _take(self, limit: int) -> bytes | memoryview:
         """Up to ``limit`` bytes of the inbox; reading resumes when it has room again."""
@@ -538,7 +527,7 @@ class WebSocket:
             self.reactor.call_soon(self._resume)
 
     def _resume(self) -> None:
-        """Handle what wsproto holds already, then read on (bytes inside an SSL object or the
+        """Handle what the reader holds already, then read on (bytes inside an SSL object or the
         kernel's, after the inbox had been full)."""
         self._resume_posted = False
         if self._closed or self._mode == _IDLE:
@@ -569,8 +558,8 @@ class WebSocket:
         self._close_socket()
         if self._mode == _MESSAGES:
             self._tell_lost()
-        elif self._stream is not None:
-            self._stream._notify_failed()
+        elif self._mode == _STREAM:
+            self._notify_failed()
 
     def _tell_lost(self) -> None:
         on_lost = self._on_lost
@@ -655,169 +644,182 @@ class WebSocket:
             self.reactor.watch(self.sock, mask, self._event)
             self._mask = mask
 
-
-class WebSocketStream:
-    """A websocket in stream mode: the ``Stream`` of backhaul/relay/stream.py.
-
-    Made from a websocket in messages mode (or fresh), it takes over at once: a message being
-    received and everything behind it become stream bytes. Until ``listen`` they wait in the
-    inbox, which stops the socket's reading when full. ``shutdown_write`` sends FIN_PING (see the
-    module text); ``close`` after both directions ended sends what is queued and closes, any
-    other ``close`` resets the connection.
-    """
-
-    __slots__ = ("ws", "listener", "_want_read", "_want_write", "_shut", "_saw_eof", "_closed", "_told_failure")
-
-    def __init__(self, ws: WebSocket) -> None:
-        if ws._mode == _STREAM:
+    # --- stream mode: the Stream contract, called through WebSocketStream ------------------------
+    def start_stream(self) -> None:
+        """Go to stream mode at once: a message being received and everything behind it become
+        stream bytes, which wait in the inbox until ``stream_listen`` (a full inbox stops the
+        socket's reading). Once per websocket."""
+        if self._mode == _STREAM:
             raise RuntimeError("this websocket is a stream already")
-        self.ws = ws
-        self.listener: StreamListener | None = None
-        self._want_read = True
-        self._want_write = False
-        self._shut = False
-        self._saw_eof = False
-        self._closed = False
-        self._told_failure = False
-        ws._stream = self
-        ws._on_message = ws._on_lost = None
-        ws._mode = _STREAM
-        for part in ws._parts:  # a message half received: its bytes so far start the stream
+        self._on_message = self._on_lost = None
+        self._mode = _STREAM
+        for part in self._parts:  # a message half received: its bytes so far start the stream
             data = part.encode() if isinstance(part, str) else part
             if data:
-                ws._inbox.append(data)
-        ws._parts = []
-        ws._part_size = 0
-        if not ws._closed:
+                self._inbox.append(data)
+        self._parts = []
+        self._part_size = 0
+        if not self._closed:
             # Only a websocket fresh from its upgrade holds bytes nobody parsed: in messages
             # mode every read is parsed at once, and what follows the message at hand in the
             # same read is parsed by the loop that runs this (the stream's now).
-            if ws._unparsed or (ws._tls and ws.sock.pending()):
-                ws._post_resume()
-            ws._update()
+            if self._unparsed or (self._tls and self.sock.pending()):
+                self._post_resume()
+            self._update()
 
     @property
-    def closed(self) -> bool:
-        return self._closed
+    def stream_closed(self) -> bool:
+        return self._stream_closed
 
-    @property
-    def buffered_in(self) -> int:
-        return self.ws._inbox.size
-
-    @property
-    def buffered_out(self) -> int:
-        return self.ws._out_size
-
-    # --- the Stream contract ----------------------------------------------------------------------
-    def listen(self, listener: StreamListener) -> None:
-        self.listener = listener
+    def stream_listen(self, listener: StreamListener) -> None:
+        self._listener = listener
         self._want_read = True
-        ws = self.ws
-        if ws._failure:
-            ws.reactor.call_soon(self._deliver_failed)
-        elif ws._inbox or ws._eof or ws._closed:
-            ws.reactor.call_soon(self._deliver_readable)
+        if self._failure:
+            self.reactor.call_soon(self._deliver_failed)
+        elif self._inbox or self._eof or self._closed:
+            self.reactor.call_soon(self._deliver_readable)
         # Otherwise the first data or EOF to arrive notifies (``_want_read`` is set).
 
-    def read(self, limit: int) -> bytes | None:
-        ws = self.ws
-        if ws._failure:
-            raise ConnectionResetError(errno.ECONNRESET, ws._failure)
-        if ws._inbox:
-            return ws._take(limit)
-        if ws._eof:
+    def stream_read(self, limit: int) -> bytes | None:
+        if self._failure:
+            raise ConnectionResetError(errno.ECONNRESET, self._failure)
+        if self._inbox:
+            return self._take(limit)
+        if self._eof:
             self._saw_eof = True
             return None
         self._want_read = True
         return b""
 
-    def eof_is_final(self) -> bool:
-        return self.ws._eof_final
+    @property
+    def eof_final(self) -> bool:
+        """The peer's end of data was TCP EOF or a Close frame (it reads nothing more either)."""
+        return self._eof_final
 
-    def write(self, data: bytes | memoryview) -> int:
-        ws = self.ws
-        if ws._failure:
-            raise ConnectionResetError(errno.ECONNRESET, ws._failure)
+    def stream_write(self, data: bytes | memoryview) -> int:
+        if self._failure:
+            raise ConnectionResetError(errno.ECONNRESET, self._failure)
         if self._shut:
             raise BrokenPipeError(errno.EPIPE, "write after shutdown_write")
-        if ws._closed:
-            raise BrokenPipeError(errno.EPIPE, ws._ended_why or "the websocket is closed")
+        if self._closed:
+            raise BrokenPipeError(errno.EPIPE, self._ended_why or "the websocket is closed")
         size = len(data)
-        count = min(size, max(0, ws.out_limit - ws._out_size))
+        count = min(size, max(0, self.out_limit - self._out_size))
         if count:
-            ws._send_stream(data, count)
+            self._send_stream(data, count)
         if count < size:
             self._want_write = True
-        ws._flush()
+        self._flush()
         return count
 
-    def shutdown_write(self) -> None:
-        ws = self.ws
-        if ws._failure:
-            raise ConnectionResetError(errno.ECONNRESET, ws._failure)
+    def stream_shutdown_write(self) -> None:
+        if self._failure:
+            raise ConnectionResetError(errno.ECONNRESET, self._failure)
         if self._shut:
             return
         self._shut = True
-        if ws._closed or ws._eof:
+        if self._closed or self._eof:
             return  # the peer has ended: our close is all it needs (the relay's is next)
-        ws._queue(ws._proto.ping(FIN_PING))
-        ws._flush()
+        self._queue(frame(FIN_PING, PING, masked=self.client))
+        self._flush()
 
-    def close(self) -> None:
-        if self._closed:
+    def stream_close(self) -> None:
+        if self._stream_closed:
             return
-        self._closed = True
-        self.listener = None
-        ws = self.ws
-        if self._shut and self._saw_eof and not ws._failure and not ws._inbox:
-            ws._close_after_flush()
+        self._stream_closed = True
+        # The listener (a relay) holds the stream, which holds this websocket: a cycle, which
+        # only the garbage collector's full pass frees, and a quiet server may not run one for
+        # hours. Broken here, they go with their last reference, and whatever a closed websocket
+        # still holds goes with them.
+        self._listener = None
+        if self._shut and self._saw_eof and not self._failure and not self._inbox:
+            self._close_after_flush()
         else:
-            ws.abort()
-        # The websocket points back at its stream: a cycle, which only the garbage collector's
-        # full pass frees, and a quiet server may not run one for hours. Broken here, the two go
-        # with their last reference, and whatever a closed websocket still holds goes with them.
-        ws._stream = None
+            self.abort()
 
-    # --- from the websocket -----------------------------------------------------------------------
     # Inside the websocket's own socket event (or resume) a notification is delivered when that
     # is done with (``_deliver_due``); from anywhere else, such as a write, it is posted.
     def _notify_readable(self) -> None:
-        if self._want_read and self.listener is not None:
+        if self._want_read and self._listener is not None:
             self._want_read = False
-            ws = self.ws
-            if ws._dispatching:
-                ws._due |= READ
+            if self._dispatching:
+                self._due |= READ
             else:
-                ws.reactor.call_soon(self._deliver_readable)
+                self.reactor.call_soon(self._deliver_readable)
 
     def _notify_writable(self) -> None:
-        if self.listener is not None:
+        if self._listener is not None:
             self._want_write = False
-            ws = self.ws
-            if ws._dispatching:
-                ws._due |= WRITE
+            if self._dispatching:
+                self._due |= WRITE
             else:
-                ws.reactor.call_soon(self._deliver_writable)
+                self.reactor.call_soon(self._deliver_writable)
 
     def _notify_failed(self) -> None:
-        if self.listener is not None:
-            self.ws.reactor.call_soon(self._deliver_failed)
+        if self._listener is not None:
+            self.reactor.call_soon(self._deliver_failed)
 
     def _deliver_readable(self) -> None:
-        if self.listener is not None and not self._told_failure:
-            self.listener.stream_readable()
+        if self._listener is not None and not self._told_failure:
+            self._listener.stream_readable()
 
     def _deliver_writable(self) -> None:
-        if self.listener is not None and not self._told_failure:
-            self.listener.stream_writable()
+        if self._listener is not None and not self._told_failure:
+            self._listener.stream_writable()
 
     def _deliver_failed(self) -> None:
-        listener = self.listener
+        listener = self._listener
         if listener is None or self._told_failure:
             return
         self._told_failure = True
-        self.listener = None
-        listener.stream_failed(self.ws._failure)
+        self._listener = None
+        listener.stream_failed(self._failure)
+
+
+class WebSocketStream:
+    """A websocket in stream mode: the ``Stream`` of backhaul/relay/stream.py, named apart from
+    the websocket's own ``close`` (which ends a websocket in messages mode).
+
+    Made from a websocket in messages mode (or fresh), it takes over at once (``start_stream``).
+    ``shutdown_write`` sends FIN_PING (see the module text); ``close`` after both directions
+    ended sends what is queued and closes, any other ``close`` resets the connection.
+    """
+
+    __slots__ = ("ws",)
+
+    def __init__(self, ws: WebSocket) -> None:
+        ws.start_stream()
+        self.ws = ws
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.stream_closed
+
+    @property
+    def buffered_in(self) -> int:
+        return self.ws.buffered_in
+
+    @property
+    def buffered_out(self) -> int:
+        return self.ws.buffered_out
+
+    def listen(self, listener: StreamListener) -> None:
+        self.ws.stream_listen(listener)
+
+    def read(self, limit: int) -> bytes | None:
+        return self.ws.stream_read(limit)
+
+    def eof_is_final(self) -> bool:
+        return self.ws.eof_final
+
+    def write(self, data: bytes | memoryview) -> int:
+        return self.ws.stream_write(data)
+
+    def shutdown_write(self) -> None:
+        self.ws.stream_shutdown_write()
+
+    def close(self) -> None:
+        self.ws.stream_close()
 
 
 class WebSocketCarrier:

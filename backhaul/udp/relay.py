@@ -19,9 +19,9 @@ from backhaul.metrics import METRICS
 from backhaul.net import reason
 from backhaul.protocol.udp_frames import CongestionWatch, FrameDecoder, encode_down, encode_up
 from backhaul.reactor import READ, WRITE, Reactor, Timer
-from backhaul.udp import BUFFERED, WARN, Peer, drop
+from backhaul.udp.sockets import BUFFERED, WARN, Peer, drop
 
-log = logging.getLogger("backhaul.udp")
+log = logging.getLogger("backhaul.udp.relay")
 
 FLOW_IDLE = 60.0              # a flow ends after this long without a datagram (PROTOCOL.md 4)
 BACKLOG = 1024 * 1024         # framed bytes kept for a tcp data connection that does not take them
