@@ -382,3 +382,14 @@ def test_an_idle_pool_times_one_link_before_its_first_users(monkeypatch: pytest.
         assert sum(asked) > 20, asked
     finally:
         links.stop()
+
+
+def test_no_idle_link_is_closed_to_make_room_for_the_timing_link():
+    """The link asked for to time the arrival is ahead of connection_pool; until it came, the
+    idle links stay (a client that never answers it keeps its own), then it is the one closed."""
+    demand = LinkDemand(1, 100)
+    assert demand.to_probe(0.0) == 1
+    assert demand.to_close(1.0, idle=1, stock=2) == 0
+    demand.arrived(0.2)
+    assert demand.to_probe(1.3) == 0          # timed: no second one
+    assert demand.to_close(1.3, idle=2, stock=2) == 1

@@ -32,6 +32,7 @@ AHEAD_PER_SECOND = 500.0  # links asked for beyond one per user, at most, a seco
 AHEAD_BURST = 100         # ...and at once: 200 users at once at 100 ms want ~300 ahead, and at
 #                           200 a second the first seconds of such a load waited (ab -c 200 of
 #                           2,000 requests: 1.2x direct rather than 1.5x)
+PROBE_WAIT = 5.0          # s a link asked for to time the arrival may take (the pool's request TTL)
 SHRINK_LEAST = 8          # a step closes at most this many idle links or a quarter of them, the more
 SHRINK_SHARE = 4
 
@@ -79,6 +80,7 @@ class LinkDemand:
         self.tokens = float(ahead_burst)    # links that may be asked for beyond one per user now
         self.refilled: float | None = None
         self.ahead = 0                      # links asked for beyond one per user, not closed since
+        self.probe_until = 0.0              # a link asked for to time the arrival: till when it may come
 
     def user(self, now: float) -> None:
         """A user arrived: it takes a link, now or when one comes."""
@@ -119,20 +121,23 @@ class LinkDemand:
         self.ahead = min(self.ahead + extra, self.capacity)
         return replace + extra
 
-    def to_probe(self) -> int:
+    def to_probe(self, now: float) -> int:
         """1 while no link asked for has arrived yet (the pool asks for it when none is on its
         way): how long a link takes is then known before the first wave of users needs it, not
         one arrival time after it began. It counts as asked ahead, so it is closed again as
-        they are."""
+        they are, once it came (until then no idle link is closed to make room for it)."""
         if self.wait or self.ahead >= self.capacity:
             return 0
         self.ahead += 1
+        self.probe_until = now + PROBE_WAIT
         return 1
 
     def to_close(self, now: float, idle: int, stock: int) -> int:
         """How many of the ``idle`` links to close now (``stock``: idle and on their way): those
         beyond the target that were asked for ahead, a bounded share at a time, so a pool a load
         left behind goes gradually. The caller closes them."""
+        if not self.wait and now < self.probe_until:
+            return 0
         # Asked-for links that never came are no longer in the stock: no more of it was ours.
         self.ahead = min(self.ahead, stock)
         surplus = min(idle, stock - self.target(now, SLACK), self.ahead)

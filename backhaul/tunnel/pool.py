@@ -158,7 +158,7 @@ class LinkPool(Generic[L]):
                 self._shrink(surplus)
             missing = self.demand.to_ask(now, stock - surplus)
             if missing <= 0 and not self.requested:
-                missing = self.demand.to_probe()
+                missing = self.demand.to_probe(now)
         missing = min(missing, self.capacity - len(self.requested))
         if missing > 0:
             self.request(missing)
