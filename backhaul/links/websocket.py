@@ -14,6 +14,9 @@ A ``WebSocket`` runs in one of two modes, chosen by its user:
   mode at any time, also from inside ``on_message``: what is buffered behind the message at hand
   (the data behind the target text message) becomes the start of the stream, nothing is lost.
 
+``WebSocketLink`` is the link kind of ws and wss over it: the target as a text message, then the
+websocket as a stream relayed to the user's (or the target's) socket.
+
 Both ways are bounded: at most ``out_limit`` bytes wait for the socket (a stream write accepts
 less, ``stream_writable`` follows when the socket drained; a message sender past it loses the
 websocket), and a stream stops reading its socket while ``in_limit`` received bytes wait to be
@@ -86,8 +89,9 @@ from backhaul.protocol.ws_frame import (
     frame_head,
 )
 from backhaul.reactor import READ, WRITE, Reactor, Timer
-from backhaul.relay.stream import StreamListener
+from backhaul.relay.stream import StreamListener, StreamRelay
 from backhaul.tunnel.carrier import CONTROL_BACKLOG, OnData, OnLost
+from backhaul.tunnel.core import OnRelayClosed
 
 log = logging.getLogger("backhaul.links.websocket")
 VIOLATIONS = Throttle(log)      # peers that break the protocol: a line a second however many do
@@ -876,3 +880,34 @@ class WebSocketCarrier:
         self.close()
         if on_lost is not None:
             on_lost(why)
+
+
+class WebSocketLink:
+    """A link that is one WebSocket (ws, wss): the target goes as a text message, then the
+    WebSocket is a stream relayed to the user's (or target's) socket."""
+
+    __slots__ = ("reactor", "ws", "stream")
+
+    def __init__(self, reactor: Reactor, ws: WebSocket, stream: WebSocketStream | None = None) -> None:
+        self.reactor = reactor
+        self.ws = ws
+        self.stream = stream   # the client's: made when the target arrives, so no data is taken for a message
+
+    def peer(self) -> tuple[str, int]:
+        return self.ws.sock.getpeername()[:2]
+
+    def send_header(self, target: str, proxy: bytes) -> bool:
+        # No PROXY header on ws/wss (PROTOCOL.md 6.3): the Go client would take it for data.
+        self.ws.send_text(target)
+        return not self.ws.closed
+
+    def attach(self, other: socket.socket, on_close: OnRelayClosed) -> StreamRelay:
+        stream = self.stream or WebSocketStream(self.ws)
+        relay = StreamRelay(self.reactor, other, stream, on_close=on_close)
+        relay.start()
+        return relay
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        self.ws.close()

@@ -4,7 +4,8 @@ RTT probe), and links that are UDP 5-tuples to the same port number over UDP.
 A link announces itself with one datagram holding the raw token (with ``auth = "challenge"``: the
 LINK frame of docs/auth.md instead); while pooled the server pings it (a 1-byte 0x02 datagram
 every heartbeat); a flow is given to it as one datagram holding the target string, then
-datagrams are relayed one for one. The public ports are UDP only.
+datagrams are relayed one for one (the link itself: backhaul/links/udp_flow.py). The public
+ports are UDP only.
 
 The server takes a link only from an address with a control channel (as the tcp family takes its
 links), and a datagram that opens none counts against the tunnel port's per-address limit of
@@ -23,26 +24,25 @@ import time
 from collections.abc import Callable
 
 from backhaul.errors import ProtocolError, TransportError
+from backhaul.links.udp_flow import UdpClientLink, UdpLink
 from backhaul.net import reason
 from backhaul.protocol.auth import AuthError, LinkSigner, check_any
 from backhaul.protocol.framing import SG_PING
 from backhaul.protocol.handshake import hello_reader
-from backhaul.reactor import READ, Reactor, Timer
+from backhaul.reactor import READ, Timer
 from backhaul.tunnel.carrier import SocketCarrier
-from backhaul.tunnel.core import Arrival, ClientCore, OnRelayClosed, ServerCore
+from backhaul.tunnel.core import Arrival, ClientCore, ServerCore
 from backhaul.tunnel.dialer import handshake
 from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.port import TunnelPort
 from backhaul.tunnel.session import TunnelSession
-from backhaul.udp.ports import EVICTED, Flow
+from backhaul.udp.ports import EVICTED
 from backhaul.udp.relay import PairRelay
 from backhaul.udp.sockets import (
     DROPPED,
     WARN,
     AddressPeer,
-    ConnectedPeer,
     DatagramSocket,
-    Peer,
     bind_udp,
     connected_udp,
     drop,
@@ -64,40 +64,6 @@ _EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 # ------------------------------------------------------------------------------------------------
 # server side
-
-class UdpLink:
-    """The server's end of one link: the client's address on the UDP tunnel port. It carries
-    UDP flows only (the public ports of this transport are UDP); ``carrying`` is the set of
-    flows on the links of its client."""
-
-    __slots__ = ("reactor", "tunnel", "carrying")
-
-    def __init__(self, reactor: Reactor, tunnel: AddressPeer, carrying: set[PairRelay]) -> None:
-        self.reactor = reactor
-        self.tunnel = tunnel
-        self.carrying = carrying
-
-    def peer(self) -> tuple[str, int]:
-        return self.tunnel.addr[:2]
-
-    def attach_flow(self, flow: Flow, on_close: OnRelayClosed, _rtt_ms: int) -> PairRelay | None:
-        if self.tunnel.closed:
-            return None
-        self.tunnel.send(flow.mapping.target.encode())
-        carrying = self.carrying
-
-        def closed(relay: PairRelay) -> None:
-            carrying.discard(relay)
-            on_close(relay)
-
-        relay = PairRelay(self.reactor, flow, self.tunnel, closed)
-        carrying.add(relay)
-        relay.start()
-        return relay
-
-    def close(self) -> None:
-        self.tunnel.close()
-
 
 class UdpLinks(IdleLinks[UdpLink]):
     """udp's links from one client: its addresses that sent the token (or a link proof) to the UDP
@@ -228,32 +194,6 @@ class UdpTunnelPort(TunnelPort[UdpLinks]):
 # ------------------------------------------------------------------------------------------------
 # client side
 
-class UdpClientLink:
-    """The client's end of a link whose target arrived: its connected UDP socket to the server."""
-
-    __slots__ = ("session", "sock")
-
-    def __init__(self, session: UdpSession, sock: socket.socket) -> None:
-        self.session = session
-        self.sock = sock
-
-    def attach_flow(self, target: Peer, on_close: OnRelayClosed) -> PairRelay:
-        flows = self.session.flows
-
-        def closed(relay: PairRelay) -> None:
-            flows.discard(relay)
-            on_close(relay)
-
-        tunnel = ConnectedPeer(self.session.reactor, self.sock, "the server's UDP tunnel port")
-        relay = PairRelay(self.session.reactor, target, tunnel, closed)
-        flows.add(relay)
-        relay.start()
-        return relay
-
-    def close(self) -> None:
-        self.session.reactor.close_socket(self.sock)
-
-
 def connect(core: ClientCore) -> UdpSession:
     """Dial the control channel and do the handshake; blocking, the client's own thread."""
     sock, addr, signer = handshake(core)
@@ -339,7 +279,7 @@ class UdpSession(TunnelSession):
                         len(data))
             sock.close()
             return
-        self.core.carry_flow(UdpClientLink(self, sock), target)
+        self.core.carry_flow(UdpClientLink(self.reactor, sock, self.flows), target)
 
     def _make_room(self, why: str) -> bool:
         """Close a share of the flows that carried one datagram from the server only, the oldest

@@ -9,11 +9,9 @@ import logging
 import socket
 from collections.abc import Callable
 
-from backhaul.links.websocket import WebSocket, WebSocketCarrier, WebSocketStream
+from backhaul.links.websocket import WebSocket, WebSocketCarrier, WebSocketLink, WebSocketStream
 from backhaul.protocol.framing import SG_PING
-from backhaul.reactor import Reactor
-from backhaul.relay.stream import StreamRelay
-from backhaul.tunnel.core import Arrival, ClientCore, OnRelayClosed, ServerCore
+from backhaul.tunnel.core import Arrival, ClientCore, ServerCore
 from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.session import TunnelSession
 from backhaul.tunnel.upgrade import Upgraded, UpgradeDial, UpgradePort, connect_control
@@ -22,37 +20,6 @@ log = logging.getLogger("backhaul.ws")
 
 MAX_CLIENT_LINKS = 4096
 PING = bytes((SG_PING,))
-
-
-class WebSocketLink:
-    """A link that is one WebSocket (ws, wss): the target goes as a text message, then the
-    WebSocket is a stream relayed to the user's (or target's) socket."""
-
-    __slots__ = ("reactor", "ws", "stream")
-
-    def __init__(self, reactor: Reactor, ws: WebSocket, stream: WebSocketStream | None = None) -> None:
-        self.reactor = reactor
-        self.ws = ws
-        self.stream = stream   # the client's: made when the target arrives, so no data is taken for a message
-
-    def peer(self) -> tuple[str, int]:
-        return self.ws.sock.getpeername()[:2]
-
-    def send_header(self, target: str, proxy: bytes) -> bool:
-        # No PROXY header on ws/wss (PROTOCOL.md 6.3): the Go client would take it for data.
-        self.ws.send_text(target)
-        return not self.ws.closed
-
-    def attach(self, other: socket.socket, on_close: OnRelayClosed) -> StreamRelay:
-        stream = self.stream or WebSocketStream(self.ws)
-        relay = StreamRelay(self.reactor, other, stream, on_close=on_close)
-        relay.start()
-        return relay
-
-    def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
-        self.ws.close()
 
 
 # ------------------------------------------------------------------------------------------------

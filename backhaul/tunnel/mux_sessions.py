@@ -19,15 +19,14 @@ from collections.abc import Callable
 
 from backhaul.config import ClientConfig, ServerConfig
 from backhaul.errors import ProtocolError
+from backhaul.links.smux_stream import StreamLink
 from backhaul.log import Throttles
 from backhaul.mux import MuxConnection, MuxSettings, MuxStream
 from backhaul.net import peer_of, tune
-from backhaul.protocol.framing import FrameReader, encode_lv
+from backhaul.protocol.framing import FrameReader
 from backhaul.protocol.smux import ACCEPT_BACKLOG
-from backhaul.reactor import Reactor
-from backhaul.relay.stream import StreamRelay
 from backhaul.tunnel.carrier import Carrier
-from backhaul.tunnel.core import Arrival, ClientCore, OnRelayClosed, ServerCore
+from backhaul.tunnel.core import Arrival, ClientCore, ServerCore
 from backhaul.tunnel.dialer import LinkDialed
 from backhaul.tunnel.pool import REQUEST_TTL
 from backhaul.tunnel.session import TunnelSession
@@ -47,34 +46,6 @@ DialSession = Callable[[LinkDialed], object]   # what it returns is not used
 def settings(cfg: ServerConfig | ClientConfig, max_streams: int) -> MuxSettings:
     return MuxSettings(cfg.mux_version, cfg.mux_framesize, cfg.mux_recievebuffer, cfg.mux_streambuffer,
                        max_streams)
-
-
-class StreamLink:
-    """A link that is an smux stream, on either side: relayed to its socket by the stream relay."""
-
-    __slots__ = ("reactor", "stream")
-
-    def __init__(self, reactor: Reactor, stream: MuxStream) -> None:
-        self.reactor = reactor
-        self.stream = stream
-
-    def peer(self) -> tuple[str, int]:
-        return self.stream.peer()
-
-    def send_header(self, target: str, proxy: bytes) -> bool:
-        try:
-            self.stream.write_whole(encode_lv(target.encode()) + proxy)
-        except OSError:
-            return False
-        return True
-
-    def attach(self, other: socket.socket, on_close: OnRelayClosed) -> StreamRelay:
-        relay = StreamRelay(self.reactor, other, self.stream, on_close=on_close)
-        relay.start()
-        return relay
-
-    def close(self) -> None:
-        self.stream.close()
 
 
 # ------------------------------------------------------------------------------------------------
