@@ -20,7 +20,7 @@ from backhaul.protocol.target import resolve_target
 from backhaul.reactor import Reactor
 from backhaul.resolver import Resolver
 from backhaul.transport import client_connect
-from backhaul.tunnel.core import ClientLink, ClientSession, Relaying
+from backhaul.tunnel.core import ClientFlowLink, ClientLink, ClientSession, Relaying
 from backhaul.tunnel.port import RECONNECTS
 from backhaul.udp.sockets import FLOWS, ConnectedPeer, open_udp
 from backhaul.usage import Usage
@@ -48,7 +48,7 @@ class Attempt:
     def carry(self, link: ClientLink, target: str) -> None:
         self.client.carry(link, target)
 
-    def carry_flow(self, link: ClientLink, target: str) -> None:
+    def carry_flow(self, link: ClientFlowLink, target: str) -> None:
         self.client.carry_flow(link, target)
 
     def session_ended(self, session: ClientSession, reason: str) -> None:
@@ -344,7 +344,7 @@ class Client:
         self.usage.closed(relay)
         self._quiet_since = time.monotonic()
 
-    def carry_flow(self, link: ClientLink, target: str) -> None:
+    def carry_flow(self, link: ClientFlowLink, target: str) -> None:
         """Open a UDP socket to the target of a UDP flow and relay datagrams; reactor thread."""
         if self.draining:
             self.usage.refused("stopping")

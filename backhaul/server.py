@@ -21,7 +21,7 @@ from backhaul.net import listen, peer_of, tune
 from backhaul.protocol.proxy_v2 import encode_proxy_v2
 from backhaul.reactor import Reactor, Timer
 from backhaul.transport import server_transport
-from backhaul.tunnel.core import Relaying
+from backhaul.tunnel.core import Relaying, ServerRow
 from backhaul.udp.ports import Flow, UdpPorts, open_ports
 from backhaul.usage import Usage
 
@@ -95,7 +95,7 @@ class Server:
     def __init__(self, config: ServerConfig, reactor: Reactor) -> None:
         self.config = config
         self.reactor = reactor
-        self.transport = server_transport(config.transport, self)
+        self._use(server_transport(config.transport, self))
         self.ports: dict[Address, PublicPort] = {}
         self.udp: UdpPorts | None = None
         self.waiting: collections.deque[Waiting] = collections.deque()
@@ -103,6 +103,12 @@ class Server:
         self.usage = Usage("server", user_side=True)
         self._warn = Throttles(log)
         self._unwatch = WAITING.watch(lambda: len(self.waiting))
+
+    def _use(self, row: ServerRow) -> None:
+        """The transport's tunnel port, and where the users and the flows take their links."""
+        self.transport = row.transport
+        self.user_links = row.users
+        self.flow_links = row.flows
 
     def open(self) -> None:
         """Bind the tunnel port and every public port; TransportError names the first that fails."""
@@ -218,7 +224,7 @@ class Server:
         connections run on."""
         log.info("restarting the tunnel: %s changed", ", ".join(keys))
         self.transport.close()
-        self.transport = server_transport(self.config.transport, self)
+        self._use(server_transport(self.config.transport, self))
         try:
             self.transport.open()
         except TransportError as exc:
@@ -291,6 +297,8 @@ class Server:
     def _carry(self, user: socket.socket, mapping: PortMapping) -> bool:
         """Send ``user`` through a ready link; False when there is none. A user that cannot be
         carried (gone before its PROXY header could be made) is closed here and counts as done."""
+        if self.user_links is None:
+            return False   # no row without users has public TCP ports (tcp_mappings)
         user_addr: tuple[str, int] | None = None
         if self.config.proxy_protocol:
             try:
@@ -302,7 +310,7 @@ class Server:
                 user.close()
                 return True
         while True:
-            link = self.transport.take_link()
+            link = self.user_links.take_link()
             if link is None:
                 return False
             try:
@@ -324,8 +332,10 @@ class Server:
 
     def _carry_flow(self, flow: Flow) -> bool:
         """Send a UDP flow through a ready link; False when there is none."""
+        if self.flow_links is None:
+            return False   # no row without flows has public UDP ports (uses_udp)
         while True:
-            link = self.transport.take_link()
+            link = self.flow_links.take_link()
             if link is None:
                 return False
             relay = link.attach_flow(flow, self._relay_closed, self.transport.rtt_ms)

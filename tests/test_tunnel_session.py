@@ -13,7 +13,7 @@ from backhaul.config import ClientConfig, parse
 from backhaul.protocol.framing import SG_CLOSED
 from backhaul.reactor import Reactor
 from backhaul.tunnel.carrier import SocketCarrier
-from backhaul.tunnel.core import ClientLink, ClientSession
+from backhaul.tunnel.core import ClientFlowLink, ClientLink, ClientSession
 from backhaul.tunnel.session import TunnelSession
 from tests.harness import client_toml, free_port, on_reactor, wait_until
 
@@ -63,7 +63,7 @@ class Core:
     def carry(self, link: ClientLink, target: str) -> None:
         raise AssertionError("no link of these tests carries a user")
 
-    def carry_flow(self, link: ClientLink, target: str) -> None:
+    def carry_flow(self, link: ClientFlowLink, target: str) -> None:
         raise AssertionError("no link of these tests carries a flow")
 
     def session_ended(self, session: ClientSession, reason: str) -> None:

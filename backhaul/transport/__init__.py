@@ -1,4 +1,4 @@
-"""Transports by name: each is one module with a ``SERVER`` class and a ``CONNECT`` function.
+"""Transports by name: each is one module with a ``SERVER`` and a ``CONNECT`` function.
 
 A server transport owns the tunnel port and supplies links that carry one user connection each;
 a client transport dials the server and opens a session (control channel plus links). Both speak
@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-from backhaul.tunnel.core import ClientConnect, ServerCore, ServerTransport
+from backhaul.tunnel.core import ClientConnect, ServerCore, ServerRow
 
 # name -> module under backhaul.transport; a new transport is one more line here
 MODULES = {
@@ -41,7 +41,8 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(f"backhaul.transport.{MODULES[name]}")
 
 
-def server_transport(name: str, core: ServerCore) -> ServerTransport:
+def server_transport(name: str, core: ServerCore) -> ServerRow:
+    """The tunnel port of the transport ``name`` and the kinds of link it hands out."""
     return _module(name).SERVER(core)
 
 

@@ -21,7 +21,7 @@ from backhaul.protocol.framing import SG_TCP, SG_UDP, FrameReader
 from backhaul.reactor import READ
 from backhaul.tunnel.acceptor import has_bytes
 from backhaul.tunnel.carrier import SocketCarrier
-from backhaul.tunnel.core import Arrival, ClientCore, ServerCore
+from backhaul.tunnel.core import Arrival, ClientCore, ServerCore, ServerRow
 from backhaul.tunnel.dialer import dial_link, handshake
 from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.port import TunnelPort
@@ -63,8 +63,10 @@ class SocketLinks(IdleLinks[SocketLink]):
             link.close()
 
 
-def server(core: ServerCore) -> TunnelPort[SocketLinks]:
-    return TunnelPort(core, "tcp", SocketLinks, rtt_probe=True)
+def server(core: ServerCore) -> ServerRow:
+    """TCP users and, with accept_udp, UDP flows both take the same socket links."""
+    port: TunnelPort[SocketLink, SocketLinks] = TunnelPort(core, "tcp", SocketLinks, rtt_probe=True)
+    return ServerRow(port, users=port, flows=port)
 
 
 # ------------------------------------------------------------------------------------------------

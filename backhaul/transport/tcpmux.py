@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import functools
 
+from backhaul.links.smux_stream import StreamLink
 from backhaul.tunnel.carrier import SocketCarrier
-from backhaul.tunnel.core import ClientCore, ServerCore
+from backhaul.tunnel.core import ClientCore, ServerCore, ServerRow
 from backhaul.tunnel.dialer import dial_link, handshake
 from backhaul.tunnel.mux_sessions import MuxClientSession, SessionLinks
 from backhaul.tunnel.port import TunnelPort
 
 
-def server(core: ServerCore) -> TunnelPort[SessionLinks]:
-    return TunnelPort(core, "tcpmux", SessionLinks, rtt_probe=False)
+def server(core: ServerCore) -> ServerRow:
+    port: TunnelPort[StreamLink, SessionLinks] = TunnelPort(core, "tcpmux", SessionLinks, rtt_probe=False)
+    return ServerRow(port, users=port, flows=None)
 
 
 def connect(core: ClientCore) -> MuxClientSession:

@@ -31,7 +31,7 @@ from backhaul.protocol.framing import SG_PING
 from backhaul.protocol.handshake import hello_reader
 from backhaul.reactor import READ, Timer
 from backhaul.tunnel.carrier import SocketCarrier
-from backhaul.tunnel.core import Arrival, ClientCore, ServerCore
+from backhaul.tunnel.core import Arrival, ClientCore, ServerCore, ServerRow
 from backhaul.tunnel.dialer import handshake
 from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.port import TunnelPort
@@ -114,7 +114,7 @@ class UdpLinks(IdleLinks[UdpLink]):
             link.close()
 
 
-class UdpTunnelPort(TunnelPort[UdpLinks]):
+class UdpTunnelPort(TunnelPort[UdpLink, UdpLinks]):
     """The tcp family's port, with the UDP socket of the same address beside it: datagrams from
     an address that is no link yet must be the token, and make a link of the client there."""
 
@@ -189,6 +189,12 @@ class UdpTunnelPort(TunnelPort[UdpLinks]):
             except AuthError as exc:
                 return exc.kind, str(exc)
         return None
+
+
+def server(core: ServerCore) -> ServerRow:
+    """The public ports are UDP only: the links carry flows, never a TCP user."""
+    port = UdpTunnelPort(core)
+    return ServerRow(port, users=None, flows=port)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,5 +333,5 @@ class UdpSession(TunnelSession):
                 relay.close()
 
 
-SERVER = UdpTunnelPort
+SERVER = server
 CONNECT = connect

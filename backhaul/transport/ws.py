@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from backhaul.links.websocket import WebSocket, WebSocketCarrier, WebSocketLink, WebSocketStream
 from backhaul.protocol.framing import SG_PING
-from backhaul.tunnel.core import Arrival, ClientCore, ServerCore
+from backhaul.tunnel.core import Arrival, ClientCore, ServerCore, ServerRow
 from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.session import TunnelSession
 from backhaul.tunnel.upgrade import Upgraded, UpgradeDial, UpgradePort, connect_control
@@ -49,8 +49,9 @@ class WebSocketLinks(IdleLinks[WebSocketLink]):
             link.close()
 
 
-def server(core: ServerCore) -> UpgradePort[WebSocketLinks]:
-    return UpgradePort(core, WebSocketLinks)
+def server(core: ServerCore) -> ServerRow:
+    port: UpgradePort[WebSocketLink, WebSocketLinks] = UpgradePort(core, WebSocketLinks)
+    return ServerRow(port, users=port, flows=None)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import functools
 
+from backhaul.links.smux_stream import StreamLink
 from backhaul.links.websocket import WebSocket, WebSocketCarrier
-from backhaul.tunnel.core import ClientCore, ServerCore
+from backhaul.tunnel.core import ClientCore, ServerCore, ServerRow
 from backhaul.tunnel.mux_sessions import MuxClientSession, SessionLinks
 from backhaul.tunnel.upgrade import UpgradeDial, UpgradePort, connect_control
 
 
-def server(core: ServerCore) -> UpgradePort[SessionLinks]:
-    return UpgradePort(core, SessionLinks)
+def server(core: ServerCore) -> ServerRow:
+    port: UpgradePort[StreamLink, SessionLinks] = UpgradePort(core, SessionLinks)
+    return ServerRow(port, users=port, flows=None)
 
 
 def connect(core: ClientCore) -> MuxClientSession:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from backhaul.listener import Listener
 from backhaul.log import Throttles
@@ -25,7 +25,7 @@ from backhaul.protocol.auth import LinkChecker
 from backhaul.tunnel.acceptor import HandshakeAcceptor
 from backhaul.tunnel.carrier import Carrier, SocketCarrier
 from backhaul.tunnel.control import ServerChannel
-from backhaul.tunnel.core import Arrival, ServerCore, ServerLink
+from backhaul.tunnel.core import Arrival, LinkT_co, ServerCore
 
 log = logging.getLogger("backhaul.server")
 
@@ -40,13 +40,14 @@ CLIENT_IDLE = METRICS.gauge("backhaul_client_idle_links", "Tunnel links ready fo
                             "(smux: streams its sessions may still open).", ("client",))
 
 
-class Links(Protocol):
-    """A transport's policy for the connections one client opens after its control channel."""
+class Links(Protocol[LinkT_co]):
+    """A transport's policy for the connections one client opens after its control channel, which
+    become its links of one kind."""
 
     def add(self, arrival: Arrival) -> None:
         """A new link connection from the client."""
 
-    def take(self) -> ServerLink | None:
+    def take(self) -> LinkT_co | None:
         """A link for one user, or None (then ask for more)."""
 
     def idle(self) -> int:
@@ -65,9 +66,12 @@ class Links(Protocol):
         """The client went away: close everything it opened."""
 
 
+# A port is generic over the kind of link its links hand out (so its take_link is typed) and over
+# its links' type (so a port that needs more of its links, as udp's does, calls them typed).
+LinkT = TypeVar("LinkT")
+LinksT = TypeVar("LinksT", bound=Links[Any])
 # Links are made with: the core, a way to ask the client for more (count), and a way to read a
 # handshake from a link connection that starts talking (a client restarted from the same address).
-LinksT = TypeVar("LinksT", bound=Links)
 LinksFactory = Callable[[ServerCore, Callable[[int], None], Callable[[socket.socket], None]], LinksT]
 
 
@@ -97,7 +101,7 @@ class ClientEntry(Generic[LinksT]):
         return [channel.peer.removeprefix("client ") for channel in self.channels]
 
 
-class Port(Generic[LinksT]):
+class Port(Generic[LinkT, LinksT]):
     """What every tunnel port shares: the listener, the life of the control channels, and the
     links of each client. A subclass says how a connection is read (``_arrived``), whom it
     trusts for links (``_trust``) and what else it closes (``_close_pending``)."""
@@ -183,7 +187,8 @@ class Port(Generic[LinksT]):
             self._ask_turn = self._next_turn(entry)
             entry.links.user_arrived()
 
-    def take_link(self) -> ServerLink | None:
+    def take_link(self) -> LinkT | None:
+        link: LinkT | None
         if len(self.clients) == 1:
             entry = next(iter(self.clients.values()))
             link = entry.links.take()
@@ -311,7 +316,7 @@ class Port(Generic[LinksT]):
         entry.links.stop()
 
 
-class TunnelPort(Port[LinksT]):
+class TunnelPort(Port[LinkT, LinksT]):
     """The tcp family's port: token handshakes, then links told apart by the clients' addresses."""
 
     def __init__(self, core: ServerCore, name: str, make_links: LinksFactory[LinksT], *, rtt_probe: bool) -> None:

@@ -35,7 +35,7 @@ from backhaul.tunnel.core import Arrival, ClientCore, ServerCore
 from backhaul.tunnel.dialer import LinkDialed, control_connection
 from backhaul.tunnel.gate import Gate
 from backhaul.tunnel.pending import Pending, PendingSet
-from backhaul.tunnel.port import LinksFactory, LinksT, Port
+from backhaul.tunnel.port import LinksFactory, LinksT, LinkT, Port
 from backhaul.tunnel.ws_challenge import challenge
 
 log = logging.getLogger("backhaul.ws")
@@ -86,7 +86,7 @@ def server_context(cfg: ServerConfig) -> ssl.SSLContext:
     return context
 
 
-class UpgradePort(Port[LinksT]):
+class UpgradePort(Port[LinkT, LinksT]):
     """The tunnel port of the WebSocket transports: TLS (wss, wssmux), upgrade heads, the control
     channel, and each accepted link connection handed to the links ``make_links`` makes; there is
     no address check (PROTOCOL.md 3.1), the token is on every request."""
