@@ -22,7 +22,7 @@ def limited_gate(limit: int, trusted: frozenset[str] = frozenset()) -> Gate:
 def test_a_failure_is_counted_told_to_the_limiter_and_said(caplog: pytest.LogCaptureFixture) -> None:
     gate = limited_gate(2)
     token, limited = HANDSHAKE_FAILURES.value("token"), HANDSHAKE_FAILURES.value("limited")
-    with caplog.at_level(logging.WARNING, logger="backhaul.acceptor"):
+    with caplog.at_level(logging.WARNING, logger="backhaul.tunnel"):
         assert gate.admits("192.0.2.1")
         gate.failed("192.0.2.1", "token", "rejected client %s: %s", "192.0.2.1", "wrong token")
         assert gate.admits("192.0.2.1"), "one failure is under the limit"
@@ -39,7 +39,7 @@ def test_a_failure_is_counted_told_to_the_limiter_and_said(caplog: pytest.LogCap
 
 def test_each_kind_has_its_own_line_a_second(caplog: pytest.LogCaptureFixture) -> None:
     gate = limited_gate(1000)
-    with caplog.at_level(logging.WARNING, logger="backhaul.acceptor"):
+    with caplog.at_level(logging.WARNING, logger="backhaul.tunnel"):
         for _ in range(5):
             gate.failed("192.0.2.3", "garbage", "rejected client %s: %s", "192.0.2.3", "not a Backhaul handshake")
         gate.failed("192.0.2.3", "timeout", "rejected client %s: no handshake within %g s", "192.0.2.3", 2.0)
@@ -64,7 +64,7 @@ def test_another_account_replaces_the_metric_and_line_but_not_the_limiter(caplog
     gate = limited_gate(2)
     before = HANDSHAKE_FAILURES.value("not_a_link")
     said: list[tuple[object, ...]] = []
-    with caplog.at_level(logging.WARNING, logger="backhaul.acceptor"):
+    with caplog.at_level(logging.WARNING, logger="backhaul.tunnel"):
         gate.failed("192.0.2.20", "not_a_link", "dropped a datagram from %s: %s", "192.0.2.20:9", "no token",
                     account=lambda *line: said.append(line))
     assert said == [("not_a_link", "dropped a datagram from %s: %s", "192.0.2.20:9", "no token")]
@@ -99,7 +99,7 @@ def test_an_eviction_is_a_failure_of_the_evicted_address(caplog: pytest.LogCaptu
     pending: PendingSet[Pending] = PendingSet(reactor, "handshakes", 2.0, lambda _e: None, max_pending=100,
                                               per_source=1, gate=gate)  # type: ignore[arg-type]
     evicted = HANDSHAKE_FAILURES.value("evicted")
-    with caplog.at_level(logging.WARNING, logger="backhaul.acceptor"):
+    with caplog.at_level(logging.WARNING, logger="backhaul.tunnel"):
         first, second, third = (Pending(object(), f"192.0.2.30:{n}", "192.0.2.30") for n in (1, 2, 3))  # type: ignore[arg-type]
         pending.add(first)
         pending.add(second)   # one per source: the first makes room

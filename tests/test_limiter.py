@@ -23,7 +23,7 @@ def test_an_address_is_refused_from_its_limit_to_the_end_of_its_window(caplog: p
     clock = Clock()
     limiter = FailureLimiter(limit=3, window=10.0, clock=clock)
     limited = HANDSHAKE_FAILURES.value("limited")
-    with caplog.at_level(logging.WARNING, logger="backhaul.acceptor"):
+    with caplog.at_level(logging.WARNING, logger="backhaul.tunnel.limiter"):
         for _ in range(2):
             limiter.failed("192.0.2.1")
         assert not limiter.refuses("192.0.2.1")
@@ -53,7 +53,7 @@ def test_the_table_of_addresses_is_bounded_oldest_out() -> None:
 
 def test_many_addresses_crossing_at_once_cost_a_line_a_second(caplog: pytest.LogCaptureFixture) -> None:
     limiter = FailureLimiter(limit=1, window=10.0)
-    with caplog.at_level(logging.WARNING, logger="backhaul.acceptor"):
+    with caplog.at_level(logging.WARNING, logger="backhaul.tunnel.limiter"):
         for i in range(50):
             limiter.failed(f"10.2.0.{i}")
     assert len(caplog.records) == 1
@@ -64,7 +64,7 @@ def test_an_exempt_address_is_never_refused_and_the_line_says_so(caplog: pytest.
     line at the limit says that, instead of claiming a refusal that never happens."""
     clock = Clock()
     limiter = FailureLimiter(limit=20, window=10.0, clock=clock, exempt=lambda ip: ip == "192.0.2.7")
-    with caplog.at_level(logging.WARNING, logger="backhaul.acceptor"):
+    with caplog.at_level(logging.WARNING, logger="backhaul.tunnel.limiter"):
         for _ in range(500):
             assert not limiter.refuses("192.0.2.7")
             limiter.failed("192.0.2.7")

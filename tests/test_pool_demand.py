@@ -263,7 +263,7 @@ def test_the_timescale_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
     assert pool.timescale() == 0.25
     for bad in ("0", "fast", "2"):
         monkeypatch.setenv(pool.TIMESCALE_ENV, bad)
-        with caplog.at_level(logging.WARNING, logger="backhaul.server"):
+        with caplog.at_level(logging.WARNING, logger="backhaul.tunnel.pool"):
             assert pool.timescale() == 1.0
         assert f"ignored {pool.TIMESCALE_ENV}={bad!r}" in caplog.text
 

@@ -21,7 +21,7 @@ from backhaul.net import reset_on_close
 from backhaul.pipes import SMALL, Pipe, PipePool
 from backhaul.reactor import READ, WRITE, Reactor
 
-log = logging.getLogger("backhaul.relay")
+log = logging.getLogger("backhaul.relay.splice")
 
 COPY_CHUNK = 256 * 1024  # recv_into buffer, one per thread
 INLINE_ROUNDS = 2

@@ -22,7 +22,7 @@ from backhaul.buffers import scratch
 from backhaul.net import reset_on_close
 from backhaul.reactor import READ, WRITE, Reactor
 
-log = logging.getLogger("backhaul.relay")
+log = logging.getLogger("backhaul.relay.stream")
 
 READ_CHUNK = 512 * 1024  # one socket read (a fresh bytes object) and one stream read
 ROUNDS = 4               # reads per event and direction before other connections get a turn

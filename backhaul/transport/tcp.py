@@ -27,7 +27,7 @@ from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.port import TunnelPort
 from backhaul.tunnel.session import TunnelSession
 
-log = logging.getLogger("backhaul.tcp")
+log = logging.getLogger("backhaul.transport.tcp")
 
 MAX_CLIENT_LINKS = 4096        # idle plus dialing links on the client
 LINK_READ = 16384              # the first read of a link: its header and what follows it

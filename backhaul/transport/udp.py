@@ -49,7 +49,7 @@ from backhaul.udp.sockets import (
     show,
 )
 
-log = logging.getLogger("backhaul.udp")
+log = logging.getLogger("backhaul.transport.udp")
 
 MAX_CLIENT_LINKS = 4096       # links on the client, idle or carrying a flow (two sockets each then)
 EVICT_SHARE = 8               # at that cap, an eighth of the flows makes room at once

@@ -16,7 +16,7 @@ from backhaul.tunnel.links import IdleLinks
 from backhaul.tunnel.session import TunnelSession
 from backhaul.tunnel.upgrade import Upgraded, UpgradeDial, UpgradePort, connect_control
 
-log = logging.getLogger("backhaul.ws")
+log = logging.getLogger("backhaul.transport.ws")
 
 MAX_CLIENT_LINKS = 4096
 PING = bytes((SG_PING,))

@@ -27,7 +27,7 @@ from backhaul.reactor import READ, Reactor
 from backhaul.tunnel.gate import Gate
 from backhaul.tunnel.pending import MAX_PENDING, PENDING_PER_SOURCE, Pending, PendingSet
 
-log = logging.getLogger("backhaul.acceptor")
+log = logging.getLogger("backhaul.tunnel.acceptor")
 
 
 # on_control(sock, peer, ip, reply, links): a valid handshake; the socket now belongs to the

@@ -15,7 +15,7 @@ from backhaul.protocol.control import ClientControl, LinksRequested, PeerClosing
 from backhaul.reactor import Reactor, Timer
 from backhaul.tunnel.carrier import Carrier
 
-log = logging.getLogger("backhaul.control")
+log = logging.getLogger("backhaul.tunnel.control")
 
 SILENCE_BEATS = 3      # a client gives up after this many of the server's heartbeat periods of silence
 MIN_SILENCE = 5.0      # ...but never sooner than this, whatever cadence the server keeps

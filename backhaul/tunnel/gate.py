@@ -16,7 +16,7 @@ from collections.abc import Callable
 from backhaul.log import Throttles
 from backhaul.tunnel.limiter import HANDSHAKE_FAILURES, FailureLimiter
 
-log = logging.getLogger("backhaul.acceptor")
+log = logging.getLogger("backhaul.tunnel.gate")
 
 # account(kind, fmt, *args): counts a failure in a metric and says it, one line a second per kind
 Account = Callable[..., None]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from backhaul.log import Throttle
 from backhaul.metrics import METRICS
 
-log = logging.getLogger("backhaul.acceptor")
+log = logging.getLogger("backhaul.tunnel.limiter")
 
 HANDSHAKE_FAILURES = METRICS.counter("backhaul_handshake_failures_total", "Connections to the tunnel port turned "
                                      "away, by reason (token, timeout, garbage, closed, foreign, ...).", ("reason",))

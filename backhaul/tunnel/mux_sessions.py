@@ -31,7 +31,7 @@ from backhaul.tunnel.dialer import LinkDialed
 from backhaul.tunnel.pool import REQUEST_TTL
 from backhaul.tunnel.session import TunnelSession
 
-log = logging.getLogger("backhaul.tcpmux")
+log = logging.getLogger("backhaul.tunnel.mux_sessions")
 
 MAX_CLIENT_SESSIONS = 1024    # sessions open or opening on the client
 HEADER_LIMIT = 0xFFFF

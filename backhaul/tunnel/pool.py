@@ -23,8 +23,7 @@ from backhaul.poolsize import PoolSizer
 from backhaul.reactor import Reactor, Timer
 from backhaul.tunnel.demand import LinkDemand
 
-log = logging.getLogger("backhaul.client")
-server_log = logging.getLogger("backhaul.server")
+log = logging.getLogger("backhaul.tunnel.pool")
 
 REQUEST_TTL = 5.0      # a link asked for and not arrived by then is asked for again
 TOP_UP_EVERY = 1.0
@@ -45,7 +44,7 @@ def timescale() -> float:
     except ValueError:
         value = 0.0
     if not 0.01 <= value <= 1.0:
-        server_log.warning("ignored %s=%r: not a number from 0.01 to 1", TIMESCALE_ENV, text)
+        log.warning("ignored %s=%r: not a number from 0.01 to 1", TIMESCALE_ENV, text)
         return 1.0
     return value
 
@@ -170,7 +169,7 @@ class LinkPool(Generic[L]):
         assert self.retire is not None
         for _ in range(count):
             self.retire(self.idle.popleft())
-        server_log.debug("closed %d idle data connections the load no longer needs; %d idle, %d asked for",
+        log.debug("closed %d idle data connections the load no longer needs; %d idle, %d asked for",
                          count, len(self.idle), len(self.requested))
 
 

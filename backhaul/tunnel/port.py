@@ -27,7 +27,7 @@ from backhaul.tunnel.carrier import Carrier, SocketCarrier
 from backhaul.tunnel.control import ServerChannel
 from backhaul.tunnel.core import Arrival, LinkT_co, ServerCore
 
-log = logging.getLogger("backhaul.server")
+log = logging.getLogger("backhaul.tunnel.port")
 
 RECONNECTS = METRICS.counter("backhaul_reconnects_total", "Control channels established after the first one.",
                              ("side",))

@@ -38,7 +38,7 @@ from backhaul.tunnel.pending import Pending, PendingSet
 from backhaul.tunnel.port import LinksFactory, LinksT, LinkT, Port
 from backhaul.tunnel.ws_challenge import challenge
 
-log = logging.getLogger("backhaul.ws")
+log = logging.getLogger("backhaul.tunnel.upgrade")
 
 HEAD_TIMEOUT = 10.0          # seconds for a connection to send its whole upgrade head (then 408)
 _RNG = random.SystemRandom()
