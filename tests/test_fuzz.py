@@ -24,6 +24,7 @@ import errno
 import random
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -212,6 +213,8 @@ def send_and_wait(sock: socket.socket, data: bytes, rng: random.Random) -> str:
         # A truncated message ends here, not at a deadline (TLS: a FIN without close_notify, which
         # the server reads as the end of the head too).
         sock.shutdown(socket.SHUT_WR)
+    except ssl.SSLEOFError:
+        return ""   # TLS: the server closed its socket (no close_notify) while we were still sending
     except OSError as exc:
         if exc.errno in ENDED:
             return ""
