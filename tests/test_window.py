@@ -244,3 +244,16 @@ def test_a_reader_whose_bytes_wait_longer_than_a_round_trip_is_behind():
     assert not w.lagged          # 50 ms: within a round trip
     tuner.read(w, 16 * KiB, 0.3, lambda: w.size)   # these bytes arrived 300 ms ago
     assert w.lagged or w.size < 1 * MiB
+
+
+def test_a_window_limited_stream_grows_fourfold_per_step():
+    """A grant's effect shows a round trip after its UPD, so each step of the tuner spans two
+    round trips: while the sender uses most of its grant, the grant grows fourfold, and at 100 ms
+    / 100 Mbit/s the stream has its ~2 x BDP grant (2.5 MB) by 0.7 s, not by 0.8 s (simulated time)."""
+    transfer = Transfer(0.1, 12.5e6)
+    sid = transfer.sids[0]
+    transfer.run(0.7, None)
+    assert transfer.window(sid) >= 2 * MiB
+    transfer.run(1.3, None)
+    assert transfer.window(sid) <= 3 * MiB    # it settles near twice the BDP, under the stream cap
+    transfer.check_bytes()

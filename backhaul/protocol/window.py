@@ -119,6 +119,11 @@ class WindowTuner:
         per_round_trip = (w.read - w.mark_read) * w.rtt / (now - w.mark_at)
         w.mark_at, w.mark_read = now, w.read
         target = int(2 * per_round_trip)
+        if per_round_trip >= w.size * 3 // 4:
+            # The sender used most of the grant in a round trip while the reader kept up:
+            # the grant may be what limits it. A grant's effect shows a round trip after its UPD,
+            # so each step here spans two: grow fourfold rather than wait two more.
+            target = max(target, 4 * w.size)
         behind, w.lagged = w.lagged, False
         if behind:
             # The reader, not the path, sets the pace: grant what it takes, so a reader that stalls
