@@ -13,6 +13,7 @@ reactor) dial, wrap in TLS, pin, send the head and check the answer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import random
@@ -318,25 +319,57 @@ _warned_unchecked = False
 def client_context(cfg: ClientConfig) -> ssl.SSLContext:
     """TLS as the operator chose: like Go (no check, a warning once) unless tls_verify; a
     pinned certificate is checked by its fingerprint after the handshake."""
+    return client_tls(cfg).context
+
+
+def client_tls(cfg: ClientConfig) -> ClientTls:
+    """The TLS side of this client's connections to its server, shared by all of them."""
     global _warned_unchecked
     if not (cfg.tls_verify or cfg.tls_pin or _warned_unchecked):
         _warned_unchecked = True
         log.warning("the server's certificate is not checked (as the Go client does): set tls_verify "
                     "with tls_ca, or tls_pin, to know whom you talk to")
+    return _client_tls(cfg.tls_verify, cfg.tls_ca, cfg.remote_host, cfg.remote_port)
+
+
+class ClientTls:
+    """One context for every connection of a client to one server, and the last TLS session that
+    server gave: the next link resumes it (no certificate sent, signed and checked again; on wss
+    a full handshake was most of a link's CPU). A server that does not resume it makes a full
+    handshake, as before; a pinned certificate is still checked on every connection (a resumed
+    session carries the certificate it was made with)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.session: ssl.SSLSession | None = None
+
+    def wrap(self, sock: socket.socket, host: str, *, handshake: bool = True) -> ssl.SSLSocket:
+        return self.context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=handshake,
+                                        session=self.session)
+
+    def keep(self, sock: ssl.SSLSocket) -> None:
+        """After the server's first bytes (TLS 1.3 sends its tickets after the handshake)."""
+        session = sock.session
+        if session is not None and session.has_ticket:
+            self.session = session
+
+
+@functools.lru_cache(maxsize=16)
+def _client_tls(verify: bool, ca: str, host: str, port: int) -> ClientTls:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.set_alpn_protocols(["http/1.1"])  # never h2: the upgrade needs HTTP/1.1
-    if cfg.tls_verify:
+    if verify:
         # The name or the address of remote_addr must be the certificate's (an address is
         # checked too; it is sent as no SNI, as Go does).
         context.check_hostname = True
-        if cfg.tls_ca:
-            context.load_verify_locations(cfg.tls_ca)
+        if ca:
+            context.load_verify_locations(ca)
         else:
             context.load_default_certs()
     else:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    return context
+    return ClientTls(context)
 
 
 def tls_reason(exc: OSError) -> str:
@@ -399,7 +432,7 @@ def connect_control(core: ClientCore) -> Upgraded:
     try:
         if uses_tls(cfg.transport):
             try:
-                sock = client_context(cfg).wrap_socket(sock, server_hostname=cfg.remote_host)
+                sock = client_tls(cfg).wrap(sock, cfg.remote_host)
             except (ssl.SSLError, OSError) as exc:
                 raise TransportError(f"TLS handshake failed: {tls_reason(exc)}") from None
             check_pin(sock, cfg.tls_pin)
@@ -418,6 +451,8 @@ def connect_control(core: ClientCore) -> Upgraded:
         except OSError as exc:
             raise TransportError(f"upgrade failed: {reason(exc)}") from None
         check_answer(cfg, response, key, "control")
+        if isinstance(sock, ssl.SSLSocket):
+            client_tls(cfg).keep(sock)
         first, signer = response.rest, None
         if cfg.auth == "challenge":
             try:
@@ -469,8 +504,7 @@ class UpgradeDial:
             # reset already): the reactor must not be left watching a number that is reused.
             self.reactor.forget(sock)
             try:
-                self.sock = client_context(cfg).wrap_socket(sock, server_hostname=cfg.remote_host,
-                                                            do_handshake_on_connect=False)
+                self.sock = client_tls(cfg).wrap(sock, cfg.remote_host, handshake=False)
             except (ssl.SSLError, OSError) as exc:  # the connection broke already
                 sock.close()   # nothing left to close when wrap_socket took it over
                 self.sock = None
@@ -524,6 +558,8 @@ class UpgradeDial:
         except ProtocolError as exc:
             self._fail(str(exc))
             return
+        if isinstance(sock, ssl.SSLSocket):
+            client_tls(self.cfg).keep(sock)
         done, self.done = self.done, None
         self.timer.cancel()
         assert done is not None

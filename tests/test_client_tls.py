@@ -1,0 +1,53 @@
+"""The client's TLS side (tunnel/upgrade.py ClientTls): one context per server, and the server's
+last session resumed by the next connection, against a real TLS server on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import ssl
+import threading
+
+import pytest
+
+from backhaul.config import ClientConfig
+from backhaul.tunnel.upgrade import client_tls
+from tests.harness import CERTS, HOST
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _serve(listener: socket.socket, context: ssl.SSLContext, count: int, reused: list[bool]) -> None:
+    for _ in range(count):
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(b"hello")          # the server's first bytes carry its session tickets
+            reused.append(tls.session_reused)
+            tls.recv(1)
+
+
+def test_the_next_connection_resumes_the_servers_last_session() -> None:
+    cert, key = CERTS.self_signed()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    reused: list[bool] = []
+    with socket.create_server((HOST, 0)) as listener:
+        port = listener.getsockname()[1]
+        cfg = dataclasses.replace(ClientConfig(remote_addr=f"{HOST}:{port}"), remote_host=HOST, remote_port=port,
+                                  transport="wss")
+        server = threading.Thread(target=_serve, args=(listener, server_context, 3, reused))
+        server.start()
+        try:
+            tls = client_tls(cfg)
+            assert client_tls(cfg) is tls            # one per server, not one per connection
+            seen = []
+            for _ in range(3):
+                with tls.wrap(socket.create_connection((HOST, port)), HOST) as sock:
+                    assert sock.recv(5) == b"hello"
+                    tls.keep(sock)
+                    seen.append(sock.session_reused)
+                    sock.sendall(b"x")
+        finally:
+            server.join(10)
+    assert seen == [False, True, True]
+    assert reused == [False, True, True]
