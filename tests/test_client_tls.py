@@ -4,6 +4,7 @@ last session resumed by the next connection, against a real TLS server on loopba
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import ssl
 import threading
@@ -51,3 +52,18 @@ def test_the_next_connection_resumes_the_servers_last_session() -> None:
             server.join(10)
     assert seen == [False, True, True]
     assert reused == [False, True, True]
+
+
+def test_a_changed_ca_file_makes_a_new_context(tmp_path) -> None:
+    """An operator who replaces tls_ca and reloads gets the new file read: one context per server
+    holds only while the file stays the same."""
+    cert, _key = CERTS.self_signed()
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(cert.read_bytes())
+    cfg = dataclasses.replace(ClientConfig(remote_addr=f"{HOST}:1"), remote_host=HOST, remote_port=1,
+                              transport="wss", tls_verify=True, tls_ca=str(ca))
+    first = client_tls(cfg)
+    assert client_tls(cfg) is first
+    ca.write_bytes(cert.read_bytes())
+    os.utime(ca, ns=(ca.stat().st_atime_ns, ca.stat().st_mtime_ns + 1_000_000))
+    assert client_tls(cfg) is not first

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import random
 import secrets
 import socket
@@ -329,7 +330,19 @@ def client_tls(cfg: ClientConfig) -> ClientTls:
         _warned_unchecked = True
         log.warning("the server's certificate is not checked (as the Go client does): set tls_verify "
                     "with tls_ca, or tls_pin, to know whom you talk to")
-    return _client_tls(cfg.tls_verify, cfg.tls_ca, cfg.remote_host, cfg.remote_port)
+    return _client_tls(cfg.tls_verify, cfg.tls_ca, _stamp(cfg.tls_ca) if cfg.tls_verify else 0,
+                       cfg.remote_host, cfg.remote_port)
+
+
+def _stamp(path: str) -> int:
+    """When the CA file last changed (0: none, or gone): a new file makes a new context, as a
+    context per connection did before."""
+    if not path:
+        return 0
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
 
 
 class ClientTls:
@@ -355,7 +368,7 @@ class ClientTls:
 
 
 @functools.lru_cache(maxsize=16)
-def _client_tls(verify: bool, ca: str, host: str, port: int) -> ClientTls:
+def _client_tls(verify: bool, ca: str, _ca_changed: int, host: str, port: int) -> ClientTls:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.set_alpn_protocols(["http/1.1"])  # never h2: the upgrade needs HTTP/1.1
     if verify:
