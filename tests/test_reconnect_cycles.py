@@ -116,6 +116,16 @@ def quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def echo_after_cycle(port: int, seed: int, size: int = 10_000) -> None:
+    """An echo right after a cycle. A link the dying session dialed while the proxy healed can
+    still wait in the server's pool (a tcp or ws link names no session); a user handed it is reset
+    when that session closes it, as with the Go program. One reset is that; a second is a fault."""
+    try:
+        echo_works(port, size=size, seed=seed)
+    except ConnectionResetError:
+        echo_works(port, size=size, seed=seed)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_reconnect_cycles_leave_nothing_behind(echo_service: Service, quiet: None, transport: str) -> None:
     cycles = CYCLES.get(transport, OTHER_CYCLES)
@@ -124,16 +134,16 @@ def test_reconnect_cycles_leave_nothing_behind(echo_service: Service, quiet: Non
     try:
         for _ in range(WARM_UP):
             tunnel.cycle()
-        echo_works(tunnel.public, size=50_000, seed=1)
+        echo_after_cycle(tunnel.public, seed=1, size=50_000)
         time.sleep(0.3)  # the worker pool and the link pool settle to their working size
         warm = snapshot()
         start = time.monotonic()
         for i in range(cycles - WARM_UP):
             tunnel.cycle()
             if i % 100 == 99:
-                echo_works(tunnel.public, size=10_000, seed=i)
+                echo_after_cycle(tunnel.public, seed=i)
         took = time.monotonic() - start
-        echo_works(tunnel.public, size=50_000, seed=2)
+        echo_after_cycle(tunnel.public, seed=2, size=50_000)
         deadline = time.monotonic() + 5
         while True:  # links of the last cycle may still be closing
             after = snapshot()
