@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from backhaul import mux
+from backhaul.mux import session as mux_session
 from tests import harness
 from tests.harness import Backhaul, Launcher, Tunnel, echo_works, wait_until
 
@@ -133,13 +133,13 @@ def test_a_session_keeps_its_unsent_queue_small_only_on_a_path_with_a_delay(monk
                                                                            path_rtt_us: int, expected: bool) -> None:
     """Loopback's round trip is microseconds: the kernel's unsent queue stays the host's. A path
     of at least LOWAT_RTT_US (here: the threshold moved below loopback's) gets TCP_NOTSENT_LOWAT."""
-    monkeypatch.setattr(mux, "LOWAT_RTT_US", path_rtt_us)
+    monkeypatch.setattr(mux_session, "LOWAT_RTT_US", path_rtt_us)
     socks = _loopback_pair()
     try:
         before = socks[1].getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
-        assert mux._keep_unsent_small(socks[1]) is expected
+        assert mux_session._keep_unsent_small(socks[1]) is expected
         after = socks[1].getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
-        assert after == (mux.UNSENT_LOWAT if expected else before)
+        assert after == (mux_session.UNSENT_LOWAT if expected else before)
     finally:
         for sock in socks:
             sock.close()

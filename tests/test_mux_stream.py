@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from backhaul.mux import MuxConnection, MuxSettings, MuxStream
+from backhaul.mux.session import MuxConnection, MuxSettings, MuxStream
 from backhaul.relay.stream import StreamRelay
 from tests import conformance
 

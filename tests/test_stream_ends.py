@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from backhaul.mux import MuxConnection, MuxSettings, MuxStream
+from backhaul.mux.session import MuxConnection, MuxSettings, MuxStream
 from backhaul.protocol.smux import (
     FIN,
     HELLO_SID,

@@ -15,7 +15,7 @@ import pytest
 
 from backhaul import pipes as pipes_module
 from backhaul import resolver as resolver_module
-from backhaul.mux import MuxConnection, MuxSettings, MuxStream
+from backhaul.mux.session import MuxConnection, MuxSettings, MuxStream
 from backhaul.pipes import SMALL, PipePool
 from backhaul.protocol.smux import Session
 from backhaul.reactor import Reactor

@@ -1,13 +1,13 @@
 """The smux stream link kind (tcpmux, wsmux, PROTOCOL.md 2): a link that is one stream of an smux
-session (backhaul/mux.py), on either side, carrying one user connection after an LV target header
-(and PROXY v2 when asked), relayed to its socket by the stream relay.
+session (backhaul/mux/session.py), on either side, carrying one user connection after an LV
+target header (and PROXY v2 when asked), relayed to its socket by the stream relay.
 """
 
 from __future__ import annotations
 
 import socket
 
-from backhaul.mux import MuxStream
+from backhaul.mux.session import MuxStream
 from backhaul.protocol.framing import encode_lv
 from backhaul.reactor import Reactor
 from backhaul.relay.stream import StreamRelay

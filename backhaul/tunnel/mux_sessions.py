@@ -21,7 +21,7 @@ from backhaul.config import ClientConfig, ServerConfig
 from backhaul.errors import ProtocolError
 from backhaul.links.smux_stream import StreamLink
 from backhaul.log import Throttles
-from backhaul.mux import MuxConnection, MuxSettings, MuxStream
+from backhaul.mux.session import MuxConnection, MuxSettings, MuxStream
 from backhaul.net import peer_of, tune
 from backhaul.protocol.framing import FrameReader
 from backhaul.protocol.smux import ACCEPT_BACKLOG

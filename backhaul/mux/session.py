@@ -35,7 +35,7 @@ from backhaul.protocol.smux import Session, StreamData, StreamEnded, StreamOpene
 from backhaul.reactor import READ, WRITE, Reactor, Timer
 from backhaul.relay.stream import StreamListener
 
-log = logging.getLogger("backhaul.mux")
+log = logging.getLogger("backhaul.mux.session")
 
 READ_SIZE = 1024 * 1024   # one read of the session socket by its demux thread
 # One read by the reactor; a full one hands the socket to the thread. Larger than a v2 window
