@@ -1,53 +1,34 @@
-"""The ``udp`` transport (PROTOCOL.md 4.2): the tcp transport's control channel (token handshake,
-RTT probe), and links that are UDP 5-tuples to the same port number over UDP.
+"""The ``udp`` transport (PROTOCOL.md 4.2): the token-datagram handshake (tunnel/token_datagram.py:
+the tcp family's control channel, and links that are UDP 5-tuples to the same port number over
+UDP, each announced by one datagram) with the UDP flow link kind (backhaul/links/udp_flow.py).
 
-A link announces itself with one datagram holding the raw token (with ``auth = "challenge"``: the
-LINK frame of docs/auth.md instead); while pooled the server pings it (a 1-byte 0x02 datagram
-every heartbeat); a flow is given to it as one datagram holding the target string, then
-datagrams are relayed one for one (the link itself: backhaul/links/udp_flow.py). The public
+While pooled the server pings a link (a 1-byte 0x02 datagram every heartbeat); a flow is given to
+it as one datagram holding the target string, then datagrams are relayed one for one. The public
 ports are UDP only.
-
-The server takes a link only from an address with a control channel (as the tcp family takes its
-links), and a datagram that opens none counts against the tunnel port's per-address limit of
-failed handshakes (tunnel/gate.py): token guessing over UDP is held back like over TCP, and
-an address past the limit has its datagrams dropped unread.
 """
 
 from __future__ import annotations
 
-import errno
 import heapq
-import hmac
 import logging
 import socket
 import time
 from collections.abc import Callable
 
-from backhaul.errors import ProtocolError, TransportError
 from backhaul.links.udp_flow import UdpClientLink, UdpLink
 from backhaul.net import reason
-from backhaul.protocol.auth import AuthError, LinkSigner, check_any
+from backhaul.protocol.auth import LinkSigner
 from backhaul.protocol.framing import SG_PING
-from backhaul.protocol.handshake import hello_reader
 from backhaul.reactor import READ, Timer
 from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.core import Arrival, ClientCore, ServerCore, ServerRow
 from backhaul.tunnel.dialer import handshake
 from backhaul.tunnel.links import IdleLinks
-from backhaul.tunnel.port import TunnelPort
 from backhaul.tunnel.session import TunnelSession
+from backhaul.tunnel.token_datagram import UdpTunnelPort, open_link
 from backhaul.udp.ports import EVICTED
 from backhaul.udp.relay import PairRelay
-from backhaul.udp.sockets import (
-    DROPPED,
-    WARN,
-    AddressPeer,
-    DatagramSocket,
-    bind_udp,
-    connected_udp,
-    drop,
-    show,
-)
+from backhaul.udp.sockets import WARN, AddressPeer, drop, show
 
 log = logging.getLogger("backhaul.transport.udp")
 
@@ -56,10 +37,6 @@ EVICT_SHARE = 8               # at that cap, an eighth of the flows makes room a
 REAP_EVERY = 10.0             # seconds between looks for idle links the server no longer pings
 MAX_TARGET = 1024             # a datagram longer than this is no target string
 PING = bytes((SG_PING,))
-# Refusals of a datagram that would open a link which count as a failed handshake of its address
-# (no_control does not: a real client's link racing the end of its session).
-_FAILURES = frozenset({"not_a_link", "foreign", "link", "replay", "early"})
-_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,13 +48,11 @@ class UdpLinks(IdleLinks[UdpLink]):
     this transport is only ever a handshake. Nothing closes a client's UDP link but the client, so
     the pool keeps ``connection_pool`` instead of following the users."""
 
-    def __init__(self, core: ServerCore, ask: Callable[[int], None], talking: Callable[[socket.socket], None],
-                 port: UdpTunnelPort) -> None:
+    def __init__(self, core: ServerCore, ask: Callable[[int], None], talking: Callable[[socket.socket], None]) -> None:
         super().__init__(core, ask, log, "UDP link", close=UdpLink.close, watch=self._watch,
                          peer=lambda link: show(link.tunnel.addr), follow_demand=False,
                          ping=lambda link: link.tunnel.send(PING))
         self.talking = talking
-        self.port = port
         # The flows on this client's links. Nothing tells the server that a client's UDP
         # sockets are gone (a restarted client has new ones; a user who keeps sending would keep
         # a flow to the old ones alive for good), so they end with its last control channel, as
@@ -95,11 +70,9 @@ class UdpLinks(IdleLinks[UdpLink]):
     def add(self, arrival: Arrival) -> None:
         self.talking(arrival.sock)   # a TCP connection here is a handshake (a client that restarted)
 
-    def add_datagrams(self, addr: tuple) -> None:
-        """``addr`` sent the token or a link proof to the UDP tunnel port: a new link."""
-        assert self.port.socket is not None
-        self.keep(UdpLink(self.reactor, AddressPeer(self.port.socket, addr, f"client link {show(addr)}"),
-                          self.carrying))
+    def add_datagrams(self, peer: AddressPeer) -> None:
+        """``peer``, an address on the UDP tunnel port, sent the token or a link proof: a new link."""
+        self.keep(UdpLink(self.reactor, peer, self.carrying))
 
     def _watch(self, link: UdpLink) -> None:
         link.tunnel.listen(lambda batch: self._spoke(link, batch), lambda _why: self._gone(link))
@@ -114,86 +87,9 @@ class UdpLinks(IdleLinks[UdpLink]):
             link.close()
 
 
-class UdpTunnelPort(TunnelPort[UdpLink, UdpLinks]):
-    """The tcp family's port, with the UDP socket of the same address beside it: datagrams from
-    an address that is no link yet must be the token, and make a link of the client there."""
-
-    def __init__(self, core: ServerCore) -> None:
-        super().__init__(core, "udp", lambda core, ask, talking: UdpLinks(core, ask, talking, self), rtt_probe=True)
-        self.socket: DatagramSocket | None = None
-
-    def open(self) -> None:
-        super().open()
-        cfg = self.config
-        try:
-            sock = bind_udp(cfg.bind_host, cfg.bind_port)
-        except TransportError:
-            self.close()
-            raise
-        self.socket = DatagramSocket(self.reactor, sock, f"the UDP tunnel port {cfg.bind_host}:{cfg.bind_port}",
-                                     self._unknown)
-
-    def start(self) -> None:
-        super().start()
-        assert self.socket is not None
-        self.socket.start()
-
-    def close(self) -> None:
-        super().close()
-        if self.socket is not None:
-            self.socket.close()
-            self.socket = None
-
-    def _unknown(self, addr: tuple, data: bytes) -> None:
-        """A datagram from an address that is no link: it must open one, and goes to the client
-        of its address (one client in replace mode)."""
-        ip, acceptor = addr[0], self.acceptor
-        if not acceptor.gate.admits(ip):
-            DROPPED.inc(1, "limited")   # the limiter said so once for the window
-            return
-        refusal = self._refusal(ip, data)
-        owner = self.entry_of(ip) if refusal is None else None
-        if owner is None:
-            kind, why = refusal or ("no_control", "a link while no control channel is up")
-            line = "dropped a datagram from %s on the UDP tunnel port: %s"
-            if kind in _FAILURES:
-                acceptor.gate.failed(ip, kind, line, show(addr), why, account=drop)
-            else:
-                drop(kind, line, show(addr), why)
-            return
-        owner.links.add_datagrams(addr)
-
-    def _refusal(self, ip: str, data: bytes) -> tuple[str, str] | None:
-        """Why ``data`` from ``ip`` opens no link (kind, why), or None: the token (v0.7.2), or
-        with auth = "challenge" a LINK frame of a session of its address, from a control
-        channel's address (the Go server takes a link from any address)."""
-        acceptor = self.acceptor
-        if acceptor.challenge:
-            reader = hello_reader()
-            try:
-                if reader.feed(data) or not reader.done:
-                    return "not_a_link", "not from a link, and no link proof"
-            except ProtocolError:
-                return "not_a_link", "not from a link, and no link proof"
-        elif not hmac.compare_digest(data, self.config.token.encode()):
-            return "not_a_link", "not from a link, and not the token"
-        if not self.clients:
-            return "no_control", "a link while no control channel is up"
-        if ip not in acceptor.control_ips:
-            ips = acceptor.control_ips
-            whom = f"the control channel's {next(iter(ips))}" if len(ips) == 1 else f"those of {len(ips)} clients"
-            return "foreign", f"a link from another address than {whom}"
-        if acceptor.challenge:
-            try:
-                check_any(self.checkers_of(ip), lambda links: links.check_frame(reader.kind, reader.payload))
-            except AuthError as exc:
-                return exc.kind, str(exc)
-        return None
-
-
 def server(core: ServerCore) -> ServerRow:
     """The public ports are UDP only: the links carry flows, never a TCP user."""
-    port = UdpTunnelPort(core)
+    port: UdpTunnelPort[UdpLink, UdpLinks] = UdpTunnelPort(core, UdpLinks)
     return ServerRow(port, users=None, flows=port)
 
 
@@ -244,17 +140,7 @@ class UdpSession(TunnelSession):
             self.pool.opened(f"{MAX_CLIENT_LINKS} UDP links open (idle or carrying a flow), the most a client keeps")
             return
         try:
-            try:
-                sock = connected_udp(self.family, self.server_addr, self.config.local_addr)
-            except OSError as exc:
-                if exc.errno not in _EXHAUSTED or not self._make_room(reason(exc)):
-                    raise
-                sock = connected_udp(self.family, self.server_addr, self.config.local_addr)
-            try:
-                sock.send(self.signer.frame() if self.signer is not None else self.config.token.encode())
-            except OSError:
-                sock.close()
-                raise
+            sock = open_link(self.config, self.family, self.server_addr, self.signer, self._make_room)
         except OSError as exc:
             self.pool.opened(f"cannot open a UDP link to {show(self.server_addr)}: {reason(exc)}")
             return
