@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from backhaul.mux import session as mux_session
 from tests import harness
 from tests.harness import Backhaul, Launcher, Tunnel, echo_works, wait_until
 
@@ -120,26 +119,3 @@ def test_a_refused_algorithm_is_one_line_and_the_tunnel_runs(launcher: Launcher,
         assert "'nosuchcc'" in lines[0] and f"available: {available}" in lines[0], lines[0]
         assert "host's is used" in lines[0], lines[0]
 
-
-def _loopback_pair() -> tuple[socket.socket, socket.socket, socket.socket]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname())
-    server, _ = listener.accept()
-    return listener, client, server
-
-
-@pytest.mark.parametrize("path_rtt_us, expected", [(10**9, False), (0, True)])
-def test_a_session_keeps_its_unsent_queue_small_only_on_a_path_with_a_delay(monkeypatch: pytest.MonkeyPatch,
-                                                                           path_rtt_us: int, expected: bool) -> None:
-    """Loopback's round trip is microseconds: the kernel's unsent queue stays the host's. A path
-    of at least LOWAT_RTT_US (here: the threshold moved below loopback's) gets TCP_NOTSENT_LOWAT."""
-    monkeypatch.setattr(mux_session, "LOWAT_RTT_US", path_rtt_us)
-    socks = _loopback_pair()
-    try:
-        before = socks[1].getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
-        assert mux_session._keep_unsent_small(socks[1]) is expected
-        after = socks[1].getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
-        assert after == (mux_session.UNSENT_LOWAT if expected else before)
-    finally:
-        for sock in socks:
-            sock.close()

@@ -279,6 +279,7 @@ class _Counted:
 
     closed = False
     finishing = False
+    busy = False
 
     def __init__(self, streams: int) -> None:
         self.streams = dict.fromkeys(range(streams))
@@ -313,3 +314,16 @@ def test_a_new_stream_goes_to_the_session_with_the_fewest_streams_that_has_room(
     assert links._free() is sessions[2]
     links, sessions = _session_links(4, 4, 7)
     assert links._free() is None
+
+
+def test_a_new_stream_avoids_a_session_that_bulk_crosses() -> None:
+    """Catches: an interactive user's stream put on the session that carries a download, where
+    its frames wait behind the download's in the socket (fewer streams do not make up for it),
+    or no session given when every one with room is busy."""
+    links, sessions = _session_links(8, 1, 2, 1)
+    sessions[0].busy = True
+    assert links._free() is sessions[2]   # the quiet one with one stream, not the busy one
+    sessions[2].busy = True
+    assert links._free() is sessions[1]   # a quiet session with more streams still wins
+    sessions[1].busy = True
+    assert links._free() is sessions[0]   # all busy: the fewest streams, as before

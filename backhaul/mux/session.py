@@ -21,7 +21,6 @@ import mmap
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from backhaul.buffers import scratch as thread_scratch
 from backhaul.errors import ProtocolError
 from backhaul.metrics import METRICS
+from backhaul.mux.unsent import UnsentLimit
 from backhaul.net import reason
 from backhaul.protocol.chunks import advance
 from backhaul.protocol.smux import Session, StreamData, StreamEnded, StreamOpened, StreamReset, StreamWritable
@@ -50,22 +50,6 @@ TLS_WRITE = 256 * 1024    # bytes joined into one TLS write
 # What one take of the session's outbox aims at (protocol/outbox.py: the streams in turns of
 # 16 KiB within it), one gathered write.
 ROUND = 1024 * 1024
-# On a path with a delay, what the kernel may hold of a session's frames not sent yet: a frame
-# queued behind more than this waits for the path to carry it, whatever stream it is for (2-3 MB
-# of a download's frames sat there at 100 ms / 100 Mbit: an interactive stream of the same
-# session waited 290 ms more per round trip). Below it the session's own turns decide the order.
-# Takes are half as large there, so a write does not refill the queue it waited for, and the
-# queue never runs dry while the reactor is late by less than its drain time (about 20 ms at
-# 100 Mbit/s): a send into an empty queue marks the connection application-limited, and bbr
-# stays in its startup (pacing at 2.9x the path's rate, a quarter of the packets lost) while
-# its samples are.
-UNSENT_LOWAT = 256 * 1024
-LONG_PATH_ROUND = UNSENT_LOWAT // 2
-# Where the round trip is shorter than this the kernel's queue drains as fast as it fills, and a
-# small one only costs a wake-up per take (on loopback a quarter of a v1 stream's rate).
-LOWAT_RTT_US = 2000
-_RTT = struct.Struct("=I")   # tcp_info.tcpi_rtt (microseconds), at offset 68 of struct tcp_info
-_TCP_INFO_RTT = 68
 
 # Every open session of the process, for the metrics (side: the server opens the streams).
 _OPEN: set[MuxConnection] = set()
@@ -117,7 +101,8 @@ class MuxConnection:
         except OSError:
             self.address = ("0.0.0.0", 0)  # gone already: the demux thread will say so
         self._pending: list[bytes | memoryview] = []  # frames taken from the session, not yet sent
-        self._round = ROUND                    # bytes one take of the outbox aims at (see start)
+        self._round = ROUND                    # bytes one take of the outbox aims at
+        self._unsent = UnsentLimit(sock)       # the kernel's share of the queue (mux/unsent.py)
         self._writing = False                  # watching the socket for room
         self._inline = True                    # the reactor reads the socket (else the thread does)
         self._mask = 0                         # what the reactor watches the socket for
@@ -143,8 +128,7 @@ class MuxConnection:
     def start(self, first: bytes = b"") -> None:
         """Begin; ``first`` holds session bytes read before (behind an HTTP 101 on wsmux)."""
         self.sock.setblocking(False)
-        if _keep_unsent_small(self.sock):
-            self._round = LONG_PATH_ROUND
+        self._unsent.start()
         _OPEN.add(self)
         if first:
             self.reactor.call_soon(self._take_chunk, first)
@@ -373,6 +357,10 @@ class MuxConnection:
                     sent = self._send_tls(pending)
                 advance(pending, sent)
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            limit = self._unsent.full()
+            if limit:
+                # Takes half the unsent limit: a write does not refill the queue it waited for.
+                self._round = limit // 2
             if not self._writing:
                 self._writing = True
                 self._update()
@@ -418,6 +406,12 @@ class MuxConnection:
     def congested(self) -> bool:
         """The socket is not taking our frames: a new stream here would only wait."""
         return bool(self._pending) and self._writing
+
+    @property
+    def busy(self) -> bool:
+        """Bulk crosses this session: its demux thread reads on (reads fill the buffer), or
+        the socket is not taking our frames. A new stream's frames would queue behind it."""
+        return not self._inline or self.congested
 
     def __len__(self) -> int:
         return len(self.streams)
@@ -515,22 +509,6 @@ class MuxConnection:
         self.reactor.close_socket(self.sock)
         self._pending = []
         self._blocked.clear()
-
-
-def _keep_unsent_small(sock: socket.socket) -> bool:
-    """TCP_NOTSENT_LOWAT on this socket (never the host's sysctl) when its round trip (known
-    from the connection's handshake) is LOWAT_RTT_US or more: the socket is then writable, and
-    takes more, only while less than UNSENT_LOWAT of it waits unsent. True when it was set."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_RTT + _RTT.size)
-        rtt_us = _RTT.unpack_from(info, _TCP_INFO_RTT)[0] if len(info) >= _TCP_INFO_RTT + _RTT.size else 0
-        if rtt_us < LOWAT_RTT_US:
-            return False
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LOWAT)
-    except (OSError, AttributeError) as exc:  # not a TCP socket (TLS wraps one), or no such option
-        log.debug("smux session socket keeps the host's unsent queue: %s", exc)
-        return False
-    return True
 
 
 class MuxStream:

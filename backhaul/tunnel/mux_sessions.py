@@ -134,8 +134,9 @@ class SessionLinks:
 
     def _free(self) -> MuxConnection | None:
         """The session for the next stream: one with no stream (empty the longest) if there is
-        one, else the one with the fewest streams below mux_con (streams counted as Go does);
-        None when every session is full."""
+        one, else the one with the fewest streams below mux_con (streams counted as Go does),
+        a session that bulk crosses only when every other is full or busy too (a new stream's
+        frames would wait behind the bulk in its socket); None when every session is full."""
         empty = self._empty
         while empty:
             conn = next(iter(empty))
@@ -143,15 +144,17 @@ class SessionLinks:
                 return conn
             del empty[conn]
         mux_con = self.config.mux_con
-        best, fewest, full = None, mux_con, []
+        best, rank, full = None, (True, mux_con), []
         for conn in self._with_room:
             count = len(conn.streams)
             if count >= mux_con or conn.closed or conn.finishing:
                 full.append(conn)
-            elif count < fewest:
-                best, fewest = conn, count
-                if count <= 1:
-                    break  # none is empty: one stream is the fewest
+                continue
+            here = (conn.busy, count)
+            if here < rank:
+                best, rank = conn, here
+                if here <= (False, 1):
+                    break  # none is empty: one stream on a quiet session is the best there is
         for conn in full:
             del self._with_room[conn]
         return best
