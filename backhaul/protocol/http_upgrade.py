@@ -161,9 +161,8 @@ def encode_key(raw: bytes) -> str:
 def new_key_and_id(rng: random.Random) -> tuple[bytes, int]:
     """Fresh key bytes and user id for one dial, as the Go client draws them.
 
-    The id is a non-negative int31 (Go's ``rand.Int31``). Pass ``random.SystemRandom()`` in
-    production and a seeded ``random.Random`` in tests. One draw for both (one system call with
-    SystemRandom).
+    The id is a non-negative int31 (Go's ``rand.Int31``). Pass ``backhaul.entropy.RANDOM`` in
+    production and a seeded ``random.Random`` in tests. One draw for both.
     """
     drawn = rng.randbytes(20)
     return drawn[:16], int.from_bytes(drawn[16:], "big") >> 1

@@ -15,8 +15,9 @@ and per-frame objects cost several times what this does.
 from __future__ import annotations
 
 import codecs
-import os
 import struct
+
+from backhaul.entropy import RANDOM
 
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 FIN = 0x80
@@ -75,7 +76,7 @@ def frame(payload: bytes | bytearray | memoryview | str, opcode: int = BINARY, *
     head = frame_head(len(payload), opcode)
     if not masked:
         return head + payload
-    key = os.urandom(4)
+    key = RANDOM.randbytes(4)
     return b"".join((bytes((head[0], head[1] | MASKED)), head[2:], key, mask(payload, key)))
 
 

@@ -17,13 +17,13 @@ import functools
 import hashlib
 import logging
 import os
-import random
 import secrets
 import socket
 import ssl
 from dataclasses import dataclass
 
 from backhaul.config import ClientConfig, ServerConfig
+from backhaul.entropy import RANDOM
 from backhaul.errors import ProtocolError, TransportError
 from backhaul.links.websocket import WebSocket, WebSocketCarrier
 from backhaul.net import dial, reason, tune
@@ -43,7 +43,6 @@ from backhaul.tunnel.ws_challenge import challenge
 log = logging.getLogger("backhaul.tunnel.upgrade")
 
 HEAD_TIMEOUT = 10.0          # seconds for a connection to send its whole upgrade head (then 408)
-_RNG = random.SystemRandom()
 
 
 def uses_tls(transport: str) -> bool:
@@ -403,9 +402,9 @@ def check_pin(sock: ssl.SSLSocket, pin: str) -> None:
 def request_head(cfg: ClientConfig, path_kind: str, signer: LinkSigner | None = None) -> tuple[bytes, str]:
     """An upgrade request for the control channel or a data connection, and its key. With
     auth = "challenge": no Authorization on /channel, the session's link proof on /tunnel/<N>."""
-    raw_key, user_id = http.new_key_and_id(_RNG)
+    raw_key, user_id = http.new_key_and_id(RANDOM)
     path = http.CONTROL_PATH if path_kind == "control" else http.data_path(user_id)
-    agent = http.pick_user_agent(_RNG)
+    agent = http.pick_user_agent(RANDOM)
     if cfg.auth != "challenge":
         return http.client_request(cfg.remote_addr, path, cfg.token, agent, user_id, raw_key), http.encode_key(raw_key)
     authorization = signer.authorization() if signer is not None and path_kind == "data" else None
