@@ -12,6 +12,7 @@ import time
 import pytest
 
 from backhaul.mux.session import MuxConnection, MuxSettings, MuxStream
+from backhaul.protocol import smux
 from backhaul.protocol.smux import (
     FIN,
     HELLO_SID,
@@ -147,6 +148,48 @@ def test_an_error_before_our_fin_is_a_reset_not_a_clean_end(version):
     wire = client.outgoing()
     assert frames(wire) == [(NOP, sid, b"")]
     assert server.receive(wire, 0.0) == [StreamReset(sid)]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_stream_cut_before_the_peer_said_hello_waits_for_it_and_is_reset(version):
+    """A user cut its upload on a session so new that the client's hello had not arrived: the
+    server sent FIN, and the target read a clean end of an upload that did not all arrive (one
+    run in 130 of bench/contention.py on wssmux). The end now waits for the peer's first bytes."""
+    server, client = ours(version, True), ours(version, False)
+    sid = server.open_stream()
+    server.write(sid, b"\x00\x04part of an upload")
+    server.close_stream(sid)                      # the user's reset, before the client spoke
+    wire = server.outgoing()
+    assert [f[0] for f in frames(wire)] == [NOP, SYN, PSH], "no end before the peer is known"
+    assert server.next_deadline() <= smux.HELLO_WAIT
+    client.receive(wire, 0.0)
+    answer = client.outgoing()
+    assert frames(answer)[0] == (NOP, HELLO_SID, b"")
+    server.receive(answer, 0.01)
+    end = server.outgoing()
+    assert frames(end) == [(NOP, sid, b"")]
+    assert client.receive(end, 0.01) == [StreamReset(sid)]
+
+
+@pytest.mark.parametrize("peer_speaks", [True, False])
+def test_a_stream_cut_before_a_go_peer_spoke_ends_with_fin(peer_speaks):
+    """A Go client never says hello: its first bytes, or HELLO_WAIT of silence, settle it, and
+    the stream ends with the FIN it understands."""
+    server, client = ours(1, True), go(1, False)
+    sid = server.open_stream()
+    other = server.open_stream()
+    server.close_stream(sid)
+    client.receive(server.outgoing(), 0.0)
+    assert not client.has_outgoing
+    if peer_speaks:
+        client.write(other, b"answer")
+        server.receive(client.outgoing(), 0.5)
+    else:
+        server.tick(0.5)
+        assert not [f for f in frames(server.outgoing()) if f[1] == sid], "ended before the wait"
+        server.tick(smux.HELLO_WAIT)
+    assert frames(server.outgoing()) == [(FIN, sid, b"")]
+    assert server.next_deadline() > smux.HELLO_WAIT
 
 
 def test_a_reset_from_a_peer_without_hello_is_ignored():

@@ -421,6 +421,12 @@ class MuxConnection:
         delay = max(0.0, self.session.next_deadline() - time.monotonic())
         self._timer = self.reactor.call_later(delay, self._tick)
 
+    def _tick_sooner(self) -> None:
+        """The session's next deadline moved earlier (a stream waits for the peer's hello)."""
+        if self._timer is not None and self.session.next_deadline() < self._timer.when:
+            self._timer.cancel()
+            self._schedule()
+
     def _tick(self) -> None:
         try:
             self.session.tick(time.monotonic())
@@ -594,6 +600,7 @@ class MuxStream:
         conn = self.conn
         if conn.streams.pop(self.sid, None) is not None and not conn.closed:
             conn.session.close_stream(self.sid)
+            conn._tick_sooner()
             # What it had not read is dropped: the session reads on if that filled its buffer.
             conn.consumed()
             conn.stream_closed(self)

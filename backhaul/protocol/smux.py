@@ -41,6 +41,7 @@ HEADER_SIZE = 8  # u8 ver, u8 cmd, u16 length, u32 sid, all little-endian
 UPD_SIZE = 8
 MAX_PAYLOAD = 0xFFFF
 HELLO_SID = 0xFFFFFFFF   # NOP with this stream id: "half-close and reset spoken here" (see above)
+HELLO_WAIT = 2.0         # seconds an opener waits for the peer's first bytes before ending a stream it cut
 MAX_STREAM_ID = HELLO_SID - 1  # our opener never uses HELLO_SID as a stream id
 INITIAL_PEER_WINDOW = 262144  # what a v2 sender may have in flight before the first UPD
 ACCEPT_BACKLOG = 1024  # smux's accept backlog; our default bound on live streams per session
@@ -291,6 +292,12 @@ class Session:
         self._hello_due = hello and not opener
         if hello and opener:
             self._control.append(_HEADER.pack(version, NOP, 0, HELLO_SID))
+        # The opener learns whether the peer says hello from the peer's first bytes. A stream it
+        # must end before then waits for them (at most HELLO_WAIT): a FIN sent meanwhile would
+        # read as the clean end of an upload its user cut, where a Python peer takes a reset.
+        self._peer_spoke = not (hello and opener)
+        self._undecided: dict[int, bool] = {}   # sid -> our FIN was sent already
+        self._decide_by = math.inf
 
     # ------------------------------------------------------------------ state
 
@@ -326,7 +333,7 @@ class Session:
 
     def next_deadline(self) -> float:
         """When ``tick`` must next be called (same clock as ``now``)."""
-        return min(self._next_ping, self._next_check)
+        return min(self._next_ping, self._next_check, self._decide_by)
 
     # ------------------------------------------------------------------ input
 
@@ -359,6 +366,9 @@ class Session:
             elif sid:
                 self._on_signal(sid, events)
             # NOP on stream 0: liveness only, noted above
+        if data and not self._peer_spoke:
+            self._peer_spoke = True   # a Python peer's first frame is its hello
+            self._end_undecided()
         return events
 
     def _on_push(self, sid: int, payload: bytes, events: list[Event], readable: set[int]) -> None:
@@ -606,11 +616,27 @@ class Session:
                 return
             self._check_local(sid)
             return
-        if not (stream.fin_sent and stream.fin_received) and self.peer_half_closes:
-            self._queue_data(_HEADER.pack(self.version, NOP, 0, sid))
-        elif not stream.fin_sent:
-            self._queue_data(_HEADER.pack(self.version, FIN, 0, sid))
         self.buffered -= stream.inbox.size
+        if stream.fin_sent and stream.fin_received:
+            return
+        if not self._peer_spoke:
+            self._undecided[sid] = stream.fin_sent
+            self._decide_by = min(self._decide_by, self._now + HELLO_WAIT)
+            return
+        self._end_unclean(sid, stream.fin_sent)
+
+    def _end_unclean(self, sid: int, fin_sent: bool) -> None:
+        if self.peer_half_closes:
+            self._queue_data(_HEADER.pack(self.version, NOP, 0, sid))
+        elif not fin_sent:
+            self._queue_data(_HEADER.pack(self.version, FIN, 0, sid))
+
+    def _end_undecided(self) -> None:
+        """The peer spoke (or HELLO_WAIT passed): end the streams that waited for it."""
+        undecided, self._undecided = self._undecided, {}
+        self._decide_by = math.inf
+        for sid, fin_sent in undecided.items():
+            self._end_unclean(sid, fin_sent)
 
     def _queue_data(self, frame: bytes) -> None:
         self._outbox.push(_HEADER.unpack_from(frame)[3], frame)
@@ -636,6 +662,9 @@ class Session:
         if now >= self._next_ping:
             self._control.append(_HEADER.pack(self.version, NOP, 0, 0))
             self._next_ping = _next_tick(self._next_ping, self.keepalive_interval, now)
+        if now >= self._decide_by:
+            self._peer_spoke = True   # silent so long: no Python peer, whose hello comes at once
+            self._end_undecided()
         if now >= self._next_check:
             if not self._received_since_check and self.wants_input:
                 raise ProtocolError(f"no smux frame from the peer for {self.keepalive_timeout:g} s (keepalive timeout)")
