@@ -78,6 +78,19 @@ def available(name: str) -> bool:
         return False
 
 
+def long_path_limit(monkeypatch: pytest.MonkeyPatch, sock: socket.socket, congestion: str) -> tuple[int, UnsentLimit]:
+    """``sock`` with ``congestion``, taken for a long path (the threshold moved below loopback's):
+    its unsent limit, started, and the TCP_NOTSENT_LOWAT it had before."""
+    if not available(congestion):
+        pytest.skip(f"the kernel has no {congestion}")
+    monkeypatch.setattr(unsent, "LOWAT_RTT_US", 0)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+    before = lowat(sock)
+    limit = UnsentLimit(sock)
+    limit.start()
+    return before, limit
+
+
 def test_a_short_path_keeps_the_hosts_queue(loopback_pair: tuple[socket.socket, socket.socket]) -> None:
     """Loopback's round trip is microseconds: below LOWAT_RTT_US nothing is ever set."""
     client, _ = loopback_pair
@@ -91,16 +104,10 @@ def test_a_short_path_keeps_the_hosts_queue(loopback_pair: tuple[socket.socket, 
 
 def test_a_long_path_gets_a_limit_from_its_pacing_rate_once_full(monkeypatch: pytest.MonkeyPatch,
                                                                  loopback_pair: tuple[socket.socket, socket.socket]) -> None:
-    """Catches: no limit on a long path (the threshold moved below loopback's here), a limit set
-    before the socket was ever full, or one outside its bounds."""
-    if not available("cubic"):
-        pytest.skip("the kernel has no cubic")
-    monkeypatch.setattr(unsent, "LOWAT_RTT_US", 0)
+    """Catches: no limit on a long path, a limit set before the socket was ever full, or one
+    outside its bounds."""
     client, _ = loopback_pair
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"cubic")
-    before = lowat(client)
-    limit = UnsentLimit(client)
-    limit.start()
+    before, limit = long_path_limit(monkeypatch, client, "cubic")
     assert lowat(client) == before      # nothing before the first full socket
     fill(client)
     got = limit.full()
@@ -113,14 +120,8 @@ def test_bbr_in_startup_keeps_the_hosts_queue(monkeypatch: pytest.MonkeyPatch,
                                               loopback_pair: tuple[socket.socket, socket.socket]) -> None:
     """A fresh bbr socket is in startup: a small queue there would mark it application-limited
     and keep it in startup (pacing at 2.9 times the path's rate)."""
-    if not available("bbr"):
-        pytest.skip("the kernel has no bbr")
-    monkeypatch.setattr(unsent, "LOWAT_RTT_US", 0)
     client, server = loopback_pair
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"bbr")
-    before = lowat(client)
-    limit = UnsentLimit(client)
-    limit.start()
+    before, limit = long_path_limit(monkeypatch, client, "bbr")
     fill(client)
     server.recv(65536)   # an ACK or two: bbr's first samples, still in startup
     fill(client)
