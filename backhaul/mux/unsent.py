@@ -16,7 +16,6 @@ at the path's queue, each loss holding up every stream behind it for a round tri
 keeps the host's queue until its bbr has left startup (bbr never returns there), and a small
 one from then on. Other congestion controls never wait: they do not grow their window while
 the sender is the limit.
-
 """
 
 from __future__ import annotations
