@@ -143,6 +143,14 @@ class Balanced:
         wait_until(lambda: self.idle_links(SOURCES[name]) > 0, 10, f"idle links from client {name}")
         return client
 
+    def wait_pools_open(self) -> None:
+        """Both clients' pools full: the server serves users first from the client with the most
+        idle links, so a client whose pool is still filling when users come takes fewer of them."""
+        pool = ClientConfig(remote_addr="").connection_pool
+        for name in self.clients:
+            source = SOURCES[name]
+            wait_until(lambda source=source: self.idle_links(source) >= pool, 10, f"client {name}'s pool to open")
+
     def metrics(self) -> dict:
         return parse_exposition(http_get(self.web, "/metrics")[2])
 
@@ -164,6 +172,7 @@ def test_balance_spreads_users_and_a_lost_client_cuts_only_its_own(launcher: Lau
     tunnel = Balanced(launcher, transport, tagged)
     tunnel.start_client("a")
     tunnel.start_client("b")
+    tunnel.wait_pools_open()
 
     run_users(tunnel.public, range(200))
     spread = tagged.count(range(200))
@@ -224,8 +233,7 @@ def test_balance_spreads_users_and_a_lost_client_cuts_only_its_own(launcher: Lau
     # client a returns and takes its share again, once its pool is open (b's grew with the load
     # before: a client whose pool is still filling serves the users its links can take)
     tunnel.start_client("a")
-    wait_until(lambda: tunnel.idle_links(SOURCES["a"]) >= ClientConfig(remote_addr="").connection_pool, 10,
-               "client a's pool to open")
+    tunnel.wait_pools_open()
     run_users(tunnel.public, range(2000, 2060))
     again = tagged.count(range(2000, 2060))
     # Not half: b's pool grew with the first load, a's starts at connection_pool and replaces
@@ -249,6 +257,7 @@ def test_balance_with_the_challenge_handshake_takes_the_links_of_each_clients_se
     tunnel = Balanced(launcher, transport, tagged, server_extra={"auth": "challenge"}, auth="challenge")
     tunnel.start_client("a")
     tunnel.start_client("b")
+    tunnel.wait_pools_open()
     run_users(tunnel.public, range(90))
     spread = tagged.count(range(90))
     assert min(spread.values()) >= 90 / 3, spread
