@@ -469,9 +469,9 @@ def measure_interactive(s: Settings, wan: Wan) -> list[Row]:
                 names[1]: Cell(percentile(samples, 0.99), extra=f"{len(samples)} samples")}
 
     try:
-        # On a mux, both streams in one session (one session per client), as they share one
-        # once users outnumber the sessions: the download's backlog is what the round trip must
-        # not wait behind.
+        # On a mux, one session per client to begin with (connection_pool = 1 on both sides):
+        # the download takes it, and the round trips must not wait behind the download's backlog
+        # or its lost packets (ours asks for a quiet session once bulk crosses every one).
         one_session = ("connection_pool=1",) if s.transport in MUX_TRANSPORTS else ()
         shared = dataclasses.replace(s, server_extra=s.server_extra + one_session,
                                      client_extra=s.client_extra + one_session)

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
+from backhaul.tunnel.mux_sessions import QUIET_SESSIONS_PER_POOL
 from tests import harness
-from tests.harness import Launcher, Service, connect, recv_exact, wait_until
+from tests.harness import Launcher, Service, connect, echo_works, recv_exact, wait_until
 from tests.mux_tunnels import download_chunks, mux_tunnel, sessions_of
 
 pytestmark = pytest.mark.timeout(120)
@@ -112,7 +113,9 @@ def test_interactive_stream_answers_while_bulk_runs_on_the_same_session(launcher
     bulk = Bulk()
     try:
         tunnel = mux_tunnel(launcher, [str(bulk.source.port), str(bulk.sink.port), str(echo_service.port)],
-                            server={"mux_version": version, "mux_con": 64},
+                            # channel_size 1: the server keeps one session (it would ask for a
+                            # quiet one once bulk crosses it, and the echo would not share)
+                            server={"mux_version": version, "mux_con": 64, "channel_size": 1},
                             client={"mux_version": version, "connection_pool": 1, "mux_session": 1}).up()
         assert tunnel.server is not None and tunnel.client is not None
         download_port, upload_port, echo_port = tunnel.public
@@ -143,6 +146,42 @@ def test_interactive_stream_answers_while_bulk_runs_on_the_same_session(launcher
         assert bulk.download_digest.digest() == prefix_digest(1, bulk.downloaded)
         print(f"\nmux_version {version}: {ROUND_TRIPS} round trips while {(moved_at_last[0] - moved_at_first[0]) / MiB:.0f}"
               f" MiB went down and {(moved_at_last[1] - moved_at_first[1]) / MiB:.0f} MiB up the same session")
+        for proc in (tunnel.server, tunnel.client):
+            assert "Traceback" not in proc.log()
+    finally:
+        bulk.close()
+
+
+def test_bulk_on_the_only_session_brings_a_quiet_one_for_the_next_user(launcher: Launcher,
+                                                                       echo_service: Service) -> None:
+    """With connection_pool = 1 on both sides, a download and an upload on the client's one
+    session make the server ask for one more (one that no bulk crosses, for the next user), and
+    no more than QUIET_SESSIONS_PER_POOL x connection_pool. Catches: no session asked for (the
+    next user's frames wait behind the bulk's losses on a real path), sessions asked for on every
+    turn of the bulk, or a user of the new session losing bytes."""
+    bulk = Bulk()
+    try:
+        tunnel = mux_tunnel(launcher, [str(bulk.source.port), str(bulk.sink.port), str(echo_service.port)],
+                            server={"connection_pool": 1},
+                            client={"connection_pool": 1, "mux_session": 1}).up()
+        assert tunnel.server is not None and tunnel.client is not None
+        download_port, upload_port, echo_port = tunnel.public
+        wait_until(lambda: sessions_of(tunnel) == 1, 10, "the client's one smux session")
+        bulk.start(download_port, upload_port)
+        # Asked for as the bulk begins; the client's own pool sizing (v0.7's) would add one only
+        # at its first decision, ten seconds after the session opened.
+        wait_until(lambda: sessions_of(tunnel) == 2 or bulk.errors, 3, "a second session beside the bulk")
+        assert not bulk.errors, bulk.errors
+        for seed in range(20):
+            echo_works(echo_port, size=64 * KiB, seed=seed)
+        wait_until(lambda: min(bulk.downloaded, bulk.received) >= FLOWING or bulk.errors, 60,
+                   "both bulk streams to move")
+        assert sessions_of(tunnel) == QUIET_SESSIONS_PER_POOL, "more sessions than the bound"
+        bulk.stop()
+        assert not bulk.errors, bulk.errors
+        assert bulk.target_done.wait(harness.IO_TIMEOUT), "the upload's target never saw its end"
+        assert bulk.received == bulk.uploaded and bulk.upload_digest.digest() == prefix_digest(2, bulk.uploaded)
+        assert bulk.download_digest.digest() == prefix_digest(1, bulk.downloaded)
         for proc in (tunnel.server, tunnel.client):
             assert "Traceback" not in proc.log()
     finally:

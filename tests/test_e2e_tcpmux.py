@@ -22,6 +22,7 @@ import pytest
 
 from backhaul.protocol.smux import encode_frame
 from backhaul.relay.stream import READ_CHUNK
+from backhaul.tunnel.mux_sessions import QUIET_SESSIONS_PER_POOL
 from tests import harness
 from tests.faultproxy import FaultProxy
 from tests.harness import (
@@ -328,7 +329,7 @@ def test_thousand_concurrent_streams_on_one_session_sha256_exact(launcher: Launc
     payloads = [struct.pack(">I", i) + rng.randbytes(STREAM_PAYLOAD - 4) for i in range(THOUSAND)]
     with nofile_at_least(4 * THOUSAND + 256), EchoLoad() as load:
         tunnel = mux_tunnel(launcher, [str(load.port)],
-                            server={"mux_con": THOUSAND, "mux_version": version},
+                            server={"mux_con": THOUSAND, "mux_version": version, "channel_size": 1},
                             client={"connection_pool": 1, "mux_session": 1, "mux_version": version}).up()
         wait_until(lambda: sessions_of(tunnel) == 1, 10, "the client's one smux session")
         # Users send nothing until all 1,000 reached the echo service through the tunnel: the
@@ -419,7 +420,8 @@ def test_stalled_reader_does_not_stall_the_session(launcher: Launcher, version: 
     echo = CountingEcho()
     try:
         tunnel = mux_tunnel(launcher, [str(source.service.port), str(echo.service.port)],
-                            server={"mux_version": version, "mux_con": 64},
+                            # one session (channel_size): no quiet one asked for beside the download
+                            server={"mux_version": version, "mux_con": 64, "channel_size": 1},
                             client={"mux_version": version, "connection_pool": 1, "mux_session": 1}).up()
         assert tunnel.server is not None and tunnel.client is not None
         download_port, echo_port = tunnel.public
@@ -523,7 +525,7 @@ def test_cut_session_ends_its_users_and_a_new_session_carries_on(launcher: Launc
     log the session's end, the client dials a new session and a new user echoes exact."""
     source = Source(1024 * MiB, seed=4)  # far more than the test reads
     tunnel = mux_tunnel(launcher, [str(source.service.port), str(echo_service.port)],
-                        client={"connection_pool": 1, "mux_session": 1})
+                        server={"connection_pool": 1}, client={"connection_pool": 1, "mux_session": 1})
     tunnel.start_server()
     proxy = FaultProxy(tunnel.bind_port)
     try:
@@ -550,7 +552,10 @@ def test_cut_session_ends_its_users_and_a_new_session_carries_on(launcher: Launc
         wait_until(lambda: len(proxy.pairs) >= 3, 10, "the client to dial a new session")
         echo_works(tunnel.public[1], size=2 * MiB, seed=44)
         print(f"\nuser ended {ended_after:.2f} s after the cut; server: {line!r}; client: {client_line!r}")
-        assert len(proxy.pairs) == 3, "more sessions than mux_session = 1 needs"
+        # the control channel, the cut session, and at most the sessions the server asks for to
+        # keep one quiet beside bulk (the download, then the echo)
+        most = 2 + QUIET_SESSIONS_PER_POOL * 1
+        assert len(proxy.pairs) <= most, f"{len(proxy.pairs) - 1} sessions: more than the server asks for"
         assert not tunnel.client.lines("lost the server"), "the control channel went down with the session"
         for proc in (tunnel.server, tunnel.client):
             assert "Traceback" not in proc.log()

@@ -4,6 +4,7 @@ session's receive buffer."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import random
 import socket
@@ -23,7 +24,7 @@ from backhaul.relay.splice import Relay
 from backhaul.resolver import Resolver
 from backhaul.tunnel.carrier import SocketCarrier
 from backhaul.tunnel.control import ServerChannel
-from backhaul.tunnel.mux_sessions import SessionLinks
+from backhaul.tunnel.mux_sessions import QUIET_SESSIONS_PER_POOL, SessionLinks
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -327,3 +328,34 @@ def test_a_new_stream_avoids_a_session_that_bulk_crosses() -> None:
     assert links._free() is sessions[1]   # a quiet session with more streams still wins
     sessions[1].busy = True
     assert links._free() is sessions[0]   # all busy: the fewest streams, as before
+
+
+def test_bulk_on_every_session_with_room_asks_for_one_quiet_session() -> None:
+    """Catches: no session asked for when bulk crosses every session with room (the next user's
+    stream would wait behind a download's losses), more than one asked at a time, a full quiet
+    session taken for room, or sessions asked past QUIET_SESSIONS_PER_POOL x connection_pool."""
+    links, sessions = _session_links(8, 1, 8)   # one stream, and a session that is full
+    links.config.connection_pool = 2
+    links.config.channel_size = 64
+    links.sessions = list(sessions)
+    links.requested = collections.deque()
+    asked: list[int] = []
+    links.ask = asked.append
+    links._bulk_began(sessions[0])
+    assert asked == []                   # it is quiet yet: nothing to do
+    sessions[0].busy = True
+    links._bulk_began(sessions[0])
+    assert asked == [1]                  # the full session does not count as room
+    links._bulk_began(sessions[0])
+    assert asked == [1]                  # one on its way already
+    links.requested[0] -= 60             # ... and never came: asked again
+    links._bulk_began(sessions[0])
+    assert asked == [1, 1]
+    links.requested.clear()
+    most = QUIET_SESSIONS_PER_POOL * links.config.connection_pool
+    while len(links.sessions) < most:
+        arrived = _Counted(0)
+        arrived.busy = True
+        links.sessions.append(arrived)
+    links._bulk_began(sessions[0])
+    assert asked == [1, 1]               # the bound: bulk everywhere, but enough sessions open

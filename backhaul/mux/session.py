@@ -28,6 +28,7 @@ from collections.abc import Callable
 from backhaul.buffers import scratch as thread_scratch
 from backhaul.errors import ProtocolError
 from backhaul.metrics import METRICS
+from backhaul.mux.bulk import BulkGauge
 from backhaul.mux.unsent import UnsentLimit
 from backhaul.net import reason
 from backhaul.protocol.chunks import advance
@@ -94,6 +95,7 @@ class MuxConnection:
         self.on_stream = on_stream
         self.on_lost = on_lost
         self.on_stream_closed: Callable[[MuxConnection], None] | None = None
+        self.on_busy: Callable[[MuxConnection], None] | None = None   # told when bulk begins to cross
         self.session_opener = opener
         self.closed = False
         try:
@@ -105,6 +107,7 @@ class MuxConnection:
         self._unsent = UnsentLimit(sock)       # the kernel's share of the queue (mux/unsent.py)
         self._writing = False                  # watching the socket for room
         self._inline = True                    # the reactor reads the socket (else the thread does)
+        self._bulk = BulkGauge()               # the bytes it moves say whether bulk crosses it
         self._mask = 0                         # what the reactor watches the socket for
         self._flush_posted = False             # a flush is due at the end of this reactor turn
         self._blocked: set[MuxStream] = set()  # streams whose write met a full outbox
@@ -261,6 +264,7 @@ class MuxConnection:
     def _received(self, data: bytes) -> None:
         if self.closed:
             return
+        self._moved(len(data))
         try:
             events = self.session.receive(data, time.monotonic())
         except ProtocolError as exc:
@@ -320,6 +324,8 @@ class MuxConnection:
         if mask != self._mask:
             self._mask = mask
             self.reactor.watch(self.sock, mask, self._on_socket)
+            if self.on_busy is not None and self.busy:
+                self.on_busy(self)
 
     def stream_closed(self, stream: MuxStream) -> None:
         if self.on_stream_closed is not None:
@@ -356,6 +362,7 @@ class MuxConnection:
                 else:
                     sent = self._send_tls(pending)
                 advance(pending, sent)
+                self._moved(sent)
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             limit = self._unsent.full()
             if limit:
@@ -409,9 +416,14 @@ class MuxConnection:
 
     @property
     def busy(self) -> bool:
-        """Bulk crosses this session: its demux thread reads on (reads fill the buffer), or
-        the socket is not taking our frames. A new stream's frames would queue behind it."""
-        return not self._inline or self.congested
+        """Bulk crosses this session: it moves bytes at a bulk rate (mux/bulk.py), its demux
+        thread reads on (reads fill the buffer), or the socket is not taking our frames. A new
+        stream's frames would queue behind it."""
+        return not self._inline or self.congested or self._bulk.busy(time.monotonic())
+
+    def _moved(self, count: int) -> None:
+        if self._bulk.moved(count, time.monotonic()) and self.on_busy is not None:
+            self.on_busy(self)
 
     def __len__(self) -> int:
         return len(self.streams)

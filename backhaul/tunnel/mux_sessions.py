@@ -37,6 +37,7 @@ MAX_CLIENT_SESSIONS = 1024    # sessions open or opening on the client
 HEADER_LIMIT = 0xFFFF
 BACKLOG = ACCEPT_BACKLOG      # client: streams opened whose target header has not arrived yet
 CLIENT_MAX_STREAMS = 65536    # client: live streams of one session (memory bound; Go has none)
+QUIET_SESSIONS_PER_POOL = 2   # server: sessions asked for so one stays quiet, at most this x connection_pool
 
 # opens one more session connection and calls back once with it (a plain TCP connection after
 # a link proof for tcpmux, an upgraded one for wsmux)
@@ -56,6 +57,10 @@ class SessionLinks:
 
     When every session is full the server asks for another one (0x01), once per mux_con users
     still waiting, as the Go server does; a request not answered in REQUEST_TTL is asked again.
+    When bulk crosses every session with room, it asks for one more too, so that the next user
+    finds a quiet session: on a session that carries a download, each packet the path loses holds
+    every other stream's frames for a round trip (TCP delivers in order). Those sessions are
+    bounded by QUIET_SESSIONS_PER_POOL x connection_pool.
     """
 
     def __init__(self, core: ServerCore, ask: Callable[[int], None], talking: Callable[[socket.socket], None]) -> None:
@@ -103,6 +108,7 @@ class SessionLinks:
         conn = MuxConnection(self.reactor, sock, peer, self.settings, opener=True, on_stream=None,
                              on_lost=self._lost)
         conn.on_stream_closed = self._room
+        conn.on_busy = self._bulk_began
         self.sessions.append(conn)
         self._empty[conn] = self._with_room[conn] = None
         if self.requested:
@@ -131,6 +137,21 @@ class SessionLinks:
                 self._with_room[conn] = None
                 if not count:
                     self._empty[conn] = None
+
+    def _bulk_began(self, _conn: MuxConnection) -> None:
+        """A session turned busy: ask for one more if no quiet session with room is left."""
+        now = time.monotonic()
+        while self.requested and now - self.requested[0] > REQUEST_TTL:
+            self.requested.popleft()
+        most = min(self.config.channel_size, QUIET_SESSIONS_PER_POOL * max(1, self.config.connection_pool))
+        if self.requested or len(self.sessions) >= most:
+            return  # one is on its way already (or asked by a waiting user), or enough are open
+        mux_con = self.config.mux_con
+        for conn in self.sessions:
+            if not conn.busy and len(conn.streams) < mux_con and not conn.closed and not conn.finishing:
+                return
+        self.requested.append(now)
+        self.ask(1)
 
     def _free(self) -> MuxConnection | None:
         """The session for the next stream: one with no stream (empty the longest) if there is
