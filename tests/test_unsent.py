@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from backhaul.mux import unsent
-from backhaul.mux.unsent import MAX_UNSENT, MIN_UNSENT, UnsentLimit, bbr_in_startup, unsent_limit
+from backhaul.mux.unsent import LONG_PATH_ENV, MAX_UNSENT, MIN_UNSENT, UnsentLimit, bbr_in_startup, unsent_limit
 
 
 def bbr_info(pacing_gain: int) -> bytes:
@@ -97,9 +97,25 @@ def test_a_short_path_keeps_the_hosts_queue(loopback_pair: tuple[socket.socket, 
     before = lowat(client)
     limit = UnsentLimit(client)
     limit.start()
+    assert not limit.long_path
     fill(client)
     assert limit.full() == 0
     assert lowat(client) == before
+
+
+def test_the_environment_may_make_loopback_a_long_path(monkeypatch: pytest.MonkeyPatch,
+                                                      loopback_pair: tuple[socket.socket, socket.socket]) -> None:
+    """LONG_PATH_ENV (for tests of whole processes) moves the threshold; a value that is not a
+    number of microseconds is ignored."""
+    client, _ = loopback_pair
+    monkeypatch.setenv(LONG_PATH_ENV, "0")
+    limit = UnsentLimit(client)
+    limit.start()
+    assert limit.long_path
+    monkeypatch.setenv(LONG_PATH_ENV, "-5")
+    limit = UnsentLimit(client)
+    limit.start()
+    assert not limit.long_path
 
 
 def test_a_long_path_gets_a_limit_from_its_pacing_rate_once_full(monkeypatch: pytest.MonkeyPatch,

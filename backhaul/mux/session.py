@@ -95,7 +95,7 @@ class MuxConnection:
         self.on_stream = on_stream
         self.on_lost = on_lost
         self.on_stream_closed: Callable[[MuxConnection], None] | None = None
-        self.on_busy: Callable[[MuxConnection], None] | None = None   # told when bulk begins to cross
+        self.on_busy: Callable[[MuxConnection], None] | None = None   # told when bulk begins (long path)
         self.session_opener = opener
         self.closed = False
         try:
@@ -107,7 +107,7 @@ class MuxConnection:
         self._unsent = UnsentLimit(sock)       # the kernel's share of the queue (mux/unsent.py)
         self._writing = False                  # watching the socket for room
         self._inline = True                    # the reactor reads the socket (else the thread does)
-        self._bulk = BulkGauge()               # the bytes it moves say whether bulk crosses it
+        self._bulk: BulkGauge | None = None    # on a long path: whether bulk crosses it, from its bytes
         self._mask = 0                         # what the reactor watches the socket for
         self._flush_posted = False             # a flush is due at the end of this reactor turn
         self._blocked: set[MuxStream] = set()  # streams whose write met a full outbox
@@ -132,6 +132,8 @@ class MuxConnection:
         """Begin; ``first`` holds session bytes read before (behind an HTTP 101 on wsmux)."""
         self.sock.setblocking(False)
         self._unsent.start()
+        if self._unsent.long_path:   # elsewhere a new stream waits microseconds behind bulk
+            self._bulk = BulkGauge()
         _OPEN.add(self)
         if first:
             self.reactor.call_soon(self._take_chunk, first)
@@ -324,8 +326,6 @@ class MuxConnection:
         if mask != self._mask:
             self._mask = mask
             self.reactor.watch(self.sock, mask, self._on_socket)
-            if self.on_busy is not None and self.busy:
-                self.on_busy(self)
 
     def stream_closed(self, stream: MuxStream) -> None:
         if self.on_stream_closed is not None:
@@ -419,10 +419,12 @@ class MuxConnection:
         """Bulk crosses this session: it moves bytes at a bulk rate (mux/bulk.py), its demux
         thread reads on (reads fill the buffer), or the socket is not taking our frames. A new
         stream's frames would queue behind it."""
-        return not self._inline or self.congested or self._bulk.busy(time.monotonic())
+        bulk = self._bulk
+        return not self._inline or self.congested or (bulk is not None and bulk.busy(time.monotonic()))
 
     def _moved(self, count: int) -> None:
-        if self._bulk.moved(count, time.monotonic()) and self.on_busy is not None:
+        bulk = self._bulk
+        if bulk is not None and bulk.moved(count, time.monotonic()) and self.on_busy is not None:
             self.on_busy(self)
 
     def __len__(self) -> int:

@@ -21,6 +21,7 @@ the sender is the limit.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 import time
@@ -33,6 +34,7 @@ MAX_UNSENT = 512 * 1024
 # Where the round trip is shorter than this the kernel's queue drains as fast as it fills, and a
 # small one only costs a wake-up per take (on loopback a quarter of a v1 stream's rate).
 LOWAT_RTT_US = 2000
+LONG_PATH_ENV = "BACKHAUL_LONG_PATH_US"   # undocumented: LOWAT_RTT_US for every process (tests)
 # How often a full socket looks at its pacing rate again (and at bbr's state, while in startup).
 LOOK_EVERY = 0.1
 
@@ -53,6 +55,12 @@ def bbr_in_startup(cc_info: bytes) -> bool:
     if len(cc_info) < _BBR_INFO.size:
         return False
     return _BBR_INFO.unpack_from(cc_info)[3] > _STARTUP_GAIN
+
+
+def long_path_us() -> int:
+    """The round trip from which a path is long: LOWAT_RTT_US, or the environment's (tests)."""
+    text = os.environ.get(LONG_PATH_ENV, "")
+    return int(text) if text.isdigit() else LOWAT_RTT_US
 
 
 def unsent_limit(pacing_rate: int) -> int:
@@ -81,7 +89,12 @@ class UnsentLimit:
             log.debug("smux session socket keeps the host's unsent queue: %s", exc)
             return
         rtt_us = _RTT.unpack_from(info, _TCP_INFO_RTT)[0] if len(info) >= _TCP_INFO_RTT + _RTT.size else 0
-        self._long = rtt_us >= LOWAT_RTT_US
+        self._long = rtt_us >= long_path_us()
+
+    @property
+    def long_path(self) -> bool:
+        """The path has a delay (``start`` measured it): what waits in order costs a round trip."""
+        return self._long
 
     def full(self) -> int:
         """The socket refused bytes: the limit, set anew at most every LOOK_EVERY (0: none)."""
