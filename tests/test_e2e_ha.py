@@ -260,7 +260,10 @@ def test_balance_with_the_challenge_handshake_takes_the_links_of_each_clients_se
     tunnel.wait_pools_open()
     run_users(tunnel.public, range(90))
     spread = tagged.count(range(90))
-    assert min(spread.values()) >= 90 / 3, spread
+    # Both clients' links are taken; not evenly on a loaded machine: a link asked for after a
+    # challenge comes later from a client that gets less CPU, and the other serves meanwhile
+    # (seen on CI: 64/26 with both pools full).
+    assert min(spread.values()) >= 90 / 6, spread
     samples = tunnel.metrics()
     for kind in ("link", "replay", "foreign", "early"):
         assert sample(samples, "backhaul_handshake_failures_total", reason=kind) == 0, kind
