@@ -30,6 +30,7 @@ log = logging.getLogger("backhaul")
 WORKERS = min(16, max(4, 2 * (os.cpu_count() or 1)))
 STATUS_EVERY = 5.0     # seconds between checks whether systemd's status line changed
 DRAIN_POLL = 0.05      # seconds between looks at the open connections while draining
+STOP_ACCEPTING_WAIT = 2.0   # seconds a drain waits for the reactor to close the listeners
 
 METRICS.gauge("backhaul_start_time_seconds", "When the process started, in seconds since the epoch.").watch(
     lambda: _STARTED)
@@ -215,13 +216,18 @@ class App:
         (0x03) goes out in ``stop``, because a peer that hears it ends every relay it carries."""
         self.notifier.stopping(f"draining {self.open_connections()} connections")
 
+        stopped = threading.Event()
+
         def stop_accepting() -> None:
             if self.server is not None:
                 self.server.stop_accepting()
             if self.client is not None:
                 self.client.draining = True
+            stopped.set()
 
         self.reactor.call_soon(stop_accepting)
+        # The reactor takes it in its next turn: once the line below is out, no user gets in.
+        stopped.wait(STOP_ACCEPTING_WAIT)
         open_now = self.open_connections()
         if not open_now or timeout <= 0:
             return
