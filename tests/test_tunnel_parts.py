@@ -285,6 +285,9 @@ class _Counted:
     def __init__(self, streams: int) -> None:
         self.streams = dict.fromkeys(range(streams))
 
+    def busy_at(self, _now: float) -> bool:
+        return self.busy
+
 
 def _session_links(mux_con: int, *counts: int) -> tuple[SessionLinks, list[_Counted]]:
     """SessionLinks over stand-in sessions, told of each as a stream of it ended."""

@@ -414,13 +414,12 @@ class MuxConnection:
         """The socket is not taking our frames: a new stream here would only wait."""
         return bool(self._pending) and self._writing
 
-    @property
-    def busy(self) -> bool:
-        """Bulk crosses this session: it moves bytes at a bulk rate (mux/bulk.py), its demux
+    def busy_at(self, now: float) -> bool:
+        """Bulk crosses this session at ``now``: it moves bytes at a bulk rate (mux/bulk.py), its demux
         thread reads on (reads fill the buffer), or the socket is not taking our frames. A new
         stream's frames would queue behind it."""
         bulk = self._bulk
-        return not self._inline or self.congested or (bulk is not None and bulk.busy(time.monotonic()))
+        return not self._inline or self.congested or (bulk is not None and bulk.busy(now))
 
     def _moved(self, count: int) -> None:
         bulk = self._bulk

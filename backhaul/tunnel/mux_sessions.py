@@ -148,7 +148,7 @@ class SessionLinks:
             return  # one is on its way already (or asked by a waiting user), or enough are open
         mux_con = self.config.mux_con
         for conn in self.sessions:
-            if not conn.busy and len(conn.streams) < mux_con and not conn.closed and not conn.finishing:
+            if len(conn.streams) < mux_con and not conn.closed and not conn.finishing and not conn.busy_at(now):
                 return
         self.requested.append(now)
         self.ask(1)
@@ -166,12 +166,15 @@ class SessionLinks:
             del empty[conn]
         mux_con = self.config.mux_con
         best, rank, full = None, (True, mux_con), []
+        now = time.monotonic()
         for conn in self._with_room:
             count = len(conn.streams)
             if count >= mux_con or conn.closed or conn.finishing:
                 full.append(conn)
                 continue
-            here = (conn.busy, count)
+            if count >= rank[1] and not rank[0]:
+                continue  # a quiet session with as few streams is chosen already
+            here = (conn.busy_at(now), count)
             if here < rank:
                 best, rank = conn, here
                 if here <= (False, 1):
