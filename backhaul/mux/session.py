@@ -132,7 +132,9 @@ class MuxConnection:
         """Begin; ``first`` holds session bytes read before (behind an HTTP 101 on wsmux)."""
         self.sock.setblocking(False)
         self._unsent.start()
-        if self._unsent.long_path:   # elsewhere a new stream waits microseconds behind bulk
+        # Only on a long path (elsewhere a new stream waits microseconds behind bulk), and only
+        # for an owner that places streams (the server).
+        if self._unsent.long_path and self.on_busy is not None:
             self._bulk = BulkGauge()
         _OPEN.add(self)
         if first:

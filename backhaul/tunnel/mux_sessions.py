@@ -138,11 +138,14 @@ class SessionLinks:
                 if not count:
                     self._empty[conn] = None
 
+    def _forget_unanswered(self, now: float) -> None:
+        while self.requested and now - self.requested[0] > REQUEST_TTL:
+            self.requested.popleft()
+
     def _bulk_began(self, _conn: MuxConnection) -> None:
         """A session turned busy: ask for one more if no quiet session with room is left."""
         now = time.monotonic()
-        while self.requested and now - self.requested[0] > REQUEST_TTL:
-            self.requested.popleft()
+        self._forget_unanswered(now)
         most = min(self.config.channel_size, QUIET_SESSIONS_PER_POOL * max(1, self.config.connection_pool))
         if self.requested or len(self.sessions) >= most:
             return  # one is on its way already (or asked by a waiting user), or enough are open
@@ -195,8 +198,7 @@ class SessionLinks:
         if self._free() is not None:
             return
         now = time.monotonic()
-        while self.requested and now - self.requested[0] > REQUEST_TTL:
-            self.requested.popleft()
+        self._forget_unanswered(now)
         self.demand += 1
         wanted = math.ceil(self.demand / self.config.mux_con)
         if len(self.requested) < min(wanted, self.config.channel_size):
