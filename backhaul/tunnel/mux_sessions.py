@@ -149,10 +149,9 @@ class SessionLinks:
         most = min(self.config.channel_size, QUIET_SESSIONS_PER_POOL * max(1, self.config.connection_pool))
         if self.requested or len(self.sessions) >= most:
             return  # one is on its way already (or asked by a waiting user), or enough are open
-        mux_con = self.config.mux_con
-        for conn in self.sessions:
-            if len(conn.streams) < mux_con and not conn.closed and not conn.finishing and not conn.busy_at(now):
-                return
+        free = self._free()   # the best session for a new stream: busy only if all with room are
+        if free is not None and (not free.streams or not free.busy_at(now)):
+            return
         self.requested.append(now)
         self.ask(1)
 
