@@ -28,6 +28,8 @@ def _serve(listener: socket.socket, context: ssl.SSLContext, count: int, reused:
 
 
 def test_the_next_connection_resumes_the_servers_last_session() -> None:
+    """Catches: no resumption (a full handshake per link), the kept session copied again from
+    every resumed link (a copy costs ~0.1 ms), or a kept session never renewed before it expires."""
     cert, key = CERTS.self_signed()
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
@@ -36,22 +38,27 @@ def test_the_next_connection_resumes_the_servers_last_session() -> None:
         port = listener.getsockname()[1]
         cfg = dataclasses.replace(ClientConfig(remote_addr=f"{HOST}:{port}"), remote_host=HOST, remote_port=port,
                                   transport="wss")
-        server = threading.Thread(target=_serve, args=(listener, server_context, 3, reused))
+        server = threading.Thread(target=_serve, args=(listener, server_context, 5, reused))
         server.start()
         try:
             tls = client_tls(cfg)
             assert client_tls(cfg) is tls            # one per server, not one per connection
-            seen = []
-            for _ in range(3):
+            seen, kept = [], []
+            for n in range(5):
                 with tls.wrap(socket.create_connection((HOST, port)), HOST) as sock:
                     assert sock.recv(5) == b"hello"
-                    tls.keep(sock)
+                    session = tls.session
+                    # the fourth link comes when the kept session has lived more than half its life
+                    tls.keep(sock, now=None if n != 3 else session.time + session.timeout / 2 + 1)
                     seen.append(sock.session_reused)
+                    kept.append(tls.session)
                     sock.sendall(b"x")
         finally:
             server.join(10)
-    assert seen == [False, True, True]
-    assert reused == [False, True, True]
+    assert seen == [False, True, True, True, True]
+    assert reused == [False, True, True, True, True]
+    assert kept[0] is kept[1] is kept[2], "a resumed link keeps the session it resumed"
+    assert kept[3] is not kept[2] and kept[3] is kept[4], "an old session is renewed from the next link"
 
 
 def test_a_changed_ca_file_makes_a_new_context(tmp_path) -> None:

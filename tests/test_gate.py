@@ -111,3 +111,25 @@ def test_an_eviction_is_a_failure_of_the_evicted_address(caplog: pytest.LogCaptu
     assert lines[0] == ("closed the oldest pending connection 192.0.2.30:1 to make room: "
                         "1 handshakes from 192.0.2.30 already pending"), lines
     pending.close()
+
+
+def test_the_clients_links_have_a_cap_of_their_own_beside_strangers() -> None:
+    """Catches: a tunnel's own links evicted by the shared cap (a pool asks for hundreds at once
+    under load), or a stranger's flood pushing them out, or no bound on them at all."""
+    reactor = FakeReactor()
+    pending: PendingSet[Pending] = PendingSet(reactor, "upgrade heads", 2.0, lambda _e: None, max_pending=4,
+                                              per_source=2, gate=limited_gate(100), max_trusted=6)  # type: ignore[arg-type]
+    pending.trusted = frozenset({"192.0.2.40"})
+    links = [Pending(object(), f"192.0.2.40:{n}", "192.0.2.40") for n in range(6)]  # type: ignore[arg-type]
+    strangers = [Pending(object(), f"192.0.2.{50 + n}:1", f"192.0.2.{50 + n}") for n in range(5)]  # type: ignore[arg-type]
+    for entry in links[:3] + strangers[:4] + links[3:]:
+        pending.add(entry)
+    assert reactor.closed == [], "six links (more than the per-source share) and four strangers fit"
+    strangers[1].heard = True
+    pending.add(strangers[4])
+    assert reactor.closed == [strangers[0].sock], "the oldest silent stranger made room, never a link"
+    late = Pending(object(), "192.0.2.40:99", "192.0.2.40")  # type: ignore[arg-type]
+    pending.add(late)
+    assert reactor.closed == [strangers[0].sock, links[0].sock], "past their own cap the oldest link makes room"
+    assert len(pending) == 10
+    pending.close()

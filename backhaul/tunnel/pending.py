@@ -2,7 +2,10 @@
 
 Capped in all and per source address, each with a deadline. When the cap is reached the oldest
 silent connection makes room: a real client speaks at once, so a flood of silent connections
-must not keep it out.
+must not keep it out. The addresses of the tunnel's own clients have a cap of their own: the
+server asks for their links by the hundred under load (each pending for a round trip or two on a
+long path, a TLS handshake on wss), and neither those links nor a stranger's flood may push the
+other out.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from backhaul.reactor import Reactor, Timer
 
 MAX_PENDING = 256        # connections being read at once
 PENDING_PER_SOURCE = 64  # of which one address may hold this many
+MAX_PENDING_TRUSTED = 1024  # and beside them, the links of the tunnel's own clients: a pool asks
+                            # for ~1.5 links per user ahead, 200 users at once want ~300
 
 
 
@@ -50,14 +55,16 @@ class PendingSet(Generic[P]):
     """The pending connections of one port, in arrival order; reactor thread only."""
 
     def __init__(self, reactor: Reactor, what: str, timeout: float, on_expired: Callable[[P], None],
-                 max_pending: int = MAX_PENDING, per_source: int = PENDING_PER_SOURCE, *, gate: Gate) -> None:
+                 max_pending: int = MAX_PENDING, per_source: int = PENDING_PER_SOURCE, *, gate: Gate,
+                 max_trusted: int = MAX_PENDING_TRUSTED) -> None:
         self.reactor = reactor
         self.what = what                  # "handshakes", "upgrade heads": for log lines
         self.timeout = timeout
         self.on_expired = on_expired      # called before the entry is ended and closed
         self.max_pending = max_pending
         self.per_source = per_source
-        self.trusted: frozenset[str] = frozenset()   # the control channels' addresses: no per-source share
+        self.max_trusted = max_trusted
+        self.trusted: frozenset[str] = frozenset()   # the control channels' addresses: a cap of their own
         self.entries: dict[socket.socket, P] = {}   # insertion order = age
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.evicted = 0                  # metric-ready count of connections that made room
@@ -74,12 +81,17 @@ class PendingSet(Generic[P]):
         self.per_ip[entry.ip] += 1
 
     def _make_room(self, ip: str) -> None:
-        if self.per_ip[ip] >= self.per_source and ip not in self.trusted:
+        trusted = sum(self.per_ip[t] for t in self.trusted)
+        if ip in self.trusted:
+            if trusted >= self.max_trusted:
+                victim = next(e for e in self.entries.values() if e.ip in self.trusted)
+                self._evict(victim, f"{self.max_trusted} {self.what} from this tunnel's clients already pending")
+        elif self.per_ip[ip] >= self.per_source:
             victim = next(e for e in self.entries.values() if e.ip == ip)
             self._evict(victim, f"{self.per_source} {self.what} from {ip} already pending")
-        elif len(self.entries) >= self.max_pending:
-            victim = next((e for e in self.entries.values() if not e.heard), None)
-            victim = victim or next(iter(self.entries.values()))
+        elif len(self.entries) - trusted >= self.max_pending:
+            strangers = [e for e in self.entries.values() if e.ip not in self.trusted]
+            victim = next((e for e in strangers if not e.heard), strangers[0])
             self._evict(victim, f"{self.max_pending} {self.what} already pending")
 
     def _evict(self, entry: P, why: str) -> None:

@@ -329,7 +329,7 @@ class TunnelPort(Port[LinkT, LinksT]):
         self.acceptor.arrived(sock, addr)
 
     def _trust(self, ips: frozenset[str]) -> None:
-        self.acceptor.control_ips = ips
+        self.acceptor.control_ips = self.acceptor.pending.trusted = ips
 
     def _close_pending(self) -> None:
         self.acceptor.close()

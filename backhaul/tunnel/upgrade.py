@@ -20,6 +20,7 @@ import os
 import secrets
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 
 from backhaul.config import ClientConfig, ServerConfig
@@ -359,8 +360,14 @@ class ClientTls:
         return self.context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=handshake,
                                         session=self.session)
 
-    def keep(self, sock: ssl.SSLSocket) -> None:
-        """After the server's first bytes (TLS 1.3 sends its tickets after the handshake)."""
+    def keep(self, sock: ssl.SSLSocket, now: float | None = None) -> None:
+        """After the server's first bytes (TLS 1.3 sends its tickets after the handshake). A
+        connection that resumed the kept session leaves it kept until half its lifetime is gone:
+        reading a socket's session copies it (the certificate parsed again, ~0.1 ms a link)."""
+        kept = self.session
+        now = time.time() if now is None else now
+        if kept is not None and sock.session_reused and now < kept.time + kept.timeout / 2:
+            return
         session = sock.session
         if session is not None and session.has_ticket:
             self.session = session
