@@ -319,10 +319,8 @@ def capacity(wan: Wan, s: Settings) -> str:
     wan.path.set(rate_mbit=0, delay_ms=0)
     sink = wan.sink()
     try:
-        got = []
-        for reverse in (False, True):
-            moved, secs = sink.run(sink.port, 1, min(s.seconds, 5.0), reverse, host=ADDRESS_B)
-            got.append(moved * 8 / secs / 1e6)
+        alone = Endpoint("forwarder alone", sink.port, {}, host=ADDRESS_B)
+        got = [iperf(sink, alone, 1, min(s.seconds, 5.0), reverse) for reverse in (False, True)]
         stats = wan.path.stats()
     finally:
         sink.stop()
