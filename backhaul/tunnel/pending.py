@@ -19,8 +19,8 @@ from backhaul.reactor import Reactor, Timer
 
 MAX_PENDING = 256        # connections being read at once
 PENDING_PER_SOURCE = 64  # of which one address may hold this many
-MAX_PENDING_TRUSTED = 1024  # and beside them, the links of the tunnel's own clients: a pool asks
-                            # for ~1.5 links per user ahead, 200 users at once want ~300
+MAX_PENDING_TRUSTED = 1024  # and beside them, the links of the tunnel's own clients: 200 users at
+                            # once make a pool ask for ~500 (one each, ~1.5 each ahead)
 
 
 
