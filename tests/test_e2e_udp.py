@@ -314,7 +314,9 @@ def test_links_the_server_forgot_are_closed_by_the_client(launcher, udp_echo):
     assert "closed UDP link from" in refused, refused
     line = tunnel.client.wait_for_log("idle UDP links the server no longer pings", timeout=30)
     assert "closed 6 idle UDP links" in line, line
-    time.sleep(12)   # the two links the server keeps are pinged every second: they stay
+    # The silence limit is 5 s here (heartbeat 1 s, at least 5 s): links are looked at every
+    # 2.5 s. The two links the server keeps are pinged every second: they stay through 3 looks.
+    time.sleep(7.5)
     assert len(tunnel.client.lines("no longer pings")) == 1, tunnel.client.log()
     with contextlib.closing(user_socket()) as user:
         assert exchange(user, tunnel.public[0], b"still works", tries=3) == b"still works"

@@ -34,7 +34,9 @@ log = logging.getLogger("backhaul.transport.udp")
 
 MAX_CLIENT_LINKS = 4096       # links on the client, idle or carrying a flow (two sockets each then)
 EVICT_SHARE = 8               # at that cap, an eighth of the flows makes room at once
-REAP_EVERY = 10.0             # seconds between looks for idle links the server no longer pings
+REAP_EVERY = 10.0             # seconds between looks for idle links the server no longer pings (at
+#                               most: twice a silence limit when the server's heartbeat is faster)
+LEARN_EVERY = 1.0             # ...and until its heartbeat's cadence is known (no link is judged then)
 MAX_TARGET = 1024             # a datagram longer than this is no target string
 PING = bytes((SG_PING,))
 
@@ -123,7 +125,7 @@ class UdpSession(TunnelSession):
     def start(self) -> None:
         super().start()
         if not self.closed:
-            self._timer = self.reactor.call_later(REAP_EVERY, self._reap)
+            self._timer = self.reactor.call_later(LEARN_EVERY, self._reap)
 
     def idle_links(self) -> int:
         return len(self.links)
@@ -201,7 +203,7 @@ class UdpSession(TunnelSession):
                          limit)
             for sock in silent:
                 self._drop(sock)
-        self._timer = self.reactor.call_later(REAP_EVERY, self._reap)
+        self._timer = self.reactor.call_later(LEARN_EVERY if limit is None else min(REAP_EVERY, limit / 2), self._reap)
 
     def _drop(self, sock: socket.socket) -> None:
         del self.links[sock]
