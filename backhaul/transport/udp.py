@@ -34,8 +34,8 @@ log = logging.getLogger("backhaul.transport.udp")
 
 MAX_CLIENT_LINKS = 4096       # links on the client, idle or carrying a flow (two sockets each then)
 EVICT_SHARE = 8               # at that cap, an eighth of the flows makes room at once
-REAP_EVERY = 10.0             # seconds between looks for idle links the server no longer pings (at
-#                               most: twice a silence limit when the server's heartbeat is faster)
+REAP_EVERY = 10.0             # seconds between looks for idle links the server no longer pings, or
+#                               half its silence limit when that is shorter (a fast heartbeat)
 LEARN_EVERY = 1.0             # ...and until its heartbeat's cadence is known (no link is judged then)
 MAX_TARGET = 1024             # a datagram longer than this is no target string
 PING = bytes((SG_PING,))

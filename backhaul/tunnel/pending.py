@@ -90,9 +90,20 @@ class PendingSet(Generic[P]):
             victim = next(e for e in self.entries.values() if e.ip == ip)
             self._evict(victim, f"{self.per_source} {self.what} from {ip} already pending")
         elif len(self.entries) - trusted >= self.max_pending:
-            strangers = [e for e in self.entries.values() if e.ip not in self.trusted]
-            victim = next((e for e in strangers if not e.heard), strangers[0])
-            self._evict(victim, f"{self.max_pending} {self.what} already pending")
+            self._evict(self._oldest_stranger(), f"{self.max_pending} {self.what} already pending")
+
+    def _oldest_stranger(self) -> P:
+        """The oldest silent entry not from a client of the tunnel, else the oldest such entry
+        (one pass: this runs on every arrival while a flood holds the cap)."""
+        oldest = None
+        for entry in self.entries.values():
+            if entry.ip in self.trusted:
+                continue
+            if not entry.heard:
+                return entry
+            oldest = oldest or entry
+        assert oldest is not None   # called only with max_pending strangers pending
+        return oldest
 
     def _evict(self, entry: P, why: str) -> None:
         self.evicted += 1
