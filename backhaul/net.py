@@ -204,7 +204,7 @@ def _dial_numeric(reactor: Reactor, family: int, addr: tuple[str, int], timeout:
         done(None, f"cannot connect to {addr[0]}:{addr[1]} from local_addr {source}: {reason(exc)}")
         return
     code = sock.connect_ex(addr)
-    if code in (errno.EINPROGRESS, errno.EAGAIN) and _SEND_TELLS_STATE:
+    if code == errno.EINPROGRESS and _SEND_TELLS_STATE:
         code = _handshake_state(sock)
     if code == 0:
         done(sock, "")  # not watched: the caller's watch adds it
