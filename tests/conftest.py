@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
+from backhaul.reactor import Reactor
 from tests import contention
 
 # The fixtures every end-to-end module uses, defined with the harness they belong to.
@@ -61,3 +63,13 @@ def contention_mode():
         return
     with contention.BusyLoops():
         yield
+
+
+@pytest.fixture
+def reactor() -> Iterator[Reactor]:
+    """A started reactor with two workers; stopped and closed after the test."""
+    r = Reactor(workers=2)
+    r.start()
+    yield r
+    r.stop()
+    r.close()

@@ -32,14 +32,6 @@ class Outcome:
         self.finished = threading.Event()
 
 
-@pytest.fixture
-def reactor():
-    reactor = Reactor(2)
-    reactor.start()
-    yield reactor
-    reactor.stop()
-    reactor.close()
-
 
 @pytest.fixture
 def resolver(reactor):

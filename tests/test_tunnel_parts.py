@@ -10,7 +10,6 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -29,14 +28,6 @@ from tests.harness import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
-
-@pytest.fixture
-def reactor() -> Iterator[Reactor]:
-    r = Reactor(workers=2)
-    r.start()
-    yield r
-    r.stop()
-    r.close()
 
 
 def on_reactor(reactor: Reactor, fn):

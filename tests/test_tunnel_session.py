@@ -70,14 +70,6 @@ class Core:
         self.ended.append((session, reason))
 
 
-@pytest.fixture
-def reactor() -> Iterator[Reactor]:
-    r = Reactor(workers=2)
-    r.start()
-    yield r
-    r.stop()
-    r.close()
-
 
 @pytest.fixture
 def core(reactor: Reactor) -> Core:

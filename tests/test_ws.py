@@ -52,14 +52,6 @@ pytestmark = pytest.mark.timeout(60)
 # ------------------------------------------------------------------------------------------------
 # helpers
 
-@pytest.fixture
-def reactor() -> Iterator[Reactor]:
-    r = Reactor(2)
-    r.start()
-    yield r
-    r.stop()
-    r.close()
-
 
 @pytest.fixture
 def listener() -> Iterator[socket.socket]:
