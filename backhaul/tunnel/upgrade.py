@@ -524,9 +524,9 @@ class UpgradeDial:
             self.reactor.forget(sock)
             # The TLS handshake starts after the events at hand, not inside the turn that
             # dialed (a dial to a server on this host is up at once). Measured on loopback, wss
-            # under ab with 50 and 200 users: starting it at once cost both sides 30-60 µs more
-            # per link, and 7-10 % of the connections per second; the head of a plain upgrade is
-            # best sent at once.
+            # under ab with 50 and 200 users: starting it at once cost ~100 µs more per link
+            # (client ~65, server ~30) and ~13 % of the connections per second. The head of a
+            # plain upgrade is best sent at once (deferred, ws lost 6-7 %).
             self.reactor.call_soon(self._start_tls)
             return
         self._step(0)
