@@ -732,10 +732,9 @@ def test_a_close_notify_that_meets_a_full_socket_waits_for_room(monkeypatch, tls
     assert refused, "no clean TLS close happened"
 
 
-def test_half_close_toward_a_go_peer_still_gets_the_answer(reactor, listener):
-    """Gorilla answers FIN_PING like any Ping and goes on; Go closes the websocket at its target's
-    EOF: our user still gets the whole answer, then EOF."""
-    user, near = tcp_pair(listener)
+def go_peer_link(reactor, listener):
+    """A socket relayed over our client websocket to a raw peer that plays the Go program."""
+    near_peer, near = tcp_pair(listener)
     client_sock, server_sock = tcp_pair(listener)
     closed = threading.Event()
 
@@ -746,21 +745,52 @@ def test_half_close_toward_a_go_peer_still_gets_the_answer(reactor, listener):
         return relay
 
     on_reactor(reactor, build)
+    return near_peer, RawPeer(server_sock, client=False), closed
+
+
+def test_half_close_toward_a_go_peer_ends_after_what_it_sent_before_its_pong(reactor, listener):
+    """Gorilla answers FIN_PING like any Ping and goes on: it carries no half-close, so its Pong
+    ends the connection as Go ends one at its first EOF. Our user gets every byte the peer sent
+    before the Pong, then EOF, and the peer reads EOF (nothing waits for a close that never comes)."""
+    user, go, closed = go_peer_link(reactor, listener)
     request, answer = b"request", random.Random(9).randbytes(1 << 20)
     user.sendall(request)
     user.shutdown(socket.SHUT_WR)
-    go = RawPeer(server_sock, client=False)
     assert go.message_bytes(len(request)) == request
     ping = go.next_event()
     assert isinstance(ping, Ping) and ping.payload == FIN_PING
-    go.send(ping.response())                                          # gorilla's default handler
     go.send(*[BytesMessage(data=answer[i:i + 16384]) for i in range(0, len(answer), 16384)])
-    server_sock.close()                                               # Go: close at the first EOF
+    go.send(ping.response())                                          # gorilla's default handler
     user.settimeout(10)
     got = read_all(user)
     assert hashlib.sha256(got).digest() == hashlib.sha256(answer).digest()
+    assert go.next_event() is None, "the Go peer's websocket was left open"
     assert closed.wait(5)
     user.close()
+    go.sock.close()
+
+
+def test_a_target_that_closes_after_its_answer_ends_the_go_peer_s_connection(reactor, listener):
+    """An HTTP/1.0 server answers and closes; the Go server's user waits for that close. We send
+    the answer and FIN_PING; the Go peer pongs and keeps its user open, waiting for us: we must
+    close the websocket (before, the user waited until it gave up)."""
+    target, go, closed = go_peer_link(reactor, listener)
+    request, answer = b"GET / HTTP/1.0\r\n\r\n", random.Random(10).randbytes(300_000)
+    go.send(BytesMessage(data=request))
+    target.settimeout(10)
+    got = b""
+    while len(got) < len(request):
+        got += target.recv(100)
+    assert got == request
+    target.sendall(answer)
+    target.close()                                                    # a full close, as nginx does
+    assert hashlib.sha256(go.message_bytes(len(answer))).digest() == hashlib.sha256(answer).digest()
+    ping = go.next_event()
+    assert isinstance(ping, Ping) and ping.payload == FIN_PING
+    go.send(ping.response())
+    assert go.next_event() is None, "the websocket stayed open: the Go peer's user would wait for its end"
+    assert closed.wait(5)
+    go.sock.close()
 
 
 def test_peer_vanishes_mid_transfer_both_sides_close(ws_bench):

@@ -37,9 +37,12 @@ carrying ``FIN_PING`` and sends no data after it, keeping the websocket open:
   directions ended the last one closes the TCP connection, which the other side reads as EOF.
   It does not answer this one Ping, so nothing ever arrives after our FIN and closing never
   meets unread bytes (which would turn the close into a reset and drop our last data);
-* a Go peer answers it with a Pong like any Ping and goes on relaying: the answer still comes
-  back, and the connection ends when its target closes. Its target never sees our EOF (Go cannot
-  carry it), so one that waits for it before answering waits until it gives up, as with Go alone.
+* a Go peer answers it with a Pong like any Ping and goes on relaying. That Pong tells us the
+  peer carries no half-close: we end the connection as it would have at our EOF (what it sent
+  before the Pong is delivered, then both close, one round trip later than Go alone). Waiting
+  instead for its side to end would hang every connection whose far end waits for the close:
+  a user reading an answer to its end (HTTP/1.0, ``Connection: close``) after the target
+  closed, or a target (ssh, a database) whose user has gone.
 
 The alternatives lose: a Close frame, or a TCP half-close of the websocket's socket, makes a Go
 peer close both its sockets at once (the answer is lost); keeping the websocket open without
@@ -455,6 +458,12 @@ class WebSocket:
                         self._peer_eof(final=False)
                     else:
                         self._queue(frame(payload, PONG, masked=self.client))  # type: ignore[arg-type]
+                elif opcode == PONG:
+                    if payload == FIN_PING and self._shut and self._mode == _STREAM:
+                        # Only a peer that is not this program answers our end of data (ours
+                        # never does): it carries no half-close and would wait for its own side
+                        # to end, which may be waiting for us. End as it does at its first EOF.
+                        self._peer_eof(final=True)
                 elif opcode == CLOSE:
                     self._close_frame(*payload)  # type: ignore[misc]
                     return
